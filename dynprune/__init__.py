@@ -1,0 +1,35 @@
+"""dynprune: input-adaptive structured pruning of Hugging Face Transformers.
+
+gated = dynprune.wrap(model, dynprune.GateConfig(...))
+out = gated(input_ids=..., attention_mask=..., budget=0.5)
+gated.last.flops_ratio          # executed FLOPs / dense, per sample
+"""
+
+from dynprune.arch import ARCH_TABLE, ArchSpec, UnsupportedModelError
+from dynprune.config import GateConfig
+from dynprune.gates import Gates, GateScores, UnitMasks
+from dynprune.io import IncompatibleGatesError, load_gated_model, load_gates, save_gated_model, save_gates
+from dynprune.model import GatedModel, unwrap, wrap
+from dynprune.state import ForwardInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCH_TABLE",
+    "ArchSpec",
+    "ForwardInfo",
+    "GateConfig",
+    "GateScores",
+    "GatedModel",
+    "Gates",
+    "IncompatibleGatesError",
+    "UnitMasks",
+    "UnsupportedModelError",
+    "__version__",
+    "load_gated_model",
+    "load_gates",
+    "save_gated_model",
+    "save_gates",
+    "unwrap",
+    "wrap",
+]

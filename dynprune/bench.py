@@ -1,0 +1,28 @@
+"""`dynprune bench cpu|kernels`: dispatch to the benchmark modules."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "cpu": (
+        "dynprune.eval.bench_cpu",
+        "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
+    ),
+    "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: dynprune bench {cpu,kernels} [options]   (dynprune bench <name> --help)\n")
+        for name, (_, desc) in BENCHES.items():
+            print(f"  {name:8s} {desc}")
+        return 0
+    if argv[0] not in BENCHES:
+        print(
+            f"dynprune bench: unknown benchmark {argv[0]!r}; choose from {sorted(BENCHES)}", file=sys.stderr
+        )
+        return 2
+    return int(importlib.import_module(BENCHES[argv[0]][0]).main(argv[1:]) or 0)

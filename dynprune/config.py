@@ -1,0 +1,91 @@
+"""GateConfig: what to gate and how routers choose (a typed, validated dataclass)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+RouterKind = Literal["dynamic", "static", "random"]
+Execution = Literal["auto", "masked", "gathered"]
+Backend = Literal["auto", "torch", "triton"]
+UnitOrder = Literal["weight_norm", "none"]
+
+
+@dataclass
+class GateConfig:
+    """How a model is gated.
+
+    Units: every attention head, every FFN slice (``ffn_slice_size`` consecutive
+    intermediate columns) and every whole layer; each kind can be switched off.
+
+    With ``nested=True`` (default) the units of one kind in one layer are kept
+    as a *prefix* of a fixed importance order (set at wrap time by
+    ``unit_order``): samples differ in how far down the order they go. This
+    makes every kept weight slice a view, which is what makes skipped work cost
+    no time (docs/architecture.md). ``nested=False`` allows any subset.
+    """
+
+    heads: bool = True
+    ffn: bool = True
+    layers: bool = True
+    ffn_slice_size: int = 128
+    nested: bool = True
+    unit_order: UnitOrder = "weight_norm"
+    # Router
+    router: RouterKind = "dynamic"
+    router_hidden: int = 128
+    router_layer: int = 0  # the router reads the output of this many (always dense) layers
+    budget_conditioned: bool = True
+    init_keep_logit: float = 4.0
+    # Training-time relaxation (binary concrete / Gumbel-sigmoid)
+    temperature: float = 0.5
+    hard: bool = False  # straight-through hard gates (chosen under the budget) in training
+    # Inference
+    default_budget: float = 1.0
+    execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
+    backend: Backend = "auto"  # gathered path: triton on CUDA, torch on CPU
+
+    def __post_init__(self) -> None:
+        if not (self.heads or self.ffn or self.layers):
+            raise ValueError("GateConfig: at least one of heads / ffn / layers must be gated")
+        if not isinstance(self.ffn_slice_size, int) or self.ffn_slice_size <= 0:
+            raise ValueError(f"GateConfig.ffn_slice_size must be a positive int, got {self.ffn_slice_size!r}")
+        if self.router_hidden <= 0:
+            raise ValueError(f"GateConfig.router_hidden must be > 0, got {self.router_hidden}")
+        if self.router_layer < 0:
+            raise ValueError(f"GateConfig.router_layer must be >= 0, got {self.router_layer}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"GateConfig.temperature must be a finite number > 0, got {self.temperature}")
+        _check_choice("router", self.router, ("dynamic", "static", "random"))
+        _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
+        _check_choice("backend", self.backend, ("auto", "torch", "triton"))
+        _check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
+        check_budget_value(self.default_budget, "GateConfig.default_budget")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"GateConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"GateConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def check_budget_value(budget: float, what: str = "budget") -> float:
+    """Validate one budget (fraction of dense FLOPs); nothing is clamped."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be a number in (0, 1], got {budget!r}") from err
+    if not math.isfinite(value) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{what} must be a fraction of dense FLOPs in (0, 1] (1.0 = dense), got {budget!r}")
+    return value

@@ -1,0 +1,121 @@
+"""Gated layers: the HF layer's own class, extended in place (state-dict keys unchanged).
+
+Masked path (training): the HF layer runs as usual; pre-hooks on its O and
+FFN-down projections multiply their inputs by the head and slice gates, and
+the layer gate mixes output and input: ``z * layer(x) + (1 - z) * x``.
+
+Gathered path (inference): the layer's forward is replaced by the gathered
+computation (:mod:`dynprune.gathered`, or the Triton kernels on CUDA), which
+only multiplies kept units and passes skipped samples through.
+
+When no gates are set (budget 1.0, or the HF model called directly), the
+original forward runs untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from dynprune.arch import LayerParts
+from dynprune.gathered import PackedQKV, post_ln_layer
+from dynprune.plan import plan_forward
+from dynprune.state import GateState
+
+
+@dataclass
+class LayerBinding:
+    state: GateState
+    index: int  # index among gated layers
+    parts: LayerParts
+    n_heads: int
+    head_dim: int
+    slice_size: int
+    norm_position: str
+    qkv: PackedQKV
+
+
+class GatedLayerMixin:
+    """Mixed into the HF layer's class by :func:`gate_layer`."""
+
+    _dynprune: LayerBinding
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        b = self._dynprune
+        state = b.state
+        gates = state.gates if state.active else None
+        if gates is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if state.gathered:
+            if state.backend == "triton":
+                from dynprune.kernels.dispatch import gathered_layer  # lazy: triton is optional
+
+                m = gates.masks()
+                i = b.index
+                return gathered_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
+            if state.plans is None:
+                m = gates.masks()
+                state.plans = plan_forward(m.head, m.ffn, m.layer)
+            plan = state.plans[b.index]
+            if b.norm_position != "post":
+                raise NotImplementedError(f"gathered torch path for norm_position={b.norm_position!r}")
+            return post_ln_layer(hidden_states, state.valid, plan, b.parts, b.qkv, b.slice_size)
+        out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        z = gates.layer[:, b.index].to(hidden_states.dtype)[:, None, None]  # (B, 1, 1)
+        if isinstance(out, tuple):
+            return (z * out[0] + (1 - z) * hidden_states, *out[1:])
+        return z * out + (1 - z) * hidden_states
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _gated_class(cls: type) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(f"Gated{cls.__name__}", (GatedLayerMixin, cls), {"_dynprune_base": cls})
+    return _CLASS_CACHE[cls]
+
+
+def _unit_hook(state: GateState, kind: str, index: int, n_units: int):
+    """Pre-hook multiplying the projection input (..., n_units * width) by per-unit gates."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        gates = state.gates if state.active else None
+        if gates is None or state.gathered:
+            return None
+        x = args[0]
+        g = getattr(gates, kind)[:, index].to(x.dtype)  # (B, n_units)
+        shape = x.shape  # (B, T, n_units * width)
+        g = g.view(shape[0], *([1] * (len(shape) - 2)), n_units, 1)  # (B, 1, n_units, 1)
+        x = (x.view(*shape[:-1], n_units, -1) * g).view(shape)
+        return (x, *args[1:])
+
+    return hook
+
+
+def gate_layer(binding: LayerBinding) -> list[RemovableHandle]:
+    """Turn one HF layer into a gated layer in place; returns hook handles."""
+    layer = binding.parts.layer
+    layer.__class__ = _gated_class(type(layer))
+    layer.__dict__["_dynprune"] = binding
+    n_slices = binding.parts.up.out_features // binding.slice_size
+    return [
+        binding.parts.o.register_forward_pre_hook(
+            _unit_hook(binding.state, "head", binding.index, binding.n_heads)
+        ),
+        binding.parts.down.register_forward_pre_hook(
+            _unit_hook(binding.state, "ffn", binding.index, n_slices)
+        ),
+    ]
+
+
+def ungate_layer(layer: nn.Module) -> None:
+    cls = type(layer)
+    base = getattr(cls, "_dynprune_base", None)
+    if base is not None:
+        layer.__class__ = base
+    layer.__dict__.pop("_dynprune", None)

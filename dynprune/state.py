@@ -1,0 +1,76 @@
+"""Per-forward gate state shared by the router hook and the gated layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dynprune.gates import Gates, GateScores, UnitMasks
+from dynprune.plan import LayerPlan
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ForwardInfo:
+    """What one gated forward decided and spent (``GatedModel.last``).
+
+    flops: per sample (B,) — exact executed FLOPs when gates are hard, the
+    expected FLOPs of the soft gates otherwise. ``expected_flops`` keeps its
+    graph (for the regulariser) whenever the router ran.
+    """
+
+    budget: Tensor
+    seq_len: int
+    dense_flops: float
+    flops: Tensor
+    gates: Gates | None = None  # None: ran dense
+    masks: UnitMasks | None = None  # hard masks, full batch
+    scores: GateScores | None = None  # router logits for rows ``routed_rows``
+    routed_rows: Tensor | None = None
+    expected_flops: Tensor | None = None
+
+    @property
+    def flops_ratio(self) -> Tensor:
+        return self.flops / self.dense_flops
+
+
+@dataclass
+class GateState:
+    """Set by GatedModel.forward, filled by the router hook, read by every gated layer."""
+
+    active: bool = False
+    budget: Tensor | None = None
+    attention_mask: Tensor | None = None
+    valid: Tensor | None = None  # (B, T) bool, or None when there is no padding
+    forced_masks: UnitMasks | None = None
+    gathered: bool = False
+    backend: str = "torch"
+    gates: Gates | None = None
+    plans: list[LayerPlan] | None = None
+    info: ForwardInfo | None = None
+    extras: dict = field(default_factory=dict)
+
+    def begin(
+        self,
+        budget: Tensor,
+        attention_mask: Tensor | None,
+        forced_masks: UnitMasks | None,
+        gathered: bool,
+        backend: str,
+    ) -> None:
+        self.active = True
+        self.budget, self.attention_mask, self.forced_masks = budget, attention_mask, forced_masks
+        self.valid = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            self.valid = attention_mask.bool()
+        self.gathered, self.backend = gathered, backend
+        self.gates, self.plans, self.info = None, None, None
+
+    def end(self) -> ForwardInfo | None:
+        info = self.info
+        self.active = False
+        self.budget = self.attention_mask = self.valid = self.forced_masks = None
+        self.gates, self.plans, self.info = None, None, None
+        return info

@@ -1,0 +1,30 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before any @triton.jit module is
+imported (it is read at decoration time), so it is set here, first."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """Path of the packaged MiniLM (part of the default install; fails loudly if missing)."""
+    from dynprune.assets import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)

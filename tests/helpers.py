@@ -1,0 +1,102 @@
+"""Tiny HF models built from configs (milliseconds, no downloads) and input batches."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+ENCODER_TYPES = ("bert", "roberta", "distilbert")
+VOCAB = 120
+
+
+def tiny_model(
+    model_type: str = "bert",
+    seed: int = 0,
+    layers: int = 3,
+    heads: int = 4,
+    hidden: int = 64,
+    ffn: int = 128,
+    num_labels: int = 2,
+) -> torch.nn.Module:
+    """A tiny randomly initialised ForSequenceClassification model in eval mode."""
+    torch.manual_seed(seed)
+    if model_type == "bert":
+        cfg = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=160,
+            num_labels=num_labels,
+        )
+        model = BertForSequenceClassification(cfg)
+    elif model_type == "roberta":
+        cfg = RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=160,
+            num_labels=num_labels,
+            pad_token_id=1,
+        )
+        model = RobertaForSequenceClassification(cfg)
+    elif model_type == "distilbert":
+        cfg = DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=ffn,
+            max_position_embeddings=160,
+            num_labels=num_labels,
+        )
+        model = DistilBertForSequenceClassification(cfg)
+    else:
+        raise ValueError(model_type)
+    return model.eval()
+
+
+def tiny_batch(batch: int = 5, seq: int = 17, seed: int = 1, padded: bool = True) -> dict[str, torch.Tensor]:
+    """input_ids + attention_mask with different right-padding per row (row 0 unpadded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        for row in range(1, batch):
+            length = int(torch.randint(1, seq + 1, (1,), generator=g))
+            mask[row, length:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_masks(
+    gated, batch: int, keep: float, seed: int = 0, nested: bool = True, skip_layers: bool = True
+):
+    """Random per-sample UnitMasks for a GatedModel; nested=True gives prefixes."""
+    from dynprune import UnitMasks
+
+    g = torch.Generator().manual_seed(seed)
+    n_layers, n_heads, n_slices = gated.n_gated, gated.parts.n_heads, gated.n_slices
+
+    def draw(n: int) -> torch.Tensor:
+        if nested:
+            counts = torch.binomial(
+                torch.full((batch, n_layers), float(n)), torch.full((batch, n_layers), keep), generator=g
+            )
+            return torch.arange(n)[None, None, :] < counts[..., None]
+        return torch.rand(batch, n_layers, n, generator=g) < keep
+
+    layer = torch.ones(batch, n_layers, dtype=torch.bool)
+    if skip_layers:
+        layer = torch.rand(batch, n_layers, generator=g) < max(keep, 0.5)
+    return UnitMasks(draw(n_heads), draw(n_slices), layer)
