@@ -71,7 +71,7 @@ def rotten_tomatoes_split(seed: int = 0) -> dict[str, tuple[tuple[str, int], ...
         texts = sorted(t for t, lab in unique.items() if lab == label)
         rng.shuffle(texts)
         n = len(texts)
-        cut1, cut2 = int(round(0.8 * n)), int(round(0.9 * n))
+        cut1, cut2 = round(0.8 * n), round(0.9 * n)
         split["train"] += [(t, label) for t in texts[:cut1]]
         split["validation"] += [(t, label) for t in texts[cut1:cut2]]
         split["test"] += [(t, label) for t in texts[cut2:]]
