@@ -1,0 +1,82 @@
+"""Gate estimators and the hard choice under a budget."""
+
+import torch
+
+import dynprune
+from dynprune import GateConfig
+from dynprune.gates import GateScores, add_noise, nested_logits, relaxed, select_under_budget
+from tests.helpers import tiny_batch, tiny_model
+
+
+def test_nested_logits_are_non_increasing_and_open_at_zero():
+    raw = torch.randn(7, 3, 12) * 3
+    logits = nested_logits(raw, 4.0)
+    assert bool((logits[..., 1:] <= logits[..., :-1]).all())
+    open_logits = nested_logits(torch.zeros(1, 1, 12), 4.0)
+    assert bool((torch.sigmoid(open_logits) > 0.97).all())
+
+
+def test_noise_keeps_nested_logits_nested_and_relaxation_is_in_unit_interval():
+    logits = nested_logits(torch.randn(50, 2, 8), 1.0)
+    noisy = add_noise(GateScores(logits, logits.clone(), torch.zeros(50, 2)), nested=True)
+    assert bool((noisy.head[..., 1:] <= noisy.head[..., :-1]).all())
+    soft = relaxed(noisy, temperature=0.5)
+    assert bool(((soft.head > 0) & (soft.head < 1)).all())
+    sharper = relaxed(noisy, temperature=0.05)
+    assert (sharper.head - 0.5).abs().mean() > (soft.head - 0.5).abs().mean()
+
+
+def test_greedy_choice_keeps_prefixes_for_nested_logits():
+    gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16))
+    fm = gated.flops
+    scores = GateScores(
+        nested_logits(torch.randn(20, 3, 4) * 2, 1.0),
+        nested_logits(torch.randn(20, 3, 8) * 2, 1.0),
+        torch.randn(20, 3) + 1,
+    )
+    seq = 15
+    available = torch.linspace(0.1, 0.9, 20).double() * fm.dense(seq) - fm.fixed(seq)
+    masks = select_under_budget(scores, available, fm, seq)
+    for m in (masks.head, masks.ffn):
+        # a prefix: once a unit is dropped, every later unit of that layer is dropped
+        assert bool((m[..., 1:] <= m[..., :-1]).all())
+    used = fm.gated_units(masks.head.double(), masks.ffn.double(), masks.layer.double(), seq)
+    assert bool((used <= available + 1e-6).all())
+    assert bool((masks.head[~masks.layer] == 0).all()) and bool((masks.ffn[~masks.layer] == 0).all())
+
+
+def test_straight_through_gates_are_hard_forward_and_pass_gradients():
+    gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32, hard=True))
+    gated.train()
+    batch = tiny_batch(batch=4)
+    out = gated(**batch, budget=0.4)
+    info = gated.last
+    values = torch.cat([info.gates.head.flatten(), info.gates.ffn.flatten(), info.gates.layer.flatten()])
+    assert bool(((values == 0) | (values == 1)).all())
+    assert bool((info.flops_ratio <= 0.4 + 1e-9).all())
+    out.logits.sum().backward()
+    grad = gated.router.out.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_soft_gates_in_training_pass_task_gradients_to_the_router():
+    gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32))
+    gated.train()
+    out = gated(**tiny_batch(batch=4), budget=0.5)
+    assert not gated.last.gates.hard
+    torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 0, 1])).backward()
+    assert gated.router.inp.weight.grad.abs().sum() > 0
+
+
+def test_static_router_ignores_the_input_and_random_router_differs_per_sample():
+    static = dynprune.wrap(tiny_model("bert", seed=1), GateConfig(ffn_slice_size=32, router="static"))
+    with torch.no_grad():
+        static.router.out.weight.normal_(0, 2.0)
+        static(**tiny_batch(batch=5), budget=0.5)
+    masks = static.last.masks
+    assert all(torch.equal(masks.head[0], masks.head[i]) for i in range(5))
+    rnd = dynprune.wrap(tiny_model("bert", seed=2), GateConfig(ffn_slice_size=32, router="random"))
+    with torch.no_grad():
+        rnd(**tiny_batch(batch=5), budget=0.5)
+    assert len({tuple(r.flatten().tolist()) for r in rnd.last.masks.head}) > 1
+    assert rnd.flops.router == 0
