@@ -1,0 +1,106 @@
+"""`dynprune train --config configs/X.yaml [--section.key=value ...] [--resume]`.
+
+The YAML file maps onto :class:`dynprune.train.config.TrainConfig` one-to-one;
+every field can be overridden with a dotted flag, type-checked by draccus
+(``--gate.temperature=0.5``, ``--evaluation.budgets=[0.25,0.5]``,
+``--model.path=null``). Unknown keys, wrong types and invalid values are
+errors that name the key, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dynprune.train.config import TrainConfig
+
+USAGE = """usage: dynprune train [--config FILE.yaml] [--section.key=value ...] [--resume]
+
+Fine-tune a dense teacher, then a gated model (and its static control) to FLOPs budgets.
+Sections: model, data, gate, optim, regularizer, distill, logging, checkpoint, evaluation
+(docs/training.md lists every key). Examples:
+  dynprune train --config configs/minilm_rt_quick.yaml
+  dynprune train --config configs/minilm_rt.yaml --output_dir runs/rt --gate.temperature=0.5
+  dynprune train --config configs/minilm_rt.yaml --output_dir runs/rt --resume
+  dynprune train --config configs/minilm_rt.yaml --data.path=reviews.csv --data.label_column=sentiment
+Multi-process (CPU): ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 \\
+  -m dynprune.train --config ...     `dynprune train --help-keys` prints every key with its default."""
+
+
+class ConfigError(ValueError):
+    """The command line or the YAML file does not describe a valid TrainConfig."""
+
+
+def _root_cause(err: BaseException) -> str:
+    """The most specific message in an exception chain (our __post_init__ ValueErrors are the deepest)."""
+    messages = []
+    seen = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if str(cur):
+            messages.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    return messages[-1] if messages else type(err).__name__
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """argv (without the command name) -> validated TrainConfig; raises ConfigError naming the bad key."""
+    import draccus
+
+    args, config_path = [], None
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            config_path = next(it, None)
+            if config_path is None:
+                raise ConfigError("--config needs a YAML file path")
+        elif a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+        elif a == "--resume":
+            args.append("--resume=true")
+        else:
+            args.append(a)
+    if config_path is not None and not Path(config_path).is_file():
+        raise ConfigError(f"config file {config_path!r} does not exist")
+    bad = [a for a in args if a.startswith("-") and not a.startswith("--")]
+    if bad:
+        raise ConfigError(f"unknown option {bad[0]!r}: options look like --section.key=value")
+    try:
+        return draccus.parse(TrainConfig, config_path=config_path, args=args, exit_on_error=False)
+    except SystemExit:
+        raise
+    except Exception as err:
+        where = f" (config {config_path})" if config_path else ""
+        raise ConfigError(f"{_root_cause(err)}{where}") from err
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    import draccus
+
+    return draccus.dump(cfg, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv and argv[0] == "--help-keys":
+        print(dump_config(TrainConfig()))
+        return 0
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as err:
+        print(f"dynprune train: error: {err}", file=sys.stderr)
+        return 2
+    from dynprune.train.data import DataError
+    from dynprune.train.pipeline import run
+    from dynprune.train.preflight import PreflightError
+
+    try:
+        run(cfg, dump_config(cfg))
+    except (PreflightError, DataError) as err:
+        print(f"dynprune train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
