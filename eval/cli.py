@@ -1,0 +1,227 @@
+"""`dynprune eval --checkpoint DIR [--budget B ...] [--data FILE] [options]`
+
+Evaluates a gated checkpoint (``dynprune train`` output: DIR/gated, or any
+directory written by ``dynprune.save_gated_model``) at one or more budgets:
+accuracy and loss, executed FLOPs per sample (mean, p5, p95), latency at
+batch 1 and 16 next to the dense model in the same process (speedup and ideal
+speedup), and gate statistics (keep rates, distinct masks, Hamming distance).
+Prints a table and writes eval.json + eval.csv (default: DIR/eval/).
+
+Data: the checkpoint's training split (packaged Rotten Tomatoes or its
+data.path) by default, ``--split test``; ``--data FILE`` evaluates every row
+of a local CSV/TSV/JSON-lines/parquet file instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dynprune.config import check_budget_value
+
+
+class EvalError(ValueError):
+    """Bad input to `dynprune eval`: the message says what is wrong and what to do."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynprune eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="gated model dir (base/ + gates/) or a training run dir",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fractions of dense FLOPs (default: the run's evaluation budgets)",
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="local CSV/TSV/JSONL/parquet file to evaluate (all rows)"
+    )
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="split of the training data (without --data)",
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--out", type=Path, default=None, help="output dir for eval.json / eval.csv (default CHECKPOINT/eval)"
+    )
+    p.add_argument(
+        "--no-latency", action="store_true", help="skip the timing (accuracy, FLOPs and gates only)"
+    )
+    p.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds")
+    p.add_argument("--bs1-inputs", type=int, default=8, help="single inputs per timed batch-1 round")
+    p.add_argument("--bs16-batches", type=int, default=2, help="batches of 16 per timed round")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--allow-untrained-budgets", action="store_true", help="allow budgets outside the trained range"
+    )
+    p.add_argument(
+        "--export-frozen",
+        type=Path,
+        default=None,
+        help="also export, per budget, the model frozen to its most common mask",
+    )
+    return p  # fmt: skip
+
+
+# -- checks before any long work ------------------------------------------------------------------
+def resolve_checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise EvalError(f"checkpoint {str(path)!r} does not exist")
+    if (path / "base" / "config.json").is_file() and (path / "gates" / "gates.json").is_file():
+        return path
+    if (path / "gated" / "gates" / "gates.json").is_file():
+        return path / "gated"  # a `dynprune train` output directory: its dynamic model
+    if (path / "config.json").is_file():
+        raise EvalError(
+            f"{str(path)!r} is a plain Hugging Face model, not a gated checkpoint (base/ + gates/); "
+            "train one with `dynprune train`, or wrap and save it with dynprune.save_gated_model"
+        )
+    raise EvalError(
+        f"{str(path)!r} is not a gated checkpoint: expected base/config.json and gates/gates.json "
+        "(written by dynprune.save_gated_model / `dynprune train`)"
+    )
+
+
+def _training_config(ckpt: Path) -> dict[str, Any]:
+    import yaml
+
+    for f in (ckpt / "config.yaml", ckpt.parent / "config.yaml"):
+        if f.is_file():
+            return yaml.safe_load(f.read_text()) or {}
+    return {}
+
+
+def check_budgets(budgets: list[float] | None, train_cfg: dict[str, Any], allow: bool) -> list[float]:
+    if budgets is None:
+        budgets = list((train_cfg.get("evaluation") or {}).get("budgets") or [0.25, 0.5, 0.75])
+    if not budgets:
+        raise EvalError("--budget needs at least one value (fractions of dense FLOPs in (0, 1])")
+    for b in budgets:
+        try:
+            check_budget_value(b)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+    gate = train_cfg.get("gate") or {}
+    low, high = gate.get("budget_min"), gate.get("budget_max")
+    if low is not None and high is not None and not allow:
+        bad = [b for b in budgets if b < 1.0 and not (low - 1e-9 <= b <= high + 1e-9)]
+        if bad:
+            raise EvalError(
+                f"budget(s) {bad} outside the range this checkpoint was trained for [{low}, {high}]; "
+                "choose budgets inside it (or pass --allow-untrained-budgets)"
+            )
+    return sorted(set(budgets), reverse=True)
+
+
+def load_examples(
+    args: argparse.Namespace, train_cfg: dict[str, Any], label_names: list[str], tokenizer: Any
+):
+    """Encoded examples to evaluate (checks files, columns and labels first)."""
+    from dynprune.train.data import DataError, encode_labels, read_table
+
+    max_length = int((train_cfg.get("data") or {}).get("max_length", 128))
+    try:
+        if args.data is not None:
+            texts, raw = read_table(args.data, args.text_column, args.label_column)
+            labels = encode_labels(raw, label_names, args.data)
+        else:
+            from dynprune.train.config import DataConfig
+            from dynprune.train.data import load_task_data
+
+            data = load_task_data(DataConfig(**(train_cfg.get("data") or {})), label_names=label_names)
+            split = data.splits[args.split]
+            texts, labels = list(split["text"]), list(split["label"])
+    except DataError as err:
+        raise EvalError(str(err)) from None
+    if args.max_examples is not None:
+        texts, labels = texts[: args.max_examples], labels[: args.max_examples]
+    if not texts:
+        raise EvalError("no examples to evaluate")
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": int(y), "index": i} for i, y in enumerate(labels)]
+
+
+def _label_names(config: Any) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return (
+        [str(id2label[i]) for i in sorted(id2label)]
+        if id2label
+        else [str(i) for i in range(config.num_labels)]
+    )
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run(args)
+    except EvalError as err:
+        print(f"dynprune eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import dynprune
+    from dynprune.io import IncompatibleGatesError
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    train_cfg = _training_config(ckpt)
+    budgets = check_budgets(args.budget, train_cfg, args.allow_untrained_budgets)
+    if args.batch_size <= 0 or args.repeats <= 0:
+        raise EvalError("--batch-size and --repeats must be > 0")
+    transformers.logging.set_verbosity_error()
+    base_config = transformers.AutoConfig.from_pretrained(ckpt / "base")
+    label_names = _label_names(base_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt / "base")
+    try:
+        gated, _ = dynprune.load_gated_model(ckpt)
+    except (IncompatibleGatesError, dynprune.UnsupportedModelError) as err:
+        raise EvalError(f"checkpoint {str(ckpt)!r} does not fit: {err}") from None
+    except (OSError, RuntimeError) as err:
+        raise EvalError(f"could not load the checkpoint {str(ckpt)!r}: {err}") from None
+    examples = load_examples(args, train_cfg, label_names, tokenizer)
+    torch.set_num_threads(args.threads)
+    from dynprune.eval.evaluate import evaluate_checkpoint, print_table
+
+    results = evaluate_checkpoint(gated, ckpt, tokenizer, examples, budgets, args)
+    out = args.out or ckpt / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    buf = io.StringIO()
+    rows = results["rows"]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (dict, list))]
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / "eval.csv").write_text(buf.getvalue())
+    print(print_table(results))
+    print(f"\nwrote {out / 'eval.json'} and {out / 'eval.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The measurements behind `dynprune eval`: one gated checkpoint at several budgets.
+
+Accuracy/loss and per-sample executed FLOPs come from
+:func:`dynprune.train.evaluation.collect` (the training code's evaluation, so
+both report the same numbers); gate statistics from
+:mod:`dynprune.train.adaptivity`; latency from :mod:`dynprune.eval.latency`
+(the checkpoint's own backbone run dense is the reference, in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dynprune.eval.latency import TimingInputs, measure
+from dynprune.eval.runners import DenseRunner, GatedRunner
+from dynprune.eval.timing import materialize
+
+from dynprune.model import GatedModel
+
+
+def _load_dense(ckpt: Path) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(ckpt / "base")
+    arch = (getattr(config, "architectures", None) or ["AutoModelForSequenceClassification"])[0]
+    cls = getattr(transformers, arch, transformers.AutoModelForSequenceClassification)
+    return materialize(cls.from_pretrained(ckpt / "base").eval())
+
+
+def evaluate_checkpoint(
+    gated: GatedModel, ckpt: Path, tokenizer: Any, examples: list[dict[str, Any]], budgets: list[float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    from dynprune.train.adaptivity import mask_stats
+    from dynprune.train.data import Collator, eval_batches
+    from dynprune.train.evaluation import collect, summarize
+
+    collate = Collator(tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right"))
+    batches = [collate([examples[i] for i in idx]) for idx in eval_batches(examples, args.batch_size)]
+    materialize(gated)
+    dense_model = _load_dense(ckpt)
+    dense_runner = DenseRunner(dense_model, gated.flops, "dense")
+    timing = None
+    if not args.no_latency:
+        timing = TimingInputs.draw(examples, collate, args.bs1_inputs, args.bs16_batches, seed=0)
+    rows: list[dict[str, Any]] = []
+    dense_rec = collect(dense_model, batches)
+    rows.append({"budget": 1.0, **_stats(summarize(dense_rec))})
+    for b in budgets:
+        if b >= 1.0:
+            continue
+        rec = collect(gated, batches, budget=b, keep_masks=True)
+        row: dict[str, Any] = {"budget": b, **_stats(summarize(rec))}
+        if rec.head is not None:
+            row["gates"] = mask_stats(rec)
+            row["keep_rate_per_layer"] = {
+                "head": rec.head.mean(axis=(0, 2)).round(4).tolist(),
+                "ffn": rec.ffn.mean(axis=(0, 2)).round(4).tolist(),  # type: ignore[union-attr]
+                "layer": rec.layer.mean(axis=0).round(4).tolist(),  # type: ignore[union-attr]
+            }
+        if timing is not None:
+            lat = measure(dense_runner, GatedRunner(gated, b), timing, warmup=2, repeats=args.repeats)
+            for key, value in lat.items():
+                row.update(
+                    {
+                        f"dense_ms_{key}": value.dense_ms,
+                        f"latency_ms_{key}": value.method_ms,
+                        f"speedup_{key}": value.speedup,
+                        f"ideal_speedup_{key}": value.ideal_speedup,
+                        f"ratio_to_ideal_{key}": value.ratio_to_ideal,
+                    }
+                )
+        if args.export_frozen is not None:
+            row["frozen_export"] = _export_frozen(gated, ckpt, tokenizer, rec, b, batches, args.export_frozen)
+        rows.append(row)
+    return {"checkpoint": str(ckpt), "n_examples": len(examples), "rows": rows}
+
+
+def _stats(s: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "loss", "flops_ratio_mean", "flops_ratio_p5", "flops_ratio_p95", "flops_mean")
+    return {k: s.get(k) for k in keys}
+
+
+def _export_frozen(
+    gated: GatedModel, ckpt: Path, tokenizer: Any, rec: Any, budget: float, batches: list, root: Path
+) -> dict[str, Any]:
+    """Freeze to the most common mask at ``budget``, export it, reload it and measure its accuracy."""
+    from dynprune.eval.export import export_static, frozen_structure, load_pruned
+
+    p = gated.parts
+    structure, share = frozen_structure(
+        rec.head, rec.ffn, rec.layer, gated.head_perm.cpu(), gated.ffn_perm.cpu(),
+        gated.gate_config.ffn_slice_size, p.n_layers, p.n_heads, p.ffn_dim,
+    )  # fmt: skip
+    plain = _load_dense(ckpt)  # original unit order: the structure is in original indices
+    info = export_static(plain, structure, root / f"budget_{budget:g}", tokenizer)
+    model = load_pruned(info.directory)
+    correct = n = 0
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = {
+                k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            pred = model(**inputs).logits.argmax(-1)
+            correct += int((pred == batch["labels"]).sum())
+            n += pred.shape[0]
+    seq = int(np.median([b["input_ids"].shape[1] for b in batches]))
+    return {
+        "directory": str(info.directory),
+        "mask_share": share,
+        "accuracy": correct / n,
+        "flops_ratio_at_median_length": structure.flops_ratio(gated.flops, seq),
+        "structure": structure.summary(),
+        "stock_hf_loadable": info.stock_loadable,
+        "why_not_stock": info.reason,
+        "weights_bytes": info.weights_bytes,
+    }
+
+
+def print_table(results: dict[str, Any]) -> str:
+    head = (
+        f"{'budget':>6} {'acc%':>6} {'loss':>6} {'flops mean [p5,p95]':>22} "
+        f"{'bs1 ms (dense)':>15} {'x (ideal)':>12} {'bs16 ms (dense)':>16} {'x (ideal)':>12}  gates"
+    )
+    lines = [f"{results['checkpoint']}: {results['n_examples']} examples", head, "-" * len(head)]
+    for r in results["rows"]:
+        f = f"{r['flops_ratio_mean']:.3f} [{r['flops_ratio_p5']:.3f},{r['flops_ratio_p95']:.3f}]"
+        lat = []
+        for key in ("bs1", "bs16"):
+            if f"latency_ms_{key}" in r:
+                lat.append(f"{r[f'latency_ms_{key}']:.1f} ({r[f'dense_ms_{key}']:.1f})")
+                lat.append(f"{r[f'speedup_{key}']:.2f} ({r[f'ideal_speedup_{key}']:.2f})")
+            else:
+                lat += ["-", "-"]
+        g = r.get("gates")
+        gates = (
+            f"{g['distinct_masks']} masks, hamming {g['hamming_frac']:.3f}, "
+            f"layers {g['kept_layers_mean']:.1f} heads {g['kept_heads_mean']:.0f} slices {g['kept_slices_mean']:.0f}"
+            if g
+            else "dense"
+        )
+        lines.append(
+            f"{r['budget']:>6.3g} {100 * r['accuracy']:>6.2f} {r['loss']:>6.3f} {f:>22} "
+            f"{lat[0]:>15} {lat[1]:>12} {lat[2]:>16} {lat[3]:>12}  {gates}"
+        )
+        if "frozen_export" in r:
+            e = r["frozen_export"]
+            lines.append(
+                f"{'':>6} frozen to its most common mask ({e['mask_share']:.0%} of inputs): acc "
+                f"{100 * e['accuracy']:.2f}%, exported to {e['directory']}"
+                + ("" if e["stock_hf_loadable"] else " (load with dynprune.eval.export.load_pruned)")
+            )
+    return "\n".join(lines)

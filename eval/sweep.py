@@ -1,0 +1,302 @@
+"""`dynprune sweep --config configs/sweep_minilm_rt.yaml [--quick] [--restart] [--section.key=value ...]`
+
+Runs every method over a list of budgets on the training run's split and
+writes, in ``output_dir``:
+
+    sweep.csv          one row per (method, budget): accuracy, FLOPs, latency, speedups, size
+    pareto.png         accuracy vs FLOPs ratio and vs measured speedup (batch 1 and 16)
+    summary.md         machine, settings, goal verdicts, the table, notes
+    points/*.json      one file per finished point (everything measured, written atomically)
+    sweep_config.yaml  the resolved config
+
+A finished point is never recomputed: a re-run (after a crash or Ctrl-C)
+reads ``points/`` and continues with the rest; fine-tuned models are cached in
+``work_dir`` as soon as they exist. A re-run with settings that change what a
+point means (fine-tuning, search, data, training run) stops with an error
+instead of mixing results; ``--restart`` discards the finished points.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dynprune.eval.report import COLUMNS, machine_description, plot_pareto, verdict, write_summary
+from dynprune.eval.sweep_config import POINT_KEYS, SweepConfig, from_dict
+from dynprune.eval.sweep_context import SweepError, TrainingRun
+
+from dynprune.config import check_budget_value
+from dynprune.io import atomic_write_bytes
+
+COST_ORDER = (
+    "dense",
+    "dynamic",
+    "static_gates",
+    "ln_structured",
+    "random",
+    "search",
+    "iterative",
+    "magnitude",
+)
+
+
+# -- config and preflight -------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> tuple[SweepConfig, bool]:
+    import draccus
+
+    argv = list(argv)
+    quick = "--quick" in argv
+    restart = "--restart" in argv
+    argv = [a for a in argv if a not in ("--quick", "--restart")]
+    config_path = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if config_path is not None and not Path(config_path).is_file():
+        raise SweepError(f"--config {config_path!r}: no such file")
+    try:
+        cfg = draccus.parse(
+            SweepConfig, config_path=config_path, args=rest, prog="dynprune sweep", exit_on_error=False
+        )
+        return (cfg.apply_quick() if quick else cfg), restart
+    except Exception as err:  # draccus wraps our __post_init__ errors: report the innermost message
+        where = f" (config {config_path})" if config_path else ""
+        raise SweepError(f"bad sweep config: {_root_cause(err)}{where}") from err
+
+
+def _root_cause(err: BaseException) -> str:
+    messages, seen = [], set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if str(cur):
+            messages.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    return messages[-1] if messages else type(err).__name__
+
+
+def point_key(method: str, budget: float) -> str:
+    return f"{method}@{budget:g}"
+
+
+def grid(cfg: SweepConfig) -> list[tuple[str, float]]:
+    """Every (method, budget) of the sweep, cheapest methods first (dense once, at 1.0)."""
+    methods = [m for m in COST_ORDER if m in cfg.methods]
+    points = []
+    for m in methods:
+        points += [(m, 1.0)] if m == "dense" else [(m, b) for b in cfg.budgets]
+    return points
+
+
+def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {k: d[k] for k in POINT_KEYS}
+
+
+def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
+    """Every check that can fail before the long work starts."""
+    run = TrainingRun.open(cfg.training_dir)
+    need = {"dense": run.dense_dir}
+    if "dynamic" in cfg.methods:
+        need["gated"] = run.gated_dir
+    if "static_gates" in cfg.methods:
+        need["static"] = run.static_dir
+    for stage, path in need.items():
+        marker = path / ("metrics.json" if stage != "dense" or path == run.root / "dense" else "config.json")
+        if not marker.is_file():
+            raise SweepError(
+                f"the training run {str(run.root)!r} has no finished {stage!r} stage ({str(marker)!r} missing); "
+                f"finish `dynprune train` (--resume) or drop the methods that need it (--methods)"
+            )
+    low, high = run.budget_range()
+    for b in cfg.budgets:
+        check_budget_value(b, "budget")
+        if any(m in cfg.methods for m in ("dynamic", "static_gates")) and not (
+            low - 1e-9 <= b <= high + 1e-9
+        ):
+            raise SweepError(
+                f"budget {b} is outside the range the gated models were trained for [{low}, {high}] "
+                f"(gate.budget_min/max of {run.root}/config.yaml); choose budgets inside it"
+            )
+    out = Path(cfg.output_dir)
+    meta = out / "sweep_meta.json"
+    if meta.is_file() and not restart:
+        saved = json.loads(meta.read_text()).get("fingerprint", {})
+        now = json.loads(json.dumps(fingerprint(cfg)))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise SweepError(
+                f"{out} holds points computed with different settings ({', '.join(diff)}); re-run with the "
+                "same settings to resume, pass --restart to discard them, or choose another --output_dir"
+            )
+    return run
+
+
+# -- points on disk -----------------------------------------------------------------------------
+def load_points(out: Path) -> dict[str, dict[str, Any]]:
+    points = {}
+    for f in sorted((out / "points").glob("*.json")):
+        try:
+            row = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue  # a torn file cannot exist (atomic writes), but never trust one
+        points[point_key(row["method"], float(row["budget"]))] = row
+    return points
+
+
+def save_point(out: Path, row: dict[str, Any]) -> None:
+    name = point_key(row["method"], float(row["budget"])) + ".json"
+    atomic_write_bytes(out / "points" / name, json.dumps(row, indent=1, default=_json_default).encode())
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def ordered_rows(points: dict[str, dict[str, Any]], cfg: SweepConfig) -> list[dict[str, Any]]:
+    order = {m: i for i, m in enumerate(("dense", *[m for m in cfg.methods if m != "dense"]))}
+    rows = [p for p in points.values() if p["method"] in order]
+    return sorted(rows, key=lambda r: (order[r["method"]], -float(r["budget"])))
+
+
+def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: str, notes: list[str]) -> None:
+    out = Path(cfg.output_dir)
+    rows = ordered_rows(points, cfg)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
+    atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
+    if rows:
+        plot_pareto(
+            rows, out / "pareto.png", title=f"dynprune sweep: {cfg.training_dir} ({len(rows)} points)"
+        )
+    write_summary(rows, out / "summary.md", header, notes)
+
+
+def _csv_value(x: Any) -> Any:
+    if isinstance(x, float):
+        return "" if math.isnan(x) else f"{x:.6g}"
+    return "" if x is None else x
+
+
+# -- main ---------------------------------------------------------------------------------------
+def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
+    run = ctx.run
+    return "\n".join(
+        [
+            f"# Accuracy–FLOPs–latency sweep: {run.root}",
+            "",
+            f"- machine: {machine_description()}",
+            f"- started {started}; command: `dynprune sweep` with `{cfg.output_dir}/sweep_config.yaml`",
+            f"- data: training run's split, evaluation on `{cfg.evaluation.split}` "
+            f"({sum(b['labels'].shape[0] for b in ctx.eval_batches)} examples, dynamic padding, mean padded "
+            f"length {ctx.ref_seq})",
+            f"- fine-tuning of every pruned baseline: {ctx.finetune_steps} steps × batch {cfg.finetune.batch_size}, "
+            f"lr {cfg.finetune.lr}, distillation from the dense teacher: {cfg.finetune.distill} "
+            f"(gated stage of the training run: {run.stage_steps('gated')} steps)",
+            f"- latency: {cfg.timing.bs1_inputs} single reviews (batch 1) and {cfg.timing.bs16_batches} batches of "
+            f"16, {cfg.timing.repeats} interleaved rounds after {cfg.timing.warmup} warm-up, medians",
+        ]
+    )
+
+
+NOTES = [
+    "`flops_ratio` = executed FLOPs / dense FLOPs per sample at its batch's padded length, averaged "
+    "(dynprune.flops formulas; static models counted per kept head/neuron with the same formulas).",
+    "`magnitude` keeps its zeros in dense matrices: executed FLOPs and time stay dense (see "
+    "`nonzero_flops_ratio` for what a sparse kernel could skip).",
+    "`static_gates` is the training run's input-independent router frozen to its most common mask; "
+    "static models are physically smaller dense models, exported and reloaded before being measured.",
+    "`random` keeps random heads/neurons with ln_structured's per-layer counts (sanity control).",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        import draccus
+
+        draccus.parse(SweepConfig, args=["--help"], prog="dynprune sweep", exit_on_error=False)
+        return 0
+    try:
+        cfg, restart = parse_args(argv)
+        run = preflight(cfg, restart)
+    except (SweepError, ValueError, FileNotFoundError) as err:
+        print(f"dynprune sweep: error: {err}", file=sys.stderr)
+        return 2
+    return run_sweep(cfg, run, restart)
+
+
+def run_sweep(cfg: SweepConfig, run: TrainingRun, restart: bool = False) -> int:
+    import draccus
+    import torch
+    from dynprune.eval.sweep_context import build_context
+    from dynprune.eval.sweep_methods import POINTS
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    if restart and (out / "points").is_dir():
+        shutil.rmtree(out / "points")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.timing.threads)
+    atomic_write_bytes(out / "sweep_config.yaml", draccus.dump(cfg).encode())
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_write_bytes(
+        out / "sweep_meta.json", json.dumps({"fingerprint": fingerprint(cfg), "started": started}).encode()
+    )
+    points = load_points(out)
+    todo = [(m, b) for m, b in grid(cfg) if point_key(m, b) not in points]
+    print(f"dynprune sweep: {len(points)} point(s) already done, {len(todo)} to go -> {out}", flush=True)
+    ctx = build_context(cfg, run)
+    header = _header(cfg, ctx, started)
+    total = len(grid(cfg))
+    with tqdm(total=total, initial=total - len(todo), desc="sweep", unit="point", dynamic_ncols=True) as bar:
+        for method, budget in todo:
+            bar.set_postfix_str(point_key(method, budget))
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            row = POINTS[method](ctx, budget)
+            row.update(method=method, budget=budget, seconds=round(time.perf_counter() - t0, 1))
+            save_point(out, row)
+            points[point_key(method, budget)] = row
+            write_outputs(cfg, points, header, NOTES)
+            bar.update(1)
+    write_outputs(cfg, points, header, NOTES)
+    print((out / "sweep.csv").read_text())
+    for line in verdict(ordered_rows(points, cfg)).lines():
+        print(line)
+    return 0
+
+
+def config_from_yaml(path: str) -> SweepConfig:
+    import yaml
+
+    return from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Sweep configuration: typed dataclasses, one per YAML section, validated in __post_init__.
+
+``configs/sweep_*.yaml`` map onto :class:`SweepConfig` one-to-one (unknown keys
+are errors); every field can be overridden on the command line with a dotted,
+type-checked flag (``--finetune.steps=200``), parsed by draccus like the
+training configs. ``--quick`` applies the ``quick`` section on top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from dynprune.eval.report import METHODS
+
+from dynprune.config import check_budget_value
+
+
+def _positive(section: str, **values: float | int) -> None:
+    for name, value in values.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{section}.{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """How every pruned baseline is fine-tuned (through dynprune.train's API, same data for all)."""
+
+    # Optimiser steps per (method, budget) point; null = the gated stage's steps of the training run
+    steps: int | None = None
+    # Learning rate; null = the training run's optim.gated_lr
+    lr: float | None = None
+    batch_size: int = 32
+    # Distil from the dense teacher (computed once, shared), like the gated stage; false = labels only
+    distill: bool = True
+    # A progress bar per fine-tune (inside the sweep's bar)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("finetune", batch_size=self.batch_size)
+        if self.lr is not None:
+            _positive("finetune", lr=self.lr)
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"finetune.steps must be > 0 or null, got {self.steps}")
+
+
+@dataclass
+class StructuredConfig:
+    """Norm-based structured pruning (ln_structured, iterative, search, random)."""
+
+    # L_p norm of a unit's weights (1 or 2)
+    norm: float = 2.0
+    # FFN widths are rounded down to a multiple of this (matmul-friendly)
+    neuron_multiple: int = 16
+    # Iterative: prune -> fine-tune rounds; the budget falls geometrically; steps are split evenly
+    iterative_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("structured", norm=self.norm, neuron_multiple=self.neuron_multiple)
+        _positive("structured", iterative_rounds=self.iterative_rounds)
+
+
+@dataclass
+class SearchConfig:
+    """EagleEye-style sub-network search: random candidates, quick score, evolution, fine-tune the best."""
+
+    candidates: int = 48
+    generations: int = 2
+    population: int = 8
+    children: int = 12
+    # Per-layer keep ratios are drawn from [min_ratio, 1]
+    min_ratio: float = 0.1
+    # Calibration examples (from the validation split) used to score a candidate
+    calibration_examples: int = 256
+    # kl: KL(teacher || candidate) on calibration logits (lower is better); loss: cross-entropy on labels
+    score: Literal["kl", "loss"] = "kl"
+
+    def __post_init__(self) -> None:
+        _positive("search", candidates=self.candidates, calibration_examples=self.calibration_examples)
+        if self.generations < 0 or self.children < 0 or self.population < 1:
+            raise ValueError("search.generations / children must be >= 0 and population >= 1")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"search.min_ratio must be in [0, 1], got {self.min_ratio}")
+
+
+@dataclass
+class EvalSection:
+    split: Literal["test", "validation"] = "test"
+    # Use only the first N examples of the split (null = all)
+    max_examples: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _positive("evaluation", batch_size=self.batch_size)
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise ValueError(f"evaluation.max_examples must be > 0 or null, got {self.max_examples}")
+
+
+@dataclass
+class TimingConfig:
+    """Latency next to the dense model (interleaved medians, see dynprune.eval.latency)."""
+
+    bs1_inputs: int = 8
+    bs16_batches: int = 2
+    warmup: int = 2
+    repeats: int = 12
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _positive("timing", repeats=self.repeats, threads=self.threads)
+        if self.bs1_inputs < 0 or self.bs16_batches < 0 or self.warmup < 0:
+            raise ValueError("timing.bs1_inputs / bs16_batches / warmup must be >= 0")
+
+
+@dataclass
+class QuickConfig:
+    """What ``--quick`` changes (a smaller grid that finishes in minutes)."""
+
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    training_dir: str | None = None
+    output_dir: str | None = None
+    work_dir: str | None = None
+    finetune_steps: int = 40
+    max_train_examples: int | None = None
+    eval_max_examples: int | None = 400
+    search_candidates: int = 8
+    search_generations: int = 1
+    search_children: int = 4
+    calibration_examples: int = 128
+    timing_repeats: int = 5
+
+
+@dataclass
+class SweepConfig:
+    """`dynprune sweep`: every method over a list of budgets, on the same split, side by side."""
+
+    # A `dynprune train` output directory: dense/ (teacher + dense reference), gated/, static/
+    training_dir: str = "runs/minilm_rt"
+    # sweep.csv, pareto.png, summary.md and points/ (one JSON per finished point)
+    output_dir: str = "results/minilm_rt"
+    # Fine-tuned baselines, exported models, cached teacher logits (not committed)
+    work_dir: str = "runs/sweep_minilm_rt"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    seed: int = 0
+    # Limit the training examples the baselines fine-tune on (null = all); the split is the training run's
+    max_train_examples: int | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvalSection = field(default_factory=EvalSection)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    quick: QuickConfig = field(default_factory=QuickConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be a non-empty list of distinct names from {list(METHODS)}")
+        check_budgets(self.budgets, "budgets")
+        check_budgets(self.quick.budgets, "quick.budgets")
+        if self.max_train_examples is not None and self.max_train_examples <= 0:
+            raise ValueError(f"max_train_examples must be > 0 or null, got {self.max_train_examples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def apply_quick(self) -> SweepConfig:
+        """A copy with the ``quick`` section applied."""
+        q = self.quick
+        d = self.to_dict()
+        d["budgets"] = list(q.budgets)
+        for key in ("training_dir", "output_dir", "work_dir"):
+            if getattr(q, key):
+                d[key] = getattr(q, key)
+        d["finetune"]["steps"] = q.finetune_steps
+        d["max_train_examples"] = q.max_train_examples
+        d["evaluation"]["max_examples"] = q.eval_max_examples
+        d["search"].update(
+            candidates=q.search_candidates,
+            generations=q.search_generations,
+            children=q.search_children,
+            calibration_examples=q.calibration_examples,
+        )
+        d["timing"]["repeats"] = q.timing_repeats
+        return from_dict(d)
+
+
+def check_budgets(budgets: list[float], what: str) -> None:
+    if not budgets:
+        raise ValueError(f"{what}: the budget list is empty; give fractions of dense FLOPs in (0, 1)")
+    for b in budgets:
+        check_budget_value(b, f"{what} entry")
+        if b >= 1.0:
+            raise ValueError(f"{what}: {b} is the dense model (1.0); the dense row is always included")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"{what}: duplicated budgets in {budgets}")
+
+
+def from_dict(d: dict[str, Any]) -> SweepConfig:
+    sections = {
+        "finetune": FinetuneConfig,
+        "structured": StructuredConfig,
+        "search": SearchConfig,
+        "evaluation": EvalSection,
+        "timing": TimingConfig,
+        "quick": QuickConfig,
+    }
+    kw = {k: (sections[k](**v) if k in sections else v) for k, v in d.items()}
+    return SweepConfig(**kw)
+
+
+# Sections whose change invalidates finished points (a re-run with other values starts over).
+POINT_KEYS = ("training_dir", "seed", "max_train_examples", "finetune", "structured", "search", "evaluation")

@@ -1,0 +1,354 @@
+"""One sweep point per call: build (prune, fine-tune, export) a method's model at a budget, then
+measure it with the same code as every other method (:func:`measure_point`).
+
+Methods (the ``method`` column): ``dense``, ``dynamic`` (the budget-conditioned
+gated checkpoint), ``magnitude`` (global unstructured L1), ``ln_structured``
+(norm-scored heads/neurons, uniform per layer, physically removed),
+``iterative`` (ln_structured in rounds, fine-tuning between them),
+``static_gates`` (the training run's input-independent router, frozen to its
+most common mask and physically removed), ``search`` (EagleEye-style search
+over per-layer keep ratios) and ``random`` (random units, ln_structured's
+per-layer counts). Every static method's model is exported as a smaller HF
+directory (sparse for magnitude) and the *reloaded export* is what is
+evaluated and timed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dynprune.eval.baselines import magnitude as mag
+from dynprune.eval.baselines.search import SubnetSearch
+from dynprune.eval.baselines.structured import (
+    expand_into,
+    ln_scores,
+    random_units,
+    select,
+    top_units,
+    uniform_counts,
+)
+from dynprune.eval.export import frozen_structure, load_pruned
+from dynprune.eval.latency import measure
+from dynprune.eval.physical import physically_prune
+from dynprune.eval.runners import DenseRunner, GatedRunner, Runner, StructureRunner, model_inputs
+from dynprune.eval.sparse_io import load_sparse, save_sparse, weights_bytes
+from dynprune.eval.structure import Structure
+from dynprune.eval.sweep_context import SweepContext, finetune
+from dynprune.eval.timing import materialize
+from dynprune.train.evaluation import collect, summarize
+from torch import nn
+
+import dynprune
+
+DONE = "sweep_done.json"
+
+
+# -- measurement shared by every method ---------------------------------------------------------
+def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
+    """Accuracy, loss and per-sample FLOPs ratio over the evaluation batches."""
+    correct, loss, n, ratios = 0, 0.0, 0, []
+    with torch.inference_mode():
+        for batch in ctx.eval_batches:
+            logits = runner(batch).float()
+            labels = batch["labels"]
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            n += labels.shape[0]
+            dense = ctx.fm.dense(batch["input_ids"].shape[1])
+            assert runner.last_flops is not None
+            ratios.append(runner.last_flops / dense)
+    r = torch.cat(ratios).numpy()
+    return {
+        "accuracy": correct / n,
+        "loss": loss / n,
+        "flops_ratio": float(r.mean()),
+        "flops_ratio_p5": float(np.percentile(r, 5)),
+        "flops_ratio_p95": float(np.percentile(r, 95)),
+    }
+
+
+def measure_point(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
+    row = evaluate_runner(ctx, runner)
+    t = ctx.cfg.timing
+    lat = measure(ctx.dense_runner, runner, ctx.timing, warmup=t.warmup, repeats=t.repeats)
+    for key, value in lat.items():
+        row[f"latency_ms_{key}"] = value.method_ms
+        row[f"speedup_{key}"] = value.speedup
+        row[f"ideal_speedup_{key}"] = value.ideal_speedup
+        row[f"ratio_to_ideal_{key}"] = value.ratio_to_ideal
+    row["params"] = runner.params()
+    row["timing"] = {k: v.to_dict() for k, v in lat.items()}
+    return row
+
+
+# -- cached artifacts (a crash never loses a fine-tune) -----------------------------------------
+def _artifact(ctx: SweepContext, method: str, budget: float) -> Path:
+    return ctx.work / "models" / f"{method}@{budget:g}"
+
+
+def _finished(path: Path) -> dict[str, Any] | None:
+    f = path / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _mark(path: Path, info: dict[str, Any]) -> None:
+    (path / DONE).write_text(json.dumps(info, indent=1))
+
+
+def _static_point(
+    ctx: SweepContext, method: str, budget: float, build: Any, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``build() -> (pruned model, structure, info)`` unless an export exists; evaluate the export."""
+    path = _artifact(ctx, method, budget)
+    info = _finished(path)
+    if info is None:
+        pruned, structure, info = build()
+        exp = export_static_model(ctx, pruned, structure, path)
+        info.update(exp)
+        _mark(path, info)
+    structure = Structure.from_dict(json.loads((path / "dynprune_structure.json").read_text()))
+    model = materialize(load_pruned(path))
+    row = measure_point(ctx, StructureRunner(model, structure, ctx.fm, method))
+    row.update(
+        disk_bytes=weights_bytes(path),
+        structure=structure.summary(),
+        finetune_steps=info.get("steps", 0),
+        notes=info.get("notes", ""),
+        export=str(path),
+        **(extra or {}),
+    )
+    row["build"] = {k: v for k, v in info.items() if k != "notes"}
+    return row
+
+
+def export_static_model(
+    ctx: SweepContext, pruned: nn.Module, structure: Structure, path: Path
+) -> dict[str, Any]:
+    from dynprune.eval.export import save_pruned
+
+    e = save_pruned(pruned, structure, path, ctx.fm.n_heads, ctx.tokenizer)
+    return {"stock_hf_loadable": e.stock_loadable, "why_not_stock": e.reason}
+
+
+def _prune(model: nn.Module, structure: Structure) -> nn.Module:
+    return physically_prune(model, structure.heads, structure.neurons, structure.layers)
+
+
+def _uniform(ctx: SweepContext, budget: float) -> tuple[int, int]:
+    return uniform_counts(ctx.fm, budget, ctx.ref_seq, multiple=ctx.cfg.structured.neuron_multiple)
+
+
+# -- methods -------------------------------------------------------------------------------------
+def point_dense(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    row = measure_point(ctx, ctx.dense_runner)
+    row.update(disk_bytes=weights_bytes(ctx.run.dense_dir), finetune_steps=ctx.run.stage_steps("dense") or 0)
+    row["notes"] = "fine-tuned dense model of the training run (the teacher of every method)"
+    return row
+
+
+def point_dynamic(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    from dynprune.train.adaptivity import mask_stats
+
+    gated, _ = dynprune.load_gated_model(ctx.run.gated_dir)
+    materialize(gated)
+    row = measure_point(ctx, GatedRunner(gated, budget))
+    rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
+    stats = mask_stats(rec)
+    row.update(
+        disk_bytes=weights_bytes(ctx.run.gated_dir),
+        finetune_steps=ctx.run.stage_steps("gated") or 0,
+        gate_stats=stats,
+        notes=(
+            f"per-input gates: {stats['distinct_masks']} distinct masks over {len(rec.labels)} inputs, "
+            f"mean pairwise Hamming {stats['hamming_frac']:.3f} of units"
+        ),
+    )
+    return row
+
+
+def point_static_gates(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    def build():
+        gated, _ = dynprune.load_gated_model(ctx.run.static_dir)
+        rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
+        gated_acc = summarize(rec)["accuracy"]
+        structure, share = _frozen(gated, rec, ctx)
+        plain = dynprune.unwrap(gated)
+        info = {
+            "steps": ctx.run.stage_steps("static") or 0,
+            "notes": (
+                f"input-independent router frozen to its most common mask ({share:.0%} of inputs; masks "
+                f"differ only through sequence length); gated-model accuracy {gated_acc:.4f}"
+            ),
+        }
+        return _prune(plain, structure), structure, info
+
+    return _static_point(ctx, "static_gates", budget, build)
+
+
+def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
+    p = gated.parts
+    return frozen_structure(
+        rec.head, rec.ffn, rec.layer, gated.head_perm.cpu(), gated.ffn_perm.cpu(),
+        gated.gate_config.ffn_slice_size, p.n_layers, p.n_heads, p.ffn_dim,
+    )  # fmt: skip
+
+
+def point_magnitude(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    path = _artifact(ctx, "magnitude", budget)
+    info = _finished(path)
+    if info is None:
+        model = ctx.fresh_dense()
+        mag.magnitude_prune(model, keep=budget)
+        info = finetune(ctx, model, ctx.finetune_steps, f"magnitude@{budget:g}")
+        mag.make_permanent(model)
+        save_sparse(model, path, ctx.tokenizer)
+        _mark(path, info)
+    model = materialize(load_sparse(path))
+    row = measure_point(ctx, DenseRunner(model, ctx.fm, "magnitude"))
+    sparsity = mag.sparsity(model)
+    row.update(
+        disk_bytes=weights_bytes(path),
+        sparsity=sparsity,
+        nonzero_flops_ratio=mag.nonzero_flops_ratio(model, ctx.fm, ctx.ref_seq),
+        finetune_steps=info["steps"],
+        params=sum(int((p != 0).sum()) for p in model.parameters()),
+        notes=(
+            f"{sparsity:.1%} of layer weights are zero, but a dense machine still multiplies them: "
+            "executed FLOPs and time stay dense; params = non-zeros; disk = bitmap-sparse safetensors"
+        ),
+    )
+    return row
+
+
+def point_ln_structured(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    def build():
+        model = ctx.fresh_dense()
+        hs, ns = ln_scores(model, ctx.head_dim, ctx.cfg.structured.norm)
+        h, n = _uniform(ctx, budget)
+        structure = Structure.from_indices(top_units(hs, [h] * len(hs)), top_units(ns, [n] * len(ns)))
+        pruned = _prune(model, structure)
+        info = finetune(ctx, pruned, ctx.finetune_steps, f"ln_structured@{budget:g}")
+        return pruned, structure, info
+
+    return _static_point(ctx, "ln_structured", budget, build)
+
+
+def point_random(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    def build():
+        model = ctx.fresh_dense()
+        h, n = _uniform(ctx, budget)
+        layers = ctx.fm.n_layers
+        structure = random_units(
+            ctx.fm.n_heads, ctx.fm.ffn_dim, [h] * layers, [n] * layers, seed=ctx.cfg.seed
+        )
+        pruned = _prune(model, structure)
+        info = finetune(ctx, pruned, ctx.finetune_steps, f"random@{budget:g}")
+        info["notes"] = "random heads and FFN neurons with ln_structured's per-layer counts"
+        return pruned, structure, info
+
+    return _static_point(ctx, "random", budget, build)
+
+
+def point_iterative(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    def build():
+        rounds = ctx.cfg.structured.iterative_rounds
+        full = ctx.fresh_dense()  # full-size index space: every round prunes from here
+        model = full
+        current = Structure.full(ctx.fm.n_layers, ctx.fm.n_heads, ctx.fm.ffn_dim)
+        steps_left, total, seconds, schedule = ctx.finetune_steps, 0, 0.0, []
+        for r in range(1, rounds + 1):
+            b = budget ** (r / rounds)
+            hs, ns = ln_scores(model, ctx.head_dim, ctx.cfg.structured.norm)  # of the current model
+            h, n = _uniform(ctx, b)
+            layers = ctx.fm.n_layers
+            new = select(current, hs, ns, [h] * layers, [n] * layers)
+            if model is not full:
+                expand_into(full, model, current, ctx.head_dim)  # fine-tuned weights back in place
+            model = _prune(full, new)
+            current = new
+            steps = steps_left // (rounds - r + 1)
+            steps_left -= steps
+            res = finetune(ctx, model, steps, f"iterative@{budget:g} round {r}", seed_offset=r)
+            total += res["steps"]
+            seconds += res["train_seconds"]
+            schedule.append(round(current.flops_ratio(ctx.fm, ctx.ref_seq), 4))
+        info = {
+            "steps": total,
+            "train_seconds": seconds,
+            "notes": f"FLOPs ratio after each round: {schedule}",
+        }
+        return model, current, info
+
+    return _static_point(ctx, "iterative", budget, build)
+
+
+@torch.inference_mode()
+def calibration_score(ctx: SweepContext, structure: Structure) -> float:
+    """KL(teacher || candidate) (or cross-entropy) on the calibration batches, lower is better."""
+    model = _prune(ctx.dense, structure)
+    total, n = 0.0, 0
+    for batch, teacher in zip(ctx.calib_batches, ctx.calib_teacher):
+        logits = model(**model_inputs(batch)).logits.float()
+        if ctx.cfg.search.score == "kl":
+            total += float(
+                F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum")
+            )
+        else:
+            total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        n += logits.shape[0]
+    return total / n
+
+
+def point_search(ctx: SweepContext, budget: float) -> dict[str, Any]:
+    def build():
+        from tqdm.auto import tqdm
+
+        s = ctx.cfg.search
+        hs, ns = ln_scores(ctx.dense, ctx.head_dim, ctx.cfg.structured.norm)
+        search = SubnetSearch(
+            ctx.fm, budget, ctx.ref_seq, hs, ns, min_ratio=s.min_ratio,
+            multiple=ctx.cfg.structured.neuron_multiple, seed=ctx.cfg.seed,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        total = s.candidates + s.generations * s.children
+        with tqdm(total=total, desc=f"search@{budget:g}", leave=False, unit="cand") as bar:
+            result = search.run(
+                lambda st: calibration_score(ctx, st), s.candidates, s.population, s.generations, s.children,
+                progress=bar.update,
+            )  # fmt: skip
+        search_s = time.perf_counter() - t0
+        structure = result.best.structure
+        pruned = _prune(ctx.fresh_dense(), structure)
+        info = finetune(ctx, pruned, ctx.finetune_steps, f"search@{budget:g}")
+        first = min(c.score for c in result.history[: s.candidates])
+        info.update(
+            search_seconds=search_s,
+            candidates_scored=len(result.history),
+            best_score=result.best.score,
+            best_random_score=first,
+            notes=(
+                f"{len(result.history)} candidates scored ({s.score} on {sum(b['labels'].shape[0] for b in ctx.calib_batches)} "
+                f"calibration examples, {search_s:.0f}s); best {result.best.score:.4f} vs best random {first:.4f}"
+            ),
+        )
+        return pruned, structure, info
+
+    return _static_point(ctx, "search", budget, build)
+
+
+POINTS = {
+    "dense": point_dense,
+    "dynamic": point_dynamic,
+    "magnitude": point_magnitude,
+    "ln_structured": point_ln_structured,
+    "iterative": point_iterative,
+    "static_gates": point_static_gates,
+    "search": point_search,
+    "random": point_random,
+}

@@ -1,0 +1,208 @@
+"""`dynprune sweep`: every method on a tiny training run, resume without recomputation, bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from dynprune.eval import sweep as sweep_mod
+from dynprune.eval import sweep_methods
+from dynprune.eval.report import COLUMNS, METHODS
+
+REQUIRED = "method,budget,flops_ratio,accuracy,latency_ms_bs1,latency_ms_bs16,speedup_bs1,speedup_bs16,params,disk_bytes"
+
+
+def _args(run, tmp_path, *extra):
+    return [
+        f"--training_dir={run}", f"--output_dir={tmp_path / 'out'}", f"--work_dir={tmp_path / 'work'}",
+        "--budgets=[0.3,0.5]", "--finetune.steps=2", "--finetune.batch_size=8",
+        "--search.candidates=3", "--search.generations=1", "--search.children=2", "--search.population=2",
+        "--search.calibration_examples=16", "--structured.iterative_rounds=2", "--structured.neuron_multiple=8",
+        "--timing.bs1_inputs=1", "--timing.bs16_batches=1", "--timing.repeats=1", "--timing.warmup=0",
+        "--timing.threads=1", "--evaluation.max_examples=24", *extra,
+    ]  # fmt: skip
+
+
+def _rows(out):
+    with open(out / "sweep.csv") as f:
+        return list(csv.DictReader(f))
+
+
+class Spy:
+    """Counts calls of the real point functions (and can crash one, like a killed process)."""
+
+    def __init__(self, monkeypatch, crash_on=None):
+        self.calls = []
+        for name, fn in list(sweep_methods.POINTS.items()):
+            monkeypatch.setitem(sweep_methods.POINTS, name, self._wrap(name, fn, crash_on))
+
+    def _wrap(self, name, fn, crash_on):
+        def call(ctx, budget):
+            self.calls.append((name, budget))
+            if name == crash_on:
+                raise KeyboardInterrupt("simulated crash")
+            return fn(ctx, budget)
+
+        return call
+
+
+def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, monkeypatch):
+    args = _args(tiny_run, tmp_path)
+    out = tmp_path / "out"
+    crash = Spy(monkeypatch, crash_on="search")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.main(args)
+    done_first = {p.name for p in (out / "points").glob("*.json")}
+    assert done_first == {
+        "dense@1.json", *(f"{m}@{b}.json" for m in ("dynamic", "static_gates", "ln_structured", "random")
+                          for b in (0.3, 0.5)),
+    }  # fmt: skip
+    assert len(_rows(out)) == 9  # the CSV is rewritten after every point
+    before = {name: (out / "points" / name).read_bytes() for name in done_first}
+    assert crash.calls[-1] == ("search", 0.3)
+
+    monkeypatch.undo()
+    spy = Spy(monkeypatch)
+    assert sweep_mod.main(args) == 0
+    assert sorted(spy.calls) == sorted(
+        (m, b) for m in ("search", "iterative", "magnitude") for b in (0.3, 0.5)
+    )
+    for name, content in before.items():  # finished points untouched
+        assert (out / "points" / name).read_bytes() == content
+
+    rows = _rows(out)
+    assert (out / "sweep.csv").read_text().startswith(REQUIRED)
+    assert list(rows[0]) == COLUMNS
+    assert {(r["method"], float(r["budget"])) for r in rows} == {("dense", 1.0)} | {
+        (m, b) for m in METHODS if m != "dense" for b in (0.3, 0.5)
+    }
+    by = {(r["method"], float(r["budget"])): r for r in rows}
+    assert float(by["dense", 1.0]["flops_ratio"]) == pytest.approx(1.0)
+    for b in (0.3, 0.5):
+        mag = by["magnitude", b]
+        assert float(mag["flops_ratio"]) == pytest.approx(1.0)  # zeros still execute
+        assert float(mag["sparsity"]) == pytest.approx(1 - b, abs=1e-3)
+        assert float(mag["nonzero_flops_ratio"]) < 1.0
+        assert float(by["dynamic", b]["flops_ratio_p95"]) <= b + 1e-9
+        for m in ("ln_structured", "iterative", "search", "random", "static_gates"):
+            r = by[m, b]
+            assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
+            assert int(r["params"]) < int(by["dense", 1.0]["params"])
+            assert (tmp_path / "work" / "models" / f"{m}@{b:g}" / "config.json").is_file()
+        for r in (by[m, b] for m in METHODS if m != "dense"):
+            for key in (
+                "accuracy",
+                "latency_ms_bs1",
+                "latency_ms_bs16",
+                "speedup_bs1",
+                "speedup_bs16",
+                "disk_bytes",
+            ):
+                assert r[key] != "", (r["method"], key)
+    assert (out / "pareto.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "## Goals" in summary and "best static" in summary and "| magnitude |" in summary
+
+    monkeypatch.undo()
+    again = Spy(monkeypatch)
+    assert sweep_mod.main(args) == 0
+    assert again.calls == []  # everything finished: nothing recomputed
+
+
+def test_a_crash_after_fine_tuning_keeps_the_fine_tuned_model(tiny_run, tmp_path, monkeypatch):
+    args = _args(tiny_run, tmp_path, "--methods=[ln_structured]", "--budgets=[0.5]")
+    calls = []
+    real_finetune = sweep_methods.finetune
+
+    def counting_finetune(*a, **k):
+        calls.append(1)
+        return real_finetune(*a, **k)
+
+    monkeypatch.setattr(sweep_methods, "finetune", counting_finetune)
+    real_measure = sweep_methods.measure_point
+    monkeypatch.setattr(sweep_methods, "measure_point", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.main(args)
+    assert calls == [1]
+    monkeypatch.setattr(sweep_methods, "measure_point", real_measure)
+    assert sweep_mod.main(args) == 0
+    assert calls == [1]  # the cached fine-tuned export was reused
+    assert len(_rows(tmp_path / "out")) == 1
+
+
+def test_changed_settings_do_not_mix_with_finished_points(tiny_run, tmp_path, capsys):
+    args = _args(tiny_run, tmp_path, "--methods=[dense]")
+    assert sweep_mod.main(args) == 0
+    assert sweep_mod.main([*args, "--finetune.steps=5"]) == 2
+    assert "different settings (finetune)" in capsys.readouterr().err
+    assert sweep_mod.main([*args, "--finetune.steps=5", "--restart"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods=[dense,pruned_by_magic]"], "unknown method(s) ['pruned_by_magic']"),
+        (["--budgets=[]"], "budget list is empty"),
+        (["--budgets=[0.5,1.5]"], "(0, 1]"),
+        (["--budgets=[0.0]"], "(0, 1]"),
+        (["--budgets=[0.1]"], "outside the range the gated models were trained for"),
+        (["--finetune.stepz=3"], "finetune"),
+        (["--timing.repeats=0"], "timing.repeats"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(tiny_run, tmp_path, capsys, extra, message):
+    assert sweep_mod.main(_args(tiny_run, tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_fail_before_any_work(tiny_run, tmp_path, capsys):
+    assert sweep_mod.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert sweep_mod.main(_args(tmp_path / "no_run", tmp_path)) == 2
+    assert "not a `dynprune train` output directory" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    os.symlink(tiny_run / "dense", partial / "dense")
+    assert sweep_mod.main(_args(partial, tmp_path, "--methods=[dense,static_gates]")) == 2
+    assert "no finished 'static' stage" in capsys.readouterr().err
+
+
+def test_quick_applies_the_quick_section(tmp_path):
+    cfg, _ = sweep_mod.parse_args(["--quick", "--quick.budgets=[0.4]", "--quick.finetune_steps=7"])
+    assert cfg.budgets == [0.4] and cfg.finetune.steps == 7
+    assert cfg.evaluation.max_examples == cfg.quick.eval_max_examples
+
+
+@pytest.mark.slow
+def test_killed_sweep_process_resumes(tiny_run, tmp_path):
+    """kill -9 a real `dynprune sweep` process mid-grid; the re-run keeps every finished point."""
+    cmd = [sys.executable, "-m", "dynprune.eval.sweep", *_args(tiny_run, tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    points = tmp_path / "out" / "points"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(points.glob("*.json"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {p.name: p.read_bytes() for p in points.glob("*.json")}
+    assert 3 <= len(first) < 15
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    final = {p.name: p.read_bytes() for p in points.glob("*.json")}
+    assert len(final) == 15
+    assert all(final[name] == content for name, content in first.items())
+    assert len(_rows(tmp_path / "out")) == 15
+
+
+@pytest.mark.slow
+def test_sweep_on_a_real_training_pipeline_run(tmp_path):
+    from tests.eval.tiny_run import make_training_run
+
+    run = make_training_run(tmp_path / "train")
+    assert sweep_mod.main(_args(run, tmp_path, "--methods=[dense,dynamic,static_gates,ln_structured]")) == 0
+    assert json.loads((tmp_path / "out" / "points" / "dynamic@0.3.json").read_text())["finetune_steps"] == 3
