@@ -31,17 +31,18 @@ class ConfigError(ValueError):
     """The command line or the YAML file does not describe a valid TrainConfig."""
 
 
-def _root_cause(err: BaseException) -> str:
-    """The most specific message in an exception chain (our __post_init__ ValueErrors are the deepest)."""
-    messages = []
+def _explain(err: BaseException) -> str:
+    """The most useful message in an exception chain: draccus names the key in its own messages,
+    except for "Couldn't instantiate ...", whose cause is our __post_init__ ValueError (naming it)."""
     seen = set()
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if str(cur):
-            messages.append(str(cur))
+        text = str(cur)
+        if text and not text.startswith("Couldn't instantiate"):
+            return text
         cur = cur.__cause__ or cur.__context__
-    return messages[-1] if messages else type(err).__name__
+    return str(err) or type(err).__name__
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -72,7 +73,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
         raise
     except Exception as err:
         where = f" (config {config_path})" if config_path else ""
-        raise ConfigError(f"{_root_cause(err)}{where}") from err
+        raise ConfigError(f"{_explain(err)}{where}") from err
 
 
 def dump_config(cfg: TrainConfig) -> str:

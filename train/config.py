@@ -199,12 +199,18 @@ class RegularizerConfig:
     """CoFi-style Lagrangian on the expected FLOPs ratio: l1*(E[r]-t) + l2*(E[r]-t)^2, per example."""
 
     # Learning rate of the multipliers (gradient ascent)
-    lambda_lr: float = 0.05
+    lambda_lr: float = 0.01
+    # Starting values: l2 > 0 acts from the first step (proportional control), which keeps the
+    # expected FLOPs from overshooting the target while l1 integrates the remaining error
+    lambda1_init: float = 0.0
+    lambda2_init: float = 10.0
     # Fraction of gated steps over which each example's target falls linearly from 1.0 to its budget
     target_warmup: float = 0.2
 
     def __post_init__(self) -> None:
         _positive("regularizer", lambda_lr=self.lambda_lr)
+        if self.lambda2_init < 0:
+            raise ValueError(f"regularizer.lambda2_init must be >= 0, got {self.lambda2_init}")
         _fraction("regularizer", "target_warmup", self.target_warmup)
 
 

@@ -82,7 +82,9 @@ class GatedObjective:
         self.teacher = teacher
         if distill.hidden_weight > 0 and teacher is None:
             raise ValueError("distill.hidden_weight > 0 needs the teacher model online")
-        self.lagrangian = Lagrangian(regularizer.lambda_lr)
+        self.lagrangian = Lagrangian(
+            regularizer.lambda_lr, regularizer.lambda1_init, regularizer.lambda2_init
+        )
         self.ramp = 1.0
 
     # -- schedules ---------------------------------------------------------------------

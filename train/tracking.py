@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class Tracker:
         import wandb
 
         run_file = output_dir / "logs" / "wandb_run_id"
-        run_id = run_file.read_text().strip() if run_file.is_file() else wandb.util.generate_id()
+        run_id = run_file.read_text().strip() if run_file.is_file() else uuid.uuid4().hex[:8]
         run_file.write_text(run_id)
         try:
             return wandb.init(

@@ -1,0 +1,97 @@
+"""Configs: YAML <-> dataclasses one-to-one, typed CLI overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dynprune.train.cli import ConfigError, dump_config, main, parse_config
+from dynprune.train.config import TrainConfig, config_diff
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ["configs/minilm_rt.yaml", "configs/minilm_rt_quick.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_parse_and_round_trip(name, tmp_path):
+    cfg = parse_config(["--config", str(ROOT / name)])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.gate.router == "dynamic" and cfg.stages[0] == "dense"
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert parse_config([f"--config={dumped}"]) == cfg
+
+
+def test_quick_config_is_a_quick_start():
+    cfg = parse_config(["--config", str(ROOT / "configs/minilm_rt_quick.yaml")])
+    assert cfg.stages == ["dense", "gated"]
+    assert cfg.data.max_train_examples is not None
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = parse_config(
+        [
+            "--gate.temperature=0.5",
+            "--optim.batch_size",
+            "8",
+            "--evaluation.budgets=[0.3,0.6]",
+            "--model.path=null",
+            "--resume",
+        ]
+    )
+    assert cfg.gate.temperature == 0.5 and isinstance(cfg.gate.temperature, float)
+    assert cfg.optim.batch_size == 8
+    assert cfg.evaluation.budgets == [0.3, 0.6]
+    assert cfg.model.path is None
+    assert cfg.resume is True
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--gate.temperature=abc"], "gate.temperature"),
+        (["--gate.bogus=1"], "gate.bogus"),
+        (["--optim.batch_size=2.5"], "optim.batch_size"),
+        (["--gate.router=sometimes"], "gate.router"),
+        (["--gate.budget_min=0"], "gate.budget_min"),
+        (["--gate.budget_min=0.6", "--gate.budget_max=0.4"], "gate.budget_min"),
+        (["--gate.temperature=-1"], "gate.temperature"),
+        (["--evaluation.budgets=[0.95]"], "evaluation.budgets"),
+        (["--evaluation.budgets=[1.5]"], "evaluation.budgets"),
+        (["--stages=[gated,dense]"], "stages"),
+        (["--data.path=/nonexistent/file.csv"], "data.path"),
+        (["--model.path=/nonexistent/model"], "model.path"),
+        (["-x"], "-x"),
+    ],
+)
+def test_bad_overrides_name_the_key(args, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(args)
+    assert key in str(err.value)
+
+
+def test_unknown_and_mistyped_yaml_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gate:\n  temperature: 0.5\n  temprature: 0.1\n")
+    with pytest.raises(ConfigError, match="temprature"):
+        parse_config(["--config", str(bad)])
+    bad.write_text("optim:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"optim\.batch_size"):
+        parse_config(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_cli_reports_errors_without_touching_disk(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([f"--output_dir={out}", "--gate.temperature=hot"]) == 2
+    assert "gate.temperature" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_config_diff_names_changed_keys():
+    a, b = TrainConfig().to_dict(), TrainConfig().to_dict()
+    b["gate"]["router_layer"] = 1
+    b["logging"]["log_every"] = 3  # logging may change on resume
+    diff = config_diff(a, b)
+    assert len(diff) == 1 and diff[0].startswith("gate.router_layer")
