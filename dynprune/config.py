@@ -37,6 +37,9 @@ class GateConfig:
     router_hidden: int = 128
     router_layer: int = 0  # the router reads the output of this many (always dense) layers
     budget_conditioned: bool = True
+    # dynamic router: the budget also enters its hidden layer (not only the output layer), so
+    # that expected FLOPs can follow the budget closely (added for training; off = original router)
+    budget_to_hidden: bool = False
     init_keep_logit: float = 4.0
     # Training-time relaxation (binary concrete / Gumbel-sigmoid)
     temperature: float = 0.5

@@ -41,6 +41,8 @@ class Router(nn.Module):
             self.inp = nn.Linear(hidden, r)
         else:
             self.norm, self.inp = None, None
+        if cfg.router == "dynamic" and n_budget and cfg.budget_to_hidden:
+            self.budget_inp = nn.Linear(n_budget, r)
         if cfg.router == "static":
             # a learned vector per budget: an MLP of the budget alone (or a constant)
             self.inp_static = nn.Linear(max(n_budget, 1), r)
@@ -56,7 +58,7 @@ class Router(nn.Module):
         if self.cfg.router == "random":
             return 0
         total = 0
-        for lin in (self.inp, getattr(self, "inp_static", None), self.out):
+        for lin in (self.inp, getattr(self, "inp_static", None), getattr(self, "budget_inp", None), self.out):
             if lin is not None:
                 total += 2 * lin.in_features * lin.out_features
         return total
@@ -85,7 +87,10 @@ class Router(nn.Module):
             else:
                 m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            z = self.act(self.inp(self.norm(pooled)))  # (B, r)
+            z = self.inp(self.norm(pooled))  # (B, r)
+            if feats is not None and hasattr(self, "budget_inp"):
+                z = z + self.budget_inp(feats)
+            z = self.act(z)
         else:
             static_in = feats if feats is not None else hidden.new_ones(batch, 1)
             z = self.act(self.inp_static(static_in))

@@ -104,6 +104,8 @@ class GateSection:
     router_hidden: int = 128
     # The router reads the output of this many always-dense layers (0 = embeddings)
     router_layer: int = 0
+    # Dynamic router: feed the budget to its hidden layer too (much closer per-budget FLOPs)
+    budget_to_hidden: bool = True
     init_keep_logit: float = 4.0
     # Importance order of heads/neurons before gated training: taylor (data, |activation x gradient|),
     # weight_norm (data-free) or none
@@ -114,9 +116,11 @@ class GateSection:
     temperature_end: float = 0.1
     # Fraction of gated-stage steps after which gates are hard (straight-through); 1.0 = never
     hard_from: float = 0.7
-    # Budgets (fractions of dense FLOPs) sampled per example, uniformly in [budget_min, budget_max]
+    # Budgets (fractions of dense FLOPs) sampled per example in [budget_min, budget_max]:
+    # uniform, or log_uniform (more examples at the hard, low budgets)
     budget_min: float = 0.2
     budget_max: float = 0.8
+    budget_sampling: Literal["uniform", "log_uniform"] = "log_uniform"
 
     def __post_init__(self) -> None:
         _positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
@@ -147,6 +151,7 @@ class GateSection:
             router_hidden=self.router_hidden,
             router_layer=self.router_layer,
             budget_conditioned=True,
+            budget_to_hidden=self.budget_to_hidden,
             init_keep_logit=self.init_keep_logit,
             temperature=self.temperature,
         )

@@ -56,7 +56,7 @@ class DenseObjective:
 class GatedObjective:
     """Task loss + distillation + Lagrangian on the expected FLOPs ratio, across budgets.
 
-    Per example a budget is drawn uniformly from [budget_min, budget_max]
+    Per example a budget is drawn from [budget_min, budget_max] (uniform or log-uniform)
     (seeded by seed, step, micro-batch and process: reproducible after a
     resume). Its target ratio falls linearly from 1.0 to the budget over the
     first ``target_warmup`` of the steps. The Gumbel temperature falls
@@ -109,7 +109,10 @@ class GatedObjective:
     def sample_budgets(self, n: int, step: int, micro: int) -> Tensor:
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + micro) * 101 + self.rank)
         u = torch.rand(n, generator=g, dtype=torch.float64)
-        return self.gate.budget_min + (self.gate.budget_max - self.gate.budget_min) * u
+        lo, hi = self.gate.budget_min, self.gate.budget_max
+        if self.gate.budget_sampling == "log_uniform":
+            return lo * (hi / lo) ** u
+        return lo + (hi - lo) * u
 
     # -- loss --------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor], step: int, micro: int):

@@ -89,6 +89,7 @@ def run(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our own bars only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
     acc = make_accelerator(cfg)

@@ -106,6 +106,10 @@ def test_schedules_anneal_then_harden():
     assert b.min() >= gate.budget_min and b.max() <= gate.budget_max
     assert torch.equal(b, obj.sample_budgets(1000, step=3, micro=0))
     assert not torch.equal(b, obj.sample_budgets(1000, step=4, micro=0))
+    assert float((b < 0.5).double().mean()) > 0.55  # log-uniform: more mass at low budgets
+    obj.gate = _gate(budget_sampling="uniform")
+    u = obj.sample_budgets(1000, step=3, micro=0)
+    assert abs(float((u < 0.5).double().mean()) - 0.5) < 0.06
 
 
 def test_hard_training_forward_runs_the_served_selection():
