@@ -107,8 +107,7 @@ def finetune(
     o = optim or OptimConfig()
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    cfg = TrainConfig(stages=["dense"], optim=o, seed=seed)
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(o.mixed_precision)
     seed_everything(seed, True)
     device = acc.device
     model.to(device)

@@ -31,6 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (other process count, data or schedule)."""
+
+
 PREFIX = "step-"
 MANIFEST = "complete.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -174,7 +179,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def load_rng(path: Path, rank: int) -> None:
     file = path / f"rng-{rank}.json"
     if not file.is_file():
-        raise FileNotFoundError(
+        raise ResumeError(
             f"{path} has no RNG state for process {rank}: it was written with fewer processes; "
             "resume with the same number of processes"
         )

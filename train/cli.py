@@ -9,6 +9,8 @@ errors that name the key, before anything is loaded or written.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +47,34 @@ def _explain(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (``gate.temperature``, ...)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        section = f.default_factory  # sections are fields with a dataclass as default factory
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
+            out += config_keys(section, f"{key}.")
+        else:
+            out.append(key)
+    return out
+
+
+def _suggest(message: str) -> str:
+    """Add "did you mean" for unknown keys."""
+    import difflib
+
+    unknown = re.findall(r"--([\w.]+)", message) + re.findall(r"fields `(\w+)`", message)
+    keys = config_keys()
+    hints = []
+    for u in unknown:
+        pool = keys if "." in u else keys + [k.split(".")[-1] for k in keys]
+        close = difflib.get_close_matches(u, pool, n=1, cutoff=0.75)
+        if close and close[0] != u:
+            hints.append(f"{u} -> {close[0]}?")
+    return f"{message} (did you mean: {', '.join(hints)})" if hints else message
+
+
 def parse_config(argv: list[str]) -> TrainConfig:
     """argv (without the command name) -> validated TrainConfig; raises ConfigError naming the bad key."""
     import draccus
@@ -73,7 +103,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
         raise
     except Exception as err:
         where = f" (config {config_path})" if config_path else ""
-        raise ConfigError(f"{_explain(err)}{where}") from err
+        raise ConfigError(f"{_suggest(_explain(err))}{where}") from err
 
 
 def dump_config(cfg: TrainConfig) -> str:
@@ -95,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dynprune train: error: {err}", file=sys.stderr)
         return 2
+    from dynprune.train.checkpoint import ResumeError
     from dynprune.train.data import DataError
     from dynprune.train.pipeline import run
     from dynprune.train.preflight import PreflightError
 
     try:
         run(cfg, dump_config(cfg))
-    except (PreflightError, DataError) as err:
+    except (PreflightError, DataError, ResumeError) as err:
         print(f"dynprune train: error: {err}", file=sys.stderr)
         return 2
     return 0

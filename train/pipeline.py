@@ -78,10 +78,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
 
 
 def run(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def run(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()  # our own bars only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg.optim.mixed_precision)
     out = Path(cfg.output_dir)
     model_path, data = preflight(cfg, out, is_main=acc.is_main_process)  # every bad input fails here
     acc.wait_for_everyone()

@@ -114,6 +114,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
+        self.last_logs: dict[str, float] = {}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     # -- data --------------------------------------------------------------------------
@@ -160,6 +161,7 @@ class Trainer:
                 "objective": self.objective.state_dict(),
                 "history": self.history,
                 "seconds": self.seconds,
+                "last_logs": self.last_logs,
             }
             ckpt.write_json(tmp / "state.json", state)
 
@@ -175,12 +177,12 @@ class Trainer:
     def resume(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         if state["world_size"] != self.world:
-            raise ValueError(
+            raise ckpt.ResumeError(
                 f"checkpoint {path} was written by {state['world_size']} processes; resume with the same number "
                 f"(now {self.world}) to continue the same data order"
             )
         if state["total_steps"] != self.total_steps or state["batches_per_epoch"] != self.per_epoch:
-            raise ValueError(
+            raise ckpt.ResumeError(
                 f"checkpoint {path} belongs to a stage of {state['total_steps']} steps x {state['batches_per_epoch']} "
                 f"batches/epoch, this one has {self.total_steps} x {self.per_epoch}: data or schedule changed"
             )
@@ -191,6 +193,7 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self.objective.load_state_dict(state["objective"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
+        self.last_logs = state.get("last_logs", {})
         ckpt.load_rng(path, self.rank)
 
     # -- loop --------------------------------------------------------------------------
@@ -205,7 +208,6 @@ class Trainer:
             )
         window: dict[str, float] = {}
         n_window = 0
-        last: dict[str, float] = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             sched = self.objective.begin_step(self.step, self.total_steps)
@@ -237,10 +239,10 @@ class Trainer:
                     {k: f"{logs[k]:.3g}" for k in ("loss", "flops_ratio", "lambda1") if k in logs}
                 )
             if self.step % s.log_every == 0 or self.step == self.total_steps:
-                last = {k: v / n_window for k, v in window.items()}
-                last["epoch"] = self.step * s.grad_accum / self.per_epoch
+                self.last_logs = {k: v / n_window for k, v in window.items()}
+                self.last_logs["epoch"] = self.step * s.grad_accum / self.per_epoch
                 if self.tracker is not None and acc.is_main_process:
-                    self.tracker.log(s.name, self.step, last)
+                    self.tracker.log(s.name, self.step, self.last_logs)
                 window, n_window = {}, 0
             if self._eval_due():
                 self._evaluate()
@@ -253,7 +255,7 @@ class Trainer:
             "train_seconds": self.seconds,
             "examples_per_process": self.total_steps * s.grad_accum * s.batch_size,
             "world_size": self.world,
-            "last_logs": last,
+            "last_logs": self.last_logs,
             "history": self.history,
             "ranks_identical": self.ranks_identical(),
         }

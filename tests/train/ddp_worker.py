@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from dynprune.train.config import DistillConfig, GateSection, RegularizerConfig, TrainConfig
+from dynprune.train.config import DistillConfig, GateSection, RegularizerConfig
 from dynprune.train.data import Collator
 from dynprune.train.objectives import GatedObjective
 from dynprune.train.pipeline import make_accelerator, seed_everything
@@ -30,7 +30,7 @@ class RecordingCollator(Collator):
 
 
 def main(out: Path) -> None:
-    acc = make_accelerator(TrainConfig())
+    acc = make_accelerator()
     seed_everything(0, True)
     g = torch.Generator().manual_seed(0)
     examples = []

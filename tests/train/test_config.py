@@ -95,3 +95,8 @@ def test_config_diff_names_changed_keys():
     b["logging"]["log_every"] = 3  # logging may change on resume
     diff = config_diff(a, b)
     assert len(diff) == 1 and diff[0].startswith("gate.router_layer")
+
+
+def test_unknown_keys_get_a_suggestion():
+    with pytest.raises(ConfigError, match=r"did you mean: gate\.temprature -> gate\.temperature"):
+        parse_config(["--gate.temprature=0.5"])

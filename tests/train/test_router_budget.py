@@ -1,0 +1,70 @@
+"""GateConfig.budget_to_hidden (added for training): the dynamic router reads the budget in its
+hidden layer too, saves/loads like any router, and follows per-example budgets much better."""
+
+from __future__ import annotations
+
+import torch
+
+import dynprune
+from dynprune.config import GateConfig
+from dynprune.flops import FlopsModel
+from dynprune.gates import fill_ungated, probabilities
+from dynprune.router import Router
+from tests.helpers import tiny_batch, tiny_model
+
+MINILM = FlopsModel(
+    n_layers=6,
+    dense_prefix_layers=0,
+    n_heads=12,
+    head_dim=32,
+    hidden=384,
+    ffn_dim=1536,
+    slice_size=128,
+    ffn_matmuls=2,
+    task_per_token=0,
+    task_pooled=2 * 384 * 384 + 2 * 384 * 2,
+)
+
+
+def _budget_tracking_error(budget_to_hidden: bool, steps: int = 200) -> float:
+    """Train only a router (MiniLM sizes, random pooled inputs) so that expected FLOPs = budget."""
+    torch.manual_seed(0)
+    router = Router(384, 6, 12, 12, GateConfig(budget_to_hidden=budget_to_hidden))
+    opt = torch.optim.Adam(router.parameters(), lr=1e-3)
+    bank = torch.randn(256, 4, 384)
+    seq = 30
+    errors = []
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (32,))
+        b = 0.2 + 0.6 * torch.rand(32, dtype=torch.float64)
+        p = fill_ungated(probabilities(router(bank[idx], None, b)), 32, 6, 12, 12, like=bank)
+        ratio = (MINILM.fixed(seq) + MINILM.gated_units(p.head, p.ffn, p.layer, seq)) / MINILM.dense(seq)
+        gap = ratio - b
+        opt.zero_grad()
+        (gap**2).mean().backward()
+        opt.step()
+        errors.append(float(gap.detach().abs().mean()))
+    return sum(errors[-50:]) / 50
+
+
+def test_budget_in_the_hidden_layer_tracks_budgets_better():
+    with_hidden, output_only = _budget_tracking_error(True), _budget_tracking_error(False)
+    assert with_hidden < 0.05 and with_hidden < 0.5 * output_only, (with_hidden, output_only)
+
+
+def test_budget_to_hidden_router_saves_loads_and_counts_flops(tmp_path):
+    off = dynprune.wrap(tiny_model(), GateConfig(ffn_slice_size=32, router_hidden=16))
+    model = tiny_model()
+    on = dynprune.wrap(model, GateConfig(ffn_slice_size=32, router_hidden=16, budget_to_hidden=True))
+    assert on.router.flops_per_sample() == off.router.flops_per_sample() + 2 * 2 * 16
+    on.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        on.router.budget_inp.weight.normal_()
+        a = on(**batch, budget=0.5).logits
+    dynprune.save_gates(on, tmp_path / "gates")
+    base = dynprune.unwrap(on)
+    loaded = dynprune.load_gates(base, tmp_path / "gates").eval()
+    assert loaded.gate_config.budget_to_hidden
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch, budget=0.5).logits, a)
