@@ -126,3 +126,75 @@ def plot_keep_rates(curves: dict[str, dict[float, Records]], path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_training_curves(
+    metrics_jsonl: Path, path: Path, stages: tuple[str, ...] = ("gated", "static")
+) -> bool:
+    """Expected vs target FLOPs ratio, loss parts, multipliers/temperature and validation accuracy
+    over the steps of the gated stages (from logs/metrics.jsonl). Returns False if nothing to plot."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_jsonl.is_file():
+        return False
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    by_stage = {s: [r for r in rows if r.get("stage") == s] for s in stages}
+    by_stage = {s: r for s, r in by_stage.items() if any("expected_ratio" in x for x in r)}
+    if not by_stage:
+        return False
+    fig, axes = plt.subplots(len(by_stage), 4, figsize=(20, 4.2 * len(by_stage)), squeeze=False)
+    for row, (stage, rs) in enumerate(by_stage.items()):
+        train = sorted({r["step"]: r for r in rs if "expected_ratio" in r}.values(), key=lambda r: r["step"])
+        val = sorted(
+            {r["step"]: r for r in rs if any(k.startswith("val_accuracy@") for k in r)}.values(),
+            key=lambda r: r["step"],
+        )
+        step = [r["step"] for r in train]
+        ax = axes[row][0]
+        for key, label in (
+            ("expected_ratio", "expected (router probabilities)"),
+            ("target_ratio", "target"),
+            ("flops_ratio", "executed in training"),
+        ):
+            ax.plot(step, [r[key] for r in train], label=label)
+        ax.set_title(f"{stage}: FLOPs ratio (batch mean)")
+        ax.set_xlabel("step")
+        ax.legend()
+        ax = axes[row][1]
+        for key in ("loss_task", "loss_kd", "loss_reg", "abs_gap"):
+            if key in train[0]:
+                ax.plot(step, [r[key] for r in train], label=key)
+        ax.set_title(f"{stage}: loss parts, |expected - target|")
+        ax.set_xlabel("step")
+        ax.legend()
+        ax = axes[row][2]
+        ax.plot(step, [r["lambda1"] for r in train], label="lambda1")
+        ax.plot(step, [r["lambda2"] for r in train], label="lambda2")
+        ax.set_xlabel("step")
+        ax2 = ax.twinx()
+        ax2.plot(step, [r["temperature"] for r in train], "k--", label="temperature")
+        ax2.set_ylabel("temperature")
+        ax.set_title(f"{stage}: multipliers (left), temperature (right, dashed)")
+        ax.legend(loc="upper left")
+        ax = axes[row][3]
+        keys = sorted({k for r in val for k in r if k.startswith("val_accuracy@")})
+        for key in keys:
+            ax.plot(
+                [r["step"] for r in val],
+                [100 * r[key] for r in val],
+                marker="o",
+                label=key.removeprefix("val_"),
+            )
+        ax.set_title(f"{stage}: validation accuracy (%)")
+        ax.set_xlabel("step")
+        if keys:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

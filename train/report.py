@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 from dynprune.train import checkpoint as ckpt
-from dynprune.train.adaptivity import group_stats, input_groups, mask_stats, plot_keep_rates
+from dynprune.train.adaptivity import (
+    group_stats,
+    input_groups,
+    mask_stats,
+    plot_keep_rates,
+    plot_training_curves,
+)
 from dynprune.train.evaluation import collect, summarize
 
 import dynprune
@@ -99,6 +105,7 @@ def final_report(ctx: Any, dense_dir: Path) -> dict[str, Any]:
     _write_csv(report_dir / "adaptivity.csv", adapt)
     if curves:
         plot_keep_rates(curves, report_dir / "keep_rates.png")
+    plot_training_curves(out / "logs" / "metrics.jsonl", report_dir / "training_curves.png")
     times = {
         s: _read_metrics(out / s).get("train", {}).get("train_seconds") for s in ("dense", "gated", "static")
     }
@@ -190,6 +197,9 @@ def markdown(summary: dict[str, Any], cfg: Any, source: str) -> str:
         f"- dense stage: {_fmt_time(t.get('dense'))}; gated stage: {_fmt_time(t.get('gated'))}; "
         f"static control: {_fmt_time(t.get('static'))} (optimiser steps only, without evaluation)",
         f"- whole run (this invocation, wall clock): {_fmt_time(summary['timings'].get('total_wall_s'))}",
+        "",
+        "Training curves (FLOPs ratio vs target, loss parts, multipliers, temperature, validation",
+        "accuracy): training_curves.png.",
         "",
         *adaptivity_markdown(summary["adaptivity"]),
     ]
