@@ -141,24 +141,20 @@ def _attention_row(shape: Shape, batch: int, seq: int, keep: float, dtype, devic
     w_qkv, b_qkv = pack_qkv(w_q, w_k, w_v, b_q, b_k, b_v, nh, nkv)
     counts = mixed_counts(batch, nh, keep)
     mask = prefix_mask(counts, nh, device)
-    valid = None if shape.causal else torch.ones(batch, seq, dtype=torch.bool, device=device)
-    valid_dense = None if valid is None else valid[:, None, None, :]
+    # no padding in these rows: neither side gets a mask, so SDPA keeps its fastest backend
+    # (the key-padding path of the kernel is covered by tests/kernels)
 
     def dense(head_mask: torch.Tensor | None = None) -> torch.Tensor:
         q = F.linear(x, w_q, b_q).view(batch, seq, nh, d).transpose(1, 2)
         k = F.linear(x, w_k, b_k).view(batch, seq, nkv, d).transpose(1, 2)
         v = F.linear(x, w_v, b_v).view(batch, seq, nkv, d).transpose(1, 2)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=valid_dense, is_causal=shape.causal, enable_gqa=nkv != nh
-        )
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal, enable_gqa=nkv != nh)
         if head_mask is not None:
             ctx = ctx * head_mask[:, :, None, None].to(ctx.dtype)
         return F.linear(ctx.transpose(1, 2).reshape(batch, seq, nh * d), w_o)
 
     def gated() -> torch.Tensor:
-        return gated_attention(
-            x, mask, w_qkv, b_qkv, w_o, n_heads=nh, n_kv_heads=nkv, valid=valid, causal=shape.causal
-        )
+        return gated_attention(x, mask, w_qkv, b_qkv, w_o, n_heads=nh, n_kv_heads=nkv, causal=shape.causal)
 
     err = (gated().float() - dense(mask).float()).abs().max().item()
     # dynprune.flops conventions: projections 2·T·H·d per head and matrix, attention 4·T²·d per

@@ -244,9 +244,9 @@ def as_keep(
             raise KernelInputError(f"keep mask is on {keep.device} but the input is on {device}")
         return keep_from_mask(keep)
     if isinstance(keep, KeepLists):
+        check_keep(keep, groups, n_units)
         if keep.idx.device != device:
             raise KernelInputError(f"keep lists are on {keep.idx.device} but the input is on {device}")
-        check_keep(keep, groups, n_units)
         return keep
     if isinstance(keep, (list, tuple)):
         if len(keep) != groups:

@@ -19,7 +19,10 @@ Limits: x, weights and biases share one dtype (fp32, fp16 or bf16; fp32
 accumulation); activations "gelu" (exact erf, HF's "gelu"), "gelu_tanh",
 "relu", "silu" (with ``w_gate``: SwiGLU); contiguous tensors; slice_size must
 divide the intermediate width; tiles as in gathered_gemm (block sizes 16-128).
-To share one keep list across a whole batch, pass x as (1, B*T, H).
+To share one keep list across a whole batch, pass x as (1, B*T, H). Row blocks never
+span two groups, so a group of T rows fills min(T, 128)-row MMA tiles: with T = 1
+(decode) each sample streams its own kept weights (memory-bound), unless samples
+with one shared keep list are passed as one group.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 import dynprune
 from dynprune import GateConfig
 from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model
+from tests.kernels.util import DEVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,8 +24,8 @@ def _forward(
     model_type: str, backend: str, masks_seed: int, nested: bool, dtype=torch.float32, batch: int = 5
 ):
     gated = dynprune.wrap(tiny_model(model_type), GateConfig(backend=backend, ffn_slice_size=32)).eval()
-    gated.to(dtype)
-    inputs = tiny_batch(batch, 17)
+    gated.to(DEVICE, dtype)
+    inputs = {k: v.to(DEVICE) for k, v in tiny_batch(batch, 17).items()}
     masks = random_masks(gated, batch, 0.5, seed=masks_seed, nested=nested)
     with torch.no_grad():
         out = gated(**inputs, masks=masks, output_hidden_states=True)
@@ -56,8 +57,9 @@ def test_triton_backend_bf16_model():
 
 def test_inference_only_backward_raises():
     gated = dynprune.wrap(tiny_model("bert"), GateConfig(backend="triton", ffn_slice_size=32)).eval()
+    gated.to(DEVICE)
     masks = random_masks(gated, 2, 0.5, seed=1, skip_layers=False)
-    out = gated(**tiny_batch(2, 5), masks=masks)
+    out = gated(**{k: v.to(DEVICE) for k, v in tiny_batch(2, 5).items()}, masks=masks)
     with pytest.raises(RuntimeError, match="inference-only"):
         out.logits.sum().backward()
 

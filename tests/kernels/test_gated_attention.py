@@ -16,7 +16,7 @@ from dynprune.kernels.gated_attention import (
 from dynprune.kernels.gathered_gemm import unit_expand
 from dynprune.kernels.tiles import AttentionTiles, Tiles
 
-from tests.kernels.util import DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand, weight
+from tests.kernels.util import DEVICE, DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand, weight
 
 # (batch, seq, hidden, n_heads, n_kv_heads, head_dim, keep, causal, padded)
 GRID = [
@@ -43,7 +43,7 @@ def _operands(hidden: int, n_heads: int, n_kv: int, d: int, seed: int):
 def _valid(batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
     lengths = torch.randint(1, seq + 1, (batch,), generator=g)
     lengths[0] = seq
-    return torch.arange(seq)[None, :] < lengths[:, None]
+    return (torch.arange(seq)[None, :] < lengths[:, None]).to(DEVICE)
 
 
 def _check(x, mask, w_qkv, b_qkv, w_o, dtype, what, tiles=(None, None, None), **kw):
@@ -74,7 +74,7 @@ def test_small_tiles_boundaries(dtype):
     w_qkv, b_qkv, w_o, g = _operands(40, 4, 2, 32, seed=1)
     x = rand(3, 33, 40, gen=g)
     mask = keep_mask(3, 4, "mixed", g)
-    mask[1] = torch.tensor([False, True, False, False])
+    mask[1] = torch.tensor([False, True, False, False], device=DEVICE)
     tiles = (Tiles(16, 16, 16), AttentionTiles(16, 16), Tiles(16, 16, 16))
     _check(x, mask, w_qkv, b_qkv, w_o, dtype, "small tiles", tiles=tiles, n_heads=4, n_kv_heads=2,
            valid=_valid(3, 33, g), causal=True)  # fmt: skip
@@ -87,9 +87,9 @@ def test_skipped_heads_exit_without_touching_anything():
     g = torch.Generator().manual_seed(4)
     q = rand(batch, n_heads, seq, d, gen=g)
     kv = rand(batch, n_kv, 2, seq, d, gen=g)
-    mask = torch.tensor([[True, False, False, False], [False, False, True, True], [False] * 4])
+    mask = torch.tensor([[True, False, False, False], [False, False, True, True], [False] * 4], device=DEVICE)
     group = n_heads // n_kv
-    packed = torch.full((batch, seq, n_kv, group + 2, d), float("nan"))
+    packed = torch.full((batch, seq, n_kv, group + 2, d), float("nan"), device=DEVICE)
     live_q = mask.view(batch, n_kv, group)
     live_kv = live_q.any(2)
     for b in range(batch):
@@ -99,7 +99,7 @@ def test_skipped_heads_exit_without_touching_anything():
                     packed[b, :, kvh, j] = q[b, kvh * group + j]
             if live_kv[b, kvh]:
                 packed[b, :, kvh, group:] = kv[b, kvh].transpose(0, 1)
-    out = torch.full((batch, seq, n_heads * d), float("nan"))
+    out = torch.full((batch, seq, n_heads * d), float("nan"), device=DEVICE)
     head_attention(packed.view(batch, seq, -1), mask, n_heads=n_heads, n_kv_heads=n_kv, head_dim=d, out=out)
     ref = attention_ref(q, kv[:, :, 0], kv[:, :, 1], mask).transpose(1, 2).reshape(batch, seq, n_heads * d)
     cols = mask.repeat_interleave(d, dim=1)[:, None, :].expand_as(out)  # (B, T, nh*d) kept columns
@@ -109,14 +109,14 @@ def test_skipped_heads_exit_without_touching_anything():
 
 def test_qkv_projection_computes_only_needed_units():
     """GQA: a KV head is projected iff a kept query head of that sample reads it."""
-    mask = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    mask = torch.tensor([[True, False, False, False], [False, False, False, True]], device=DEVICE)
     keep = qkv_keep(mask, n_kv_heads=2)  # units per KV group: q0 q1 k v
     want = [[0, 2, 3], [5, 6, 7]]
     for b in range(2):
         assert keep.idx[b, : int(keep.count[b])].tolist() == want[b]
     w_qkv, b_qkv, _, g = _operands(24, 4, 2, 16, seed=2)
     x = rand(2, 5, 24, gen=g)
-    out = torch.full((2, 5, w_qkv.shape[0]), float("nan"))
+    out = torch.full((2, 5, w_qkv.shape[0]), float("nan"), device=DEVICE)
     unit_expand(x, w_qkv, b_qkv, keep, 16, out=out)
     written = ~torch.isnan(out).view(2, 5, 8, 16).any(-1).any(1)  # (B, units)
     assert written.tolist() == [[u in w for u in range(8)] for w in want]
@@ -125,8 +125,8 @@ def test_qkv_projection_computes_only_needed_units():
 def test_query_rows_without_valid_keys_are_zero():
     w_qkv, b_qkv, w_o, g = _operands(32, 2, 2, 16, seed=3)
     x = rand(2, 6, 32, gen=g)
-    valid = torch.tensor([[True] * 6, [False] * 6])
-    mask = torch.ones(2, 2, dtype=torch.bool)
+    valid = torch.tensor([[True] * 6, [False] * 6], device=DEVICE)
+    mask = torch.ones(2, 2, dtype=torch.bool, device=DEVICE)
     out = gated_attention(x, mask, w_qkv, b_qkv, w_o, n_heads=2, valid=valid)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     torch.testing.assert_close(out, gated_attention_ref(x, mask, w_qkv, b_qkv, w_o, n_heads=2, valid=valid))
@@ -135,7 +135,7 @@ def test_query_rows_without_valid_keys_are_zero():
 def test_head_lists_and_scale():
     w_qkv, b_qkv, w_o, g = _operands(32, 3, 3, 16, seed=9)
     x = rand(2, 7, 32, gen=g)
-    mask = torch.tensor([[True, False, True], [False, True, False]])
+    mask = torch.tensor([[True, False, True], [False, True, False]], device=DEVICE)
     by_lists = gated_attention(x, [[2, 0], [1]], w_qkv, b_qkv, w_o, n_heads=3, scale=0.3)
     ref = gated_attention_ref(x, mask, w_qkv, b_qkv, w_o, n_heads=3, scale=0.3)
     torch.testing.assert_close(by_lists, ref, rtol=1e-5, atol=1e-5)
@@ -144,7 +144,7 @@ def test_head_lists_and_scale():
 def test_bad_input():
     w_qkv, b_qkv, w_o, g = _operands(32, 4, 2, 16, seed=0)
     x = rand(2, 5, 32, gen=g)
-    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
     kw = dict(n_heads=4, n_kv_heads=2)
     with pytest.raises(KernelInputError, match=r"n_heads=4 must be a positive multiple of n_kv_heads=3"):
         gated_attention(x, mask, w_qkv, b_qkv, w_o, n_heads=4, n_kv_heads=3)
@@ -157,9 +157,13 @@ def test_bad_input():
     with pytest.raises(KernelInputError, match=r"unit 1 is listed twice"):
         gated_attention(x, [[1, 1], []], w_qkv, b_qkv, w_o, **kw)
     with pytest.raises(KernelInputError, match=r"valid has shape \(2, 4\), expected \(2, 5\)"):
-        gated_attention(x, mask, w_qkv, b_qkv, w_o, valid=torch.ones(2, 4, dtype=torch.bool), **kw)
+        gated_attention(
+            x, mask, w_qkv, b_qkv, w_o, valid=torch.ones(2, 4, dtype=torch.bool, device=DEVICE), **kw
+        )
     with pytest.raises(KernelInputError, match=r"valid has dtype torch.int64, expected torch.bool"):
-        gated_attention(x, mask, w_qkv, b_qkv, w_o, valid=torch.ones(2, 5, dtype=torch.long), **kw)
+        gated_attention(
+            x, mask, w_qkv, b_qkv, w_o, valid=torch.ones(2, 5, dtype=torch.long, device=DEVICE), **kw
+        )
     with pytest.raises(
         KernelInputError, match=r"w_o has dtype torch.bfloat16 but the input is torch.float32"
     ):

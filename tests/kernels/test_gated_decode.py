@@ -7,7 +7,7 @@ import torch
 from dynprune.kernels.common import KernelInputError
 from dynprune.kernels.gated_decode import decode_attention_ref, gated_decode_attention
 
-from tests.kernels.util import DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand
+from tests.kernels.util import DEVICE, DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand
 
 # (batch, n_heads, n_kv_heads, head_dim, cache size, splits, block_n, keep)
 GRID = [
@@ -29,6 +29,7 @@ def test_decode_matches_reference(case, dtype):
     v_cache = rand(batch, n_kv, size + 7, d, gen=g).to(dtype)[:, :, :size]
     lengths = torch.randint(0, size + 1, (batch,), generator=g)
     lengths[0] = size
+    lengths = lengths.to(DEVICE)
     mask = keep_mask(batch, n_heads, keep, g)
     out = gated_decode_attention(q, k_cache, v_cache, lengths, mask, n_split=splits, block_n=block_n)
     ref_dt = decode_attention_ref(q, k_cache, v_cache, lengths, mask)
@@ -39,28 +40,25 @@ def test_decode_matches_reference(case, dtype):
 
 
 def test_bad_input():
-    q = torch.zeros(2, 4, 16)
-    cache = torch.zeros(2, 2, 8, 16)
-    keep = torch.ones(2, 4, dtype=torch.bool)
+    q = torch.zeros(2, 4, 16, device=DEVICE)
+    cache = torch.zeros(2, 2, 8, 16, device=DEVICE)
+    keep = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    lens = lambda *v: torch.tensor(v, device=DEVICE)  # noqa: E731
     with pytest.raises(KernelInputError, match=r"cache_len\[1\] = 9 is outside \[0, 8\]"):
-        gated_decode_attention(q, cache, cache, torch.tensor([3, 9]), keep)
+        gated_decode_attention(q, cache, cache, lens(3, 9), keep)
     with pytest.raises(KernelInputError, match=r"cache_len\[0\] = -1"):
-        gated_decode_attention(q, cache, cache, torch.tensor([-1, 2]), keep)
+        gated_decode_attention(q, cache, cache, lens(-1, 2), keep)
     with pytest.raises(KernelInputError, match=r"k_cache needs a contiguous last"):
-        gated_decode_attention(
-            q, cache.transpose(2, 3).contiguous().transpose(2, 3), cache, torch.tensor([1, 1]), keep
-        )
+        gated_decode_attention(q, cache.transpose(2, 3).contiguous().transpose(2, 3), cache, lens(1, 1), keep)
     with pytest.raises(KernelInputError, match=r"not a multiple of the cache's n_kv_heads=3"):
-        gated_decode_attention(
-            q, torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 8, 16), torch.tensor([1, 1]), keep
-        )
+        gated_decode_attention(q, torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 8, 16), lens(1, 1), keep)
     with pytest.raises(
         KernelInputError, match=r"v_cache has shape \(2, 2, 7, 16\), expected \(2, 2, 8, 16\)"
     ):
-        gated_decode_attention(q, cache, cache[:, :, :7], torch.tensor([1, 1]), keep)
+        gated_decode_attention(q, cache, cache[:, :, :7], lens(1, 1), keep)
     with pytest.raises(
         KernelInputError, match=r"k_cache has dtype torch.float16 but the input is torch.float32"
     ):
-        gated_decode_attention(q, cache.half(), cache, torch.tensor([1, 1]), keep)
+        gated_decode_attention(q, cache.half(), cache, lens(1, 1), keep)
     with pytest.raises(KernelInputError, match=r"cache_len has dtype torch.float32"):
-        gated_decode_attention(q, cache, cache, torch.tensor([1.0, 1.0]), keep)
+        gated_decode_attention(q, cache, cache, lens(1.0, 1.0), keep)

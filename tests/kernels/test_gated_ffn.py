@@ -9,7 +9,7 @@ from dynprune.kernels.gated_ffn import gated_ffn, gated_ffn_ref
 from dynprune.kernels.gathered_gemm import unit_expand
 from dynprune.kernels.tiles import Tiles
 
-from tests.kernels.util import DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand, weight
+from tests.kernels.util import DEVICE, DTYPE_IDS, DTYPES, assert_rule, keep_mask, rand, weight
 
 # (batch, seq, hidden, slice_size, n_slices, keep, activation): awkward widths (hidden and
 # FFN widths not multiples of the tiles, slice sizes that are not powers of two), keep 0/partial/1
@@ -79,12 +79,12 @@ def test_index_lists_any_order_equal_mask():
     ops, g = _operands(32, 16 * 6, False, seed=7)
     x = rand(3, 9, 32, gen=g)
     lists = [[5, 0, 3], [], [1, 2, 3, 4, 5, 0]]
-    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask = torch.zeros(3, 6, dtype=torch.bool, device=DEVICE)
     for b, units in enumerate(lists):
         mask[b, units] = True
     by_lists = gated_ffn(x, lists, slice_size=16, **ops)
     by_mask = gated_ffn(x, mask, slice_size=16, **ops)
-    by_keep = gated_ffn(x, keep_from_lists(lists, 6, "cpu"), slice_size=16, **ops)
+    by_keep = gated_ffn(x, keep_from_lists(lists, 6, DEVICE), slice_size=16, **ops)
     torch.testing.assert_close(by_lists, by_mask, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(by_keep, by_mask, rtol=1e-6, atol=1e-6)
     assert (by_lists[1] == 0).all()
@@ -100,7 +100,7 @@ def test_skipped_slices_are_never_read():
     expected = gated_ffn_ref(x, mask, slice_size=16, activation="silu", **ops)
     skipped_everywhere = ~mask.any(0)  # slices 3 and 4; sample 3 keeps nothing (exact zeros)
     poisoned = {k: v.clone() for k, v in ops.items()}
-    cols = torch.arange(80).view(5, 16)[skipped_everywhere].reshape(-1)
+    cols = torch.arange(80, device=DEVICE).view(5, 16)[skipped_everywhere].reshape(-1)
     for name in ("w_up", "w_gate"):
         poisoned[name][cols] = float("nan")
     for name in ("b_up", "b_gate"):
@@ -115,7 +115,7 @@ def test_shared_keep_list_as_one_group():
     """A batch-wide keep list: pass x as (1, B*T, H) and get the per-sample answer."""
     ops, g = _operands(32, 32 * 3, False, seed=3)
     x = rand(4, 6, 32, gen=g)
-    mask = torch.tensor([[True, False, True]]).expand(4, 3)
+    mask = torch.tensor([[True, False, True]], device=DEVICE).expand(4, 3)
     per_sample = gated_ffn(x, mask, slice_size=32, **ops)
     one_group = gated_ffn(x.reshape(1, 24, 32), mask[:1], slice_size=32, **ops)
     torch.testing.assert_close(one_group.view(4, 6, 32), per_sample, rtol=1e-6, atol=1e-6)
@@ -133,7 +133,7 @@ def test_no_bias_and_relu():
 # ----------------------------------------------------------------------------- bad input
 def _good():
     g = torch.Generator().manual_seed(0)
-    return rand(2, 3, 16, gen=g), weight(32, 16, g), torch.zeros(32), weight(16, 32, g)
+    return rand(2, 3, 16, gen=g), weight(32, 16, g), torch.zeros(32, device=DEVICE), weight(16, 32, g)
 
 
 @pytest.mark.parametrize(
@@ -167,11 +167,11 @@ def test_bad_keep_lists(keep, match):
 
 def test_bad_shapes_dtypes_layouts():
     x, w_up, b_up, w_down = _good()
-    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
     with pytest.raises(
         KernelInputError, match=r"slice_size=5 must be a positive divisor of the FFN width 32"
     ):
-        gated_ffn(x, torch.ones(2, 6, dtype=torch.bool), w_up, b_up, w_down, slice_size=5)
+        gated_ffn(x, torch.ones(2, 6, dtype=torch.bool, device=DEVICE), w_up, b_up, w_down, slice_size=5)
     with pytest.raises(KernelInputError, match=r"w_up has shape \(32, 15\), expected \(\*, 16\)"):
         gated_ffn(x, keep, w_up[:, :15].contiguous(), b_up, w_down, slice_size=8)
     with pytest.raises(
@@ -181,7 +181,14 @@ def test_bad_shapes_dtypes_layouts():
     with pytest.raises(KernelInputError, match=r"x has dtype torch.float64; supported"):
         gated_ffn(x.double(), keep, w_up.double(), b_up.double(), w_down.double(), slice_size=8)
     with pytest.raises(KernelInputError, match=r"x must be contiguous"):
-        gated_ffn(x.transpose(0, 1), torch.ones(3, 4, dtype=torch.bool), w_up, b_up, w_down, slice_size=8)
+        gated_ffn(
+            x.transpose(0, 1),
+            torch.ones(3, 4, dtype=torch.bool, device=DEVICE),
+            w_up,
+            b_up,
+            w_down,
+            slice_size=8,
+        )
     with pytest.raises(KernelInputError, match=r"w_down must be contiguous"):
         gated_ffn(x, keep, w_up, b_up, w_down.t().contiguous().t(), slice_size=8)
     with pytest.raises(KernelInputError, match=r"b_up has shape"):
