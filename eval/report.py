@@ -146,9 +146,10 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
         ("speedup_bs1", "measured speedup vs dense, batch 1 (higher = faster)"),
         ("speedup_bs16", "measured speedup vs dense, batch 16 (higher = faster)"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6.6), sharey=True)
     dense = next((r for r in rows if r.get("method") == "dense"), None)
     dense_acc = _num(dense, "accuracy") if dense else None
+    v = verdict(rows)
     for ax, (key, label) in zip(axes, panels):
         for method in METHODS:
             pts = [(_num(r, key), _num(r, "accuracy")) for r in rows if r.get("method") == method]
@@ -161,26 +162,45 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
                 ax.plot(xs, ys, linestyle="none", markersize=16, label="dense", **style)
             else:
                 ax.plot(xs, ys, label=method, markersize=7, **style)
+        if key.startswith("speedup"):  # what dynamic's FLOPs promise (goal: measured >= 0.85 x this)
+            ideal = sorted(
+                (_num(r, "ideal_" + key), _num(r, "accuracy")) for r in rows if r.get("method") == "dynamic"
+            )
+            ideal = [(x, y) for x, y in ideal if x is not None and y is not None]
+            if ideal:
+                (line,) = ax.plot([x for x, _ in ideal], [100 * y for _, y in ideal], color="tab:red",
+                                  linestyle=":", marker="o", markerfacecolor="none")  # fmt: skip
+                ax.legend(
+                    [line],
+                    ["dynamic if speedup = ideal (dense FLOPs / executed FLOPs)"],
+                    loc="lower right",
+                    fontsize=8,
+                )
+            ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
         if dense_acc is not None:
             ax.axhline(100 * dense_acc, color="black", linestyle="--", linewidth=0.8)
         if key == "flops_ratio":
-            ax.axvline(GOAL_BUDGET, color="tab:red", linestyle=":", linewidth=1)
+            ax.axvline(v.budget, color="tab:red", linestyle=":", linewidth=1)
+            if v.best_static_acc is not None:
+                target = 100 * v.best_static_acc + GOAL_MARGIN_PT
+                ax.plot([v.budget - 0.04, v.budget + 0.04], [target] * 2, color="tab:red", linewidth=2.5)
+                ax.annotate(
+                    f"goal: best static ({v.best_static}) + {GOAL_MARGIN_PT:.0f} pt",
+                    xy=(v.budget + 0.045, target), fontsize=8, color="tab:red", va="center",
+                )  # fmt: skip
             ax.set_xlim(0, 1.08)
             mag = [r for r in rows if r.get("method") == "magnitude"]
             if mag:
+                low = 100 * min(_num(r, "accuracy") or 1 for r in mag)
                 ax.annotate(
                     "magnitude (unstructured):\nexecuted FLOPs stay 1.0\non dense hardware",
-                    xy=(1.0, 100 * min(_num(r, "accuracy") or 1 for r in mag)),
-                    xytext=(0.62, 100 * min(_num(r, "accuracy") or 1 for r in mag)),
-                    fontsize=8, color="tab:gray", arrowprops=dict(arrowstyle="->", color="tab:gray"),
+                    xy=(1.0, low), xytext=(0.6, low), fontsize=8, color="tab:gray",
+                    arrowprops=dict(arrowstyle="->", color="tab:gray"),
                 )  # fmt: skip
-        else:
-            ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
+            ax.legend(loc="lower right", fontsize=9)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(loc="lower right", fontsize=9)
-    v = verdict(rows)
     head = title + "\n" if title else ""
     fig.suptitle(head + "\n".join(v.lines()), fontsize=11)
     fig.tight_layout()

@@ -214,13 +214,26 @@ def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
             f"- data: training run's split, evaluation on `{cfg.evaluation.split}` "
             f"({sum(b['labels'].shape[0] for b in ctx.eval_batches)} examples, dynamic padding, mean padded "
             f"length {ctx.ref_seq})",
-            f"- fine-tuning of every pruned baseline: {ctx.finetune_steps} steps × batch {cfg.finetune.batch_size}, "
-            f"lr {cfg.finetune.lr}, distillation from the dense teacher: {cfg.finetune.distill} "
-            f"(gated stage of the training run: {run.stage_steps('gated')} steps)",
+            f"- fine-tuning of every pruned baseline (dynprune.train.finetune): {ctx.finetune_steps} steps × batch "
+            f"{cfg.finetune.batch_size} per (method, budget), lr {ctx.lr}, distillation from the shared dense teacher: "
+            f"{cfg.finetune.distill}. The dynamic model's gated stage ran {run.stage_steps('gated')} steps for all "
+            f"budgets at once" + _match_note(cfg, ctx, run),
             f"- latency: {cfg.timing.bs1_inputs} single reviews (batch 1) and {cfg.timing.bs16_batches} batches of "
             f"16, {cfg.timing.repeats} interleaved rounds after {cfg.timing.warmup} warm-up, medians",
         ]
     )
+
+
+def _match_note(cfg: SweepConfig, ctx: Any, run: Any) -> str:
+    gated = run.stage_steps("gated")
+    if cfg.finetune.steps is not None or not gated:
+        return "."
+    if cfg.finetune.match == "per_method":
+        return (
+            f"; each static method gets {gated} / {len(cfg.budgets)} budgets = {ctx.finetune_steps} steps per point, "
+            "i.e. the same total fine-tuning steps over the grid as the dynamic model (finetune.match=per_method)."
+        )
+    return "; every point gets that many steps (finetune.match=per_point)."
 
 
 NOTES = [

@@ -27,8 +27,12 @@ def _positive(section: str, **values: float | int) -> None:
 class FinetuneConfig:
     """How every pruned baseline is fine-tuned (through dynprune.train's API, same data for all)."""
 
-    # Optimiser steps per (method, budget) point; null = the gated stage's steps of the training run
+    # Optimiser steps per (method, budget) point; null = derived from the training run's gated stage
+    # (G steps: one checkpoint for every budget) by `match`
     steps: int | None = None
+    # per_method: G / len(budgets) per point, so each method's fine-tuning over the whole grid costs
+    # what the dynamic model's training cost; per_point: G per point (budgets x more compute)
+    match: Literal["per_method", "per_point"] = "per_method"
     # Learning rate; null = the training run's optim.gated_lr
     lr: float | None = None
     batch_size: int = 32
@@ -118,6 +122,8 @@ class QuickConfig:
     """What ``--quick`` changes (a smaller grid that finishes in minutes)."""
 
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    # null = the same methods as the full sweep
+    methods: list[str] | None = None
     training_dir: str | None = None
     output_dir: str | None = None
     work_dir: str | None = None
@@ -172,6 +178,8 @@ class SweepConfig:
         q = self.quick
         d = self.to_dict()
         d["budgets"] = list(q.budgets)
+        if q.methods is not None:
+            d["methods"] = list(q.methods)
         for key in ("training_dir", "output_dir", "work_dir"):
             if getattr(q, key):
                 d[key] = getattr(q, key)

@@ -101,6 +101,7 @@ class SweepContext:
     teacher: CachedTeacher | None = None
     lr: float = 5e-5
     max_length: int = 64
+    dense_reference_ms: dict[str, float] = field(default_factory=dict)  # set by the first timing
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -164,10 +165,16 @@ def build_context(cfg: SweepConfig, run: TrainingRun) -> SweepContext:
     )
     calib_ex = examples["validation"][: cfg.search.calibration_examples]
     calib_batches = _batches(calib_ex, collate, cfg.evaluation.batch_size)
-    steps = cfg.finetune.steps or run.stage_steps("gated")
+    steps = cfg.finetune.steps
+    if steps is None and (gated_steps := run.stage_steps("gated")) is not None:
+        steps = (
+            gated_steps
+            if cfg.finetune.match == "per_point"
+            else max(1, round(gated_steps / len(cfg.budgets)))
+        )
     if steps is None:
         raise SweepError(
-            "finetune.steps is null (= the gated stage's steps), but the training run has no finished gated "
+            "finetune.steps is null (= derived from the gated stage's steps), but the training run has no finished gated "
             "stage to read it from; set --finetune.steps"
         )
     return SweepContext(

@@ -206,3 +206,10 @@ def test_sweep_on_a_real_training_pipeline_run(tmp_path):
     run = make_training_run(tmp_path / "train")
     assert sweep_mod.main(_args(run, tmp_path, "--methods=[dense,dynamic,static_gates,ln_structured]")) == 0
     assert json.loads((tmp_path / "out" / "points" / "dynamic@0.3.json").read_text())["finetune_steps"] == 3
+
+
+def test_shipped_sweep_config_parses_in_both_modes():
+    cfg, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml"])
+    assert set(cfg.methods) == set(METHODS) and 0.25 in cfg.budgets
+    quick, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml", "--quick"])
+    assert quick.finetune.steps and quick.output_dir != cfg.output_dir and 0.25 in quick.budgets
