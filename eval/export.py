@@ -14,9 +14,11 @@ smaller head count would change the head size) nor per-layer FFN widths.
   loads with plain ``AutoModelForSequenceClassification.from_pretrained``.
 - Otherwise the config keeps the original sizes and records the per-layer
   widths under ``dynprune_pruning``; stock ``from_pretrained`` refuses it
-  (size mismatch), so :func:`load_pruned` is the loader: it builds the model
-  from the config, shrinks it to the recorded widths and loads the weights.
-  ``load_pruned`` also loads the stock case, so it is the one call to use.
+  (size mismatch). Two loaders: :func:`load_pruned` (ours; it also loads the
+  stock case), and plain ``AutoModelForSequenceClassification.from_pretrained(
+  dir, trust_remote_code=True)``, which runs the self-contained
+  ``modeling_dynprune_pruned.py`` written next to the weights (a copy of
+  :mod:`dynprune.eval.hf_pruned`, referenced by ``auto_map`` in config.json).
 
 :func:`frozen_structure` turns a dynamic model at one budget into a static
 one: the most common per-sample mask over some data (often a large share of
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from dynprune.eval import hf_pruned
 from dynprune.eval.physical import physically_prune
 from dynprune.eval.sparse_io import dir_bytes, weights_bytes
 from dynprune.eval.structure import Structure
@@ -43,6 +47,7 @@ from torch import nn
 from dynprune.arch import spec_for
 
 PRUNING_KEY = "dynprune_pruning"
+REMOTE_MODULE = "modeling_dynprune_pruned"
 FORMAT_VERSION = 1
 # model_type -> (config key of the layer count, config key of the FFN width)
 _CONFIG_KEYS = {
@@ -116,15 +121,20 @@ def save_pruned(
                 "heads_per_layer": [len(structure.heads[i]) for i in kept],
                 "ffn_per_layer": [len(structure.neurons[i]) for i in kept],
                 "why": reason,
-                "loader": "dynprune.eval.export.load_pruned",
+                "loader": "dynprune.eval.export.load_pruned, or from_pretrained(dir, trust_remote_code=True)",
             }
             setattr(config, PRUNING_KEY, extra)
+            family = spec_for(pruned).family
+            class_name = hf_pruned.CLASSES[family].__name__
+            config.auto_map = {"AutoModelForSequenceClassification": f"{REMOTE_MODULE}.{class_name}"}
+            shutil.copyfile(hf_pruned.__file__, out / f"{REMOTE_MODULE}.py")
         pruned.save_pretrained(out, safe_serialization=True)
     finally:
         for k, v in saved.items():
             setattr(config, k, v)
         if extra is not None:
             delattr(config, PRUNING_KEY)
+            delattr(config, "auto_map")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "dynprune_structure.json").write_text(json.dumps(structure.to_dict()))
@@ -152,12 +162,7 @@ def load_pruned(directory: str | os.PathLike, device: str = "cpu") -> nn.Module:
         return transformers.AutoModelForSequenceClassification.from_pretrained(root).to(device).eval()
     if info.get("format") != FORMAT_VERSION:
         raise ValueError(f"{root}: {PRUNING_KEY} format {info.get('format')!r}, expected {FORMAT_VERSION}")
-    arch = (getattr(config, "architectures", None) or ["AutoModelForSequenceClassification"])[0]
-    cls = getattr(transformers, arch)
-    model = cls(config)
-    heads = [list(range(h)) for h in info["heads_per_layer"]]
-    ffn = [list(range(f)) for f in info["ffn_per_layer"]]
-    model = physically_prune(model, heads, ffn, inplace=True)
+    model = hf_pruned.CLASSES[config.model_type](config)  # the same classes as trust_remote_code loads
     state = {}
     for f in sorted(root.glob("*.safetensors")):
         state.update(load_file(str(f)))

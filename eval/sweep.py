@@ -193,7 +193,9 @@ def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: s
         plot_pareto(
             rows, out / "pareto.png", title=f"dynprune sweep: {cfg.training_dir} ({len(rows)} points)"
         )
-    write_summary(rows, out / "summary.md", header, notes)
+    spent = sum(float(r.get("seconds") or 0) for r in rows)
+    progress = f"- {len(rows)} of {len(grid(cfg))} points done; their compute time: {spent / 60:.1f} min (sum over points)"
+    write_summary(rows, out / "summary.md", header + "\n" + progress, notes)
 
 
 def _csv_value(x: Any) -> Any:

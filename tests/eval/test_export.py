@@ -50,8 +50,12 @@ def test_non_uniform_structure_needs_our_loader_and_roundtrips(tmp_path, model_t
     loaded = load_pruned(tmp_path / "m")
     torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in loaded.parameters()) == info.params
-    with pytest.raises(Exception, match=r"(?i)size|shape"):
-        AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    # plain Hugging Face with the modeling file written next to the weights (no dynprune involved)
+    remote = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    assert type(remote).__module__.startswith("transformers_modules.")  # loaded from the export dir
+    torch.testing.assert_close(_logits(remote, batch), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r"(?i)size|shape|trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", trust_remote_code=False)
 
 
 def test_per_layer_ffn_widths_are_not_stock_expressible():

@@ -111,3 +111,22 @@ def test_random_units_have_the_counts_and_depend_on_the_seed():
     b = random_units(4, 128, [2, 3], [10, 20], seed=1)
     assert a.head_counts() == [2, 3] and a.neuron_counts() == [10, 20]
     assert a != b and a == random_units(4, 128, [2, 3], [10, 20], seed=0)
+
+
+@pytest.mark.parametrize("model_type", ENCODER_TYPES)
+def test_expand_into_puts_fine_tuned_pruned_weights_back_exactly(model_type):
+    import copy
+
+    from dynprune.eval.baselines.structured import expand_into
+
+    model = tiny_model(model_type, layers=4)
+    pruned = _prune(model, MIXED)
+    with torch.no_grad():  # "fine-tuning": every weight of the pruned model changes
+        for p in pruned.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    full = expand_into(copy.deepcopy(model), pruned, MIXED, head_dim=16)
+    batch = tiny_batch(batch=3)
+    with torch.no_grad():
+        want = pruned(**batch).logits
+        got = _prune(full, MIXED)(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
