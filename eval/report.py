@@ -190,14 +190,16 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
                 )  # fmt: skip
             ax.set_xlim(0, 1.08)
             mag = [r for r in rows if r.get("method") == "magnitude"]
-            if mag:
+            accs = [100 * a for r in rows if (a := _num(r, "accuracy")) is not None]
+            if mag and accs:
                 low = 100 * min(_num(r, "accuracy") or 1 for r in mag)
+                text_y = min(accs) + 0.3 * (max(accs) - min(accs))
                 ax.annotate(
                     "magnitude (unstructured):\nexecuted FLOPs stay 1.0\non dense hardware",
-                    xy=(1.0, low), xytext=(0.6, low), fontsize=8, color="tab:gray",
+                    xy=(1.0, low), xytext=(0.62, text_y), fontsize=8, color="tab:gray",
                     arrowprops=dict(arrowstyle="->", color="tab:gray"),
                 )  # fmt: skip
-            ax.legend(loc="lower right", fontsize=9)
+            ax.legend(loc="upper left", fontsize=9)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
