@@ -68,3 +68,26 @@ def test_budget_to_hidden_router_saves_loads_and_counts_flops(tmp_path):
     assert loaded.gate_config.budget_to_hidden
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch, budget=0.5).logits, a)
+
+
+def test_every_inference_route_reads_the_budget_in_the_hidden_layer():
+    """Eval mode without autograd may take a faster routing path: it must agree with the general one."""
+    torch.manual_seed(0)
+    gated = dynprune.wrap(
+        tiny_model(), GateConfig(ffn_slice_size=32, router_hidden=16, budget_to_hidden=True)
+    ).eval()
+    with torch.no_grad():
+        gated.router.budget_inp.weight.normal_(std=3.0)
+        gated.router.out.weight.normal_(std=1.0)
+    batch = tiny_batch(batch=6)
+    budget = torch.tensor([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        fast = gated(**batch, budget=budget)
+        fast_masks = gated.last.masks
+    gated.gate_config.execution = "masked"  # the general routing path (autograd on) + masked layers
+    with torch.enable_grad():
+        slow = gated(**batch, budget=budget)
+        slow_masks = gated.last.masks
+    for kind in ("head", "ffn", "layer"):
+        assert torch.equal(getattr(fast_masks, kind), getattr(slow_masks, kind)), kind
+    torch.testing.assert_close(fast.logits, slow.logits.detach(), rtol=1e-4, atol=1e-5)
