@@ -298,9 +298,9 @@ def run_sweep(cfg: SweepConfig, run: TrainingRun, restart: bool = False) -> int:
             row.update(method=method, budget=budget, seconds=round(time.perf_counter() - t0, 1))
             save_point(out, row)
             points[point_key(method, budget)] = row
-            write_outputs(cfg, points, header, NOTES)
+            write_outputs(cfg, points, header, NOTES + cfg.summary_notes)
             bar.update(1)
-    write_outputs(cfg, points, header, NOTES)
+    write_outputs(cfg, points, header, NOTES + cfg.summary_notes)
     print((out / "sweep.csv").read_text())
     for line in verdict(ordered_rows(points, cfg)).lines():
         print(line)

@@ -158,6 +158,8 @@ class SweepConfig:
     evaluation: EvalSection = field(default_factory=EvalSection)
     timing: TimingConfig = field(default_factory=TimingConfig)
     quick: QuickConfig = field(default_factory=QuickConfig)
+    # Extra lines for the summary's notes (e.g. follow-up checks); never changes a point
+    summary_notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
