@@ -115,16 +115,16 @@ def run(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
         dense_dir = Path(cfg.model.teacher_path) if cfg.model.teacher_path else out / "dense"
         if "dense" in cfg.stages:
             run_dense(ctx, dense_dir)
-        if any(s in cfg.stages for s in STAGE_ROUTER):
+        pending = [s for s in STAGE_ROUTER if s in cfg.stages and not _stage_done(out / s)]
+        if pending:
             teacher = load_classifier(dense_dir, data.label_names).to(acc.device).eval()
             if cfg.distill.logits_weight > 0:
                 t0 = time.perf_counter()
                 add_teacher_logits(teacher, examples["train"], collate, cfg.optim.eval_batch_size, acc.device)
                 ctx.timings["teacher_logits_s"] = time.perf_counter() - t0
             online = teacher if cfg.distill.hidden_weight > 0 else None
-            for stage in STAGE_ROUTER:
-                if stage in cfg.stages:
-                    run_gated(ctx, stage, dense_dir, online)
+            for stage in pending:
+                run_gated(ctx, stage, dense_dir, online)
             del teacher
         report: dict[str, Any] = {}
         if ctx.main:
@@ -250,8 +250,6 @@ def unit_orders(ctx: Context, student: torch.nn.Module, router_layer: int):
 
 def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Module | None) -> None:
     target = ctx.out / stage
-    if _stage_done(target):
-        return
     c = ctx.cfg
     offset = list(STAGE_ROUTER).index(stage) + 1
     seed_everything(c.seed + offset, c.deterministic)
