@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynprune.arch import LayerParts
+from dynprune.flops import FlopsModel
 from dynprune.gathered import PackedQKV, post_ln_layer
 from dynprune.plan import plan_forward
 from dynprune.state import GateState
@@ -37,6 +38,7 @@ class LayerBinding:
     slice_size: int
     norm_position: str
     qkv: PackedQKV
+    flops: FlopsModel | None = None  # unit costs for the gathered path's planner (block merging)
 
 
 class GatedLayerMixin:
@@ -58,8 +60,9 @@ class GatedLayerMixin:
                 i = b.index
                 return gathered_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
             if state.plans is None:
-                m = gates.masks()
-                state.plans = plan_forward(m.head, m.ffn, m.layer)
+                info = state.info  # the router's masks (canonical), else derived from the gates
+                m = info.masks if info is not None and info.masks is not None else gates.masks()
+                state.plans = plan_forward(m.head, m.ffn, m.layer, b.flops, hidden_states.shape[1])
             plan = state.plans[b.index]
             if b.norm_position != "post":
                 raise NotImplementedError(f"gathered torch path for norm_position={b.norm_position!r}")

@@ -24,6 +24,7 @@ from dynprune.gates import (
 from dynprune.gathered import PackedQKV
 from dynprune.layers import LayerBinding, gate_layer, ungate_layer
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
+from dynprune.route_host import route_on_host
 from dynprune.router import Router
 from dynprune.state import ForwardInfo, GateState
 
@@ -68,6 +69,7 @@ class GatedModel(nn.Module):
                 slice_size=cfg.ffn_slice_size,
                 norm_position=parts.spec.norm_position,
                 qkv=PackedQKV(lp, parts.n_heads, parts.head_dim),
+                flops=self.flops,
             )
             self._handles += gate_layer(binding)
         src = parts.embeddings if cfg.router_layer == 0 else parts.parts[cfg.router_layer - 1].layer
@@ -127,6 +129,9 @@ class GatedModel(nn.Module):
         state.gates = state.info.gates
 
     def _route(self, hidden: Tensor, state: GateState) -> ForwardInfo:
+        fast = route_on_host(self, hidden, state)  # eval mode on CPU: same result, ~7x fewer ops
+        if fast is not None:
+            return fast
         cfg, fm = self.gate_config, self.flops
         batch, seq = hidden.shape[:2]
         dense = fm.dense(seq)
@@ -260,6 +265,8 @@ def normalize_budget(budget: float | Tensor, batch: int, device: torch.device) -
         except (TypeError, ValueError) as err:
             raise ValueError(f"budget must be a float or a tensor, got {type(budget).__name__}") from err
         b = torch.full((batch,), value, dtype=torch.float64, device=device)
+        if 0.0 < value <= 1.0:  # valid (NaN fails the test): skip the tensor checks (batch-1 latency)
+            return b
     bad = ~(torch.isfinite(b) & (b > 0) & (b <= 1))
     if bool(bad.any()):
         raise ValueError(

@@ -1,105 +1,271 @@
-"""Planning a gathered forward: which samples run which units, as few big ops as possible.
+"""Planning a gathered forward on the host: which samples run which units, in few big ops.
 
-Given a hard keep mask (B, U) for one kind of unit in one layer, samples are
-ordered by how many units they keep (most first, stable). Units kept by
-exactly the same set of samples form a group. With nested gates every group
-is "the first n samples of that order" × "a contiguous run of units", so each
-group is one matmul on a view of the activations and a view of the weights.
-Arbitrary masks work too (index tensors instead of slices, i.e. copies).
+All masks of a forward are read on the host once (one sync; on CPU a zero-copy
+view) and planned there with numpy; plans hold only ints, slices and small
+index / mask tensors. Per gated layer and kind of unit (heads, FFN slices):
 
-All masks of a forward are moved to the host once (one sync) and planned
-there; plans hold only slices, small index tensors and ints.
+- **Samples** whose layer is skipped are left out (they pass through). The
+  others are put in *plan order*: by how many units they keep, most first
+  (stable), so samples with equal masks are neighbours.
+- **Blocks**: a block is a contiguous run of plan-order rows that is computed
+  as one matmul on a *view* of those rows and a *view* of the weights of a
+  run of units. With nested gates (every kept set is a prefix of the
+  importance order) a block is "rows r0:r1 × units 0:c" — rows are the
+  samples that keep exactly c units, or, after *merging*, several count
+  levels computed at the largest one, the extra units being zeroed per row
+  (``drop``) so results equal the masked path. Arbitrary (non-nested) masks:
+  one block per distinct mask, with unit indices (weight copies; correct but
+  slower).
+- **Merging** (nested only; off by default, see :data:`BLOCK_OVERHEAD_FLOPS`):
+  each block costs a fixed overhead (a few ops)
+  plus its FLOPs; merging adjacent count levels trades wasted FLOPs for fewer,
+  larger ops. :func:`merge_levels` picks the partition of the sorted count
+  levels that minimises ``blocks × overhead + computed FLOPs`` exactly (dynamic
+  programming over the ≤ n_units + 1 distinct levels).
+
+With one sample (or a shared mask) a layer is one block per kind: every op is
+a view, nothing is sorted or copied.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-Index = slice | torch.Tensor
+from dynprune.flops import FlopsModel
+
+Tensor = torch.Tensor
+
+#: Fixed cost of one extra block in FLOPs, for block merging. 0 (default) = exact blocks:
+#: the gathered path then executes exactly the FLOPs that ``GatedModel.last.flops`` reports
+#: (≤ each sample's budget). > 0 (e.g. 6e6, about 3 ops of ~15 µs at ~150 GFLOP/s) lets the
+#: planner merge count levels, computing (and discarding) some units a sample does not keep;
+#: it did not pay off on the benchmark machine (results/cpu_bench/NOTES.md).
+BLOCK_OVERHEAD_FLOPS = 0.0
 
 
 @dataclass
-class UnitGroup:
-    rows: Index  # positions in the plan's sample order
-    n_rows: int
-    units: Index  # unit indices within the layer
+class Block:
+    """Rows ``start:stop`` (plan order) compute units ``units`` (a slice or an index tensor).
+
+    ``drop`` (merged nested blocks only): (n_rows, n_units) bool, True where a
+    row computes a unit it does not keep; its contribution is zeroed.
+    """
+
+    start: int
+    stop: int
+    units: slice | Tensor
     n_units: int
+    drop: Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
 class KindPlan:
-    order: torch.Tensor | None  # (B,) sample order; None = identity
-    order_list: list[int]
-    groups: list[UnitGroup]
+    """Plan of one kind of unit in one layer.
+
+    ``rows``: original sample index of each plan-order row (kept samples only);
+    ``order`` is the same as a tensor, or None when plan order is the identity
+    over the whole batch.
+    """
+
+    rows: np.ndarray
+    order: Tensor | None
+    blocks: list[Block]
+    computed_units: int = 0  # sum over blocks of n_rows × n_units (≥ kept units when merged)
+    # nested, exact blocks only: the same work cut by units instead of rows, for the *expanding*
+    # projections (Q/K/V, FFN up): (n_rows, u0, u1) = the first n_rows rows compute units u0:u1
+    unit_runs: list[tuple[int, int, int]] | None = None
 
     @property
-    def distinct_masks(self) -> int:
-        return len({g.n_rows for g in self.groups})
-
-
-def _as_index(values: np.ndarray, device: torch.device) -> Index:
-    """A slice if ``values`` is a consecutive run, else an index tensor."""
-    if values.size and values[-1] - values[0] + 1 == values.size:
-        return slice(int(values[0]), int(values[-1]) + 1)
-    return torch.as_tensor(values, dtype=torch.long, device=device)
-
-
-def plan_kind(mask: np.ndarray, device: torch.device) -> KindPlan:
-    """Plan one kind of unit in one layer from a host bool mask (B, U)."""
-    batch = mask.shape[0]
-    counts = mask.sum(axis=1)
-    order = np.argsort(-counts, kind="stable")
-    identity = bool((order == np.arange(batch)).all())
-    sorted_mask = mask[order]  # (B, U) rows in plan order
-    groups: dict[bytes, list[int]] = {}
-    for unit in range(mask.shape[1]):
-        column = sorted_mask[:, unit]
-        if column.any():
-            groups.setdefault(np.flatnonzero(column).astype(np.int64).tobytes(), []).append(unit)
-    planned = []
-    for rows_key, units in groups.items():
-        rows = np.frombuffer(rows_key, dtype=np.int64)
-        unit_arr = np.asarray(units, dtype=np.int64)
-        planned.append(
-            UnitGroup(_as_index(rows, device), rows.size, _as_index(unit_arr, device), unit_arr.size)
-        )
-    return KindPlan(
-        order=None if identity else torch.as_tensor(order, dtype=torch.long, device=device),
-        order_list=order.tolist(),
-        groups=planned,
-    )
+    def n_blocks(self) -> int:
+        return len(self.blocks)
 
 
 @dataclass
 class LayerPlan:
     attention: KindPlan
     ffn: KindPlan
-    keep: torch.Tensor  # (B,) bool on the model's device
     n_kept: int
+    batch: int
+    # index tensors between orders (None = identity), built by plan_forward
+    ffn_from_attention: Tensor | None = None  # attention-order row of each ffn-order row
+    kept_rows: Tensor | None = None  # original index of each ffn-order row (None: identity, all kept)
+    extras: dict = field(default_factory=dict)
 
 
-def plan_forward(head: torch.Tensor, ffn: torch.Tensor, layer: torch.Tensor) -> list[LayerPlan]:
-    """Plans for every gated layer from canonical masks head (B, L, nh), ffn (B, L, ns), layer (B, L)."""
+def merge_levels(levels: np.ndarray, sizes: np.ndarray, unit_flops: float, overhead: float) -> list[int]:
+    """Optimal partition of count levels into blocks; returns the start index of each block.
+
+    ``levels`` strictly decreasing (> 0), ``sizes`` rows per level. A block of
+    levels i..j computes ``levels[i]`` units for all its rows and costs
+    ``overhead + unit_flops * levels[i] * rows``.
+    """
+    k = len(levels)
+    if k <= 1 or overhead <= 0:
+        return list(range(k))
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    best = [0.0] + [float("inf")] * k
+    start_of = [0] * (k + 1)
+    for j in range(1, k + 1):  # best cost of the first j levels
+        for i in range(j):  # last block = levels i..j-1
+            cost = best[i] + overhead + unit_flops * float(levels[i]) * float(cum[j] - cum[i])
+            if cost < best[j]:
+                best[j], start_of[j] = cost, i
+    starts, j = [], k
+    while j > 0:
+        starts.append(start_of[j])
+        j = start_of[j]
+    return starts[::-1]
+
+
+def _run_or_index(values: np.ndarray, device: torch.device) -> slice | Tensor:
+    """A slice if ``values`` (sorted, unique) is a consecutive run, else an index tensor."""
+    if values.size and int(values[-1]) - int(values[0]) + 1 == values.size:
+        return slice(int(values[0]), int(values[-1]) + 1)
+    return torch.as_tensor(values, dtype=torch.long, device=device)
+
+
+_ONE_ROW = np.zeros(1, dtype=np.int64)
+_NO_ROW = np.zeros(0, dtype=np.int64)
+
+
+def _nested_kind(
+    counts: np.ndarray, kept: np.ndarray, unit_flops: float, overhead: float, device: torch.device
+) -> KindPlan:
+    """Plan from per-sample prefix lengths ``counts`` (B,) of the kept samples ``kept`` (B,) bool."""
+    batch = counts.shape[0]
+    if batch == 1:  # the common serving case: no sorting, at most one block
+        if not kept[0]:
+            return KindPlan(_NO_ROW, None, [], 0)
+        c = int(counts[0])
+        return KindPlan(_ONE_ROW, None, [Block(0, 1, slice(0, c), c)] if c else [], c)
+    key = np.where(kept, counts, -1)  # skipped samples sort last and are cut off
+    order = np.argsort(-key, kind="stable")
+    n_kept = int(kept.sum())
+    rows = order[:n_kept]
+    sorted_counts = key[rows]
+    cuts = (np.flatnonzero(sorted_counts[1:] != sorted_counts[:-1]) + 1).tolist()
+    starts, stops = [0, *cuts], [*cuts, n_kept]
+    levels = [int(sorted_counts[a]) for a in starts if n_kept]
+    positive = [i for i, c in enumerate(levels) if c > 0]
+    blocks = []
+    computed = 0
+    if positive and overhead > 0 and len(positive) > 1:
+        lv = np.asarray([levels[i] for i in positive])
+        sizes = np.asarray([stops[i] - starts[i] for i in positive])
+        merged = merge_levels(lv, sizes, unit_flops, overhead)
+        for a, b in zip(merged, [*merged[1:], len(positive)]):
+            r0, r1, c = starts[positive[a]], stops[positive[b - 1]], levels[positive[a]]
+            drop = None
+            if b - a > 1:
+                row_counts = torch.as_tensor(sorted_counts[r0:r1], device=device)
+                drop = torch.arange(c, device=device)[None, :] >= row_counts[:, None]  # (n, c)
+            blocks.append(Block(r0, r1, slice(0, c), c, drop))
+            computed += (r1 - r0) * c
+    else:
+        for i in positive:
+            c = levels[i]
+            blocks.append(Block(starts[i], stops[i], slice(0, c), c))
+            computed += (stops[i] - starts[i]) * c
+    runs = None
+    if len(blocks) > 1 and all(b.drop is None for b in blocks):
+        lower = [b.n_units for b in blocks[1:]] + [0]
+        runs = [(b.stop, low, b.n_units) for b, low in zip(blocks, lower)]
+    identity = n_kept == batch and bool((rows == np.arange(batch)).all())
+    order_t = None if identity else torch.as_tensor(rows, dtype=torch.long, device=device)
+    return KindPlan(rows, order_t, blocks, computed, runs)
+
+
+def _general_kind(mask: np.ndarray, kept: np.ndarray, device: torch.device) -> KindPlan:
+    """Plan arbitrary masks (B, U): one block per distinct mask, samples grouped by mask."""
+    batch = mask.shape[0]
+    keep_idx = np.flatnonzero(kept)
+    sub = mask[keep_idx]
+    counts = sub.sum(axis=1)
+    packed = np.packbits(sub, axis=1)
+    # group identical masks; groups with more units first (stable within equal counts)
+    _, inverse = np.unique(packed, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.lexsort((inverse, -counts))
+    rows = keep_idx[order]
+    sorted_inv = inverse[order]
+    blocks = []
+    computed = 0
+    bounds = np.flatnonzero(np.diff(sorted_inv)) + 1
+    for r0, r1 in zip([0, *bounds.tolist()], [*bounds.tolist(), sorted_inv.size]):
+        units = np.flatnonzero(sub[order[r0]])
+        if units.size:
+            blocks.append(Block(int(r0), int(r1), _run_or_index(units, device), int(units.size)))
+            computed += (r1 - r0) * int(units.size)
+    identity = rows.size == batch and bool((rows == np.arange(batch)).all())
+    order_t = None if identity else torch.as_tensor(rows, dtype=torch.long, device=device)
+    return KindPlan(rows, order_t, blocks, computed)
+
+
+def _prefix_counts(mask: np.ndarray) -> np.ndarray | None:
+    """Counts (B, L) if every row of ``mask`` (B, L, U) is a prefix, else None."""
+    counts = mask.sum(axis=-1)
+    prefix = np.arange(mask.shape[-1]) < counts[..., None]
+    return counts if bool((prefix == mask).all()) else None
+
+
+def plan_forward(
+    head: Tensor,
+    ffn: Tensor,
+    layer: Tensor,
+    flops: FlopsModel | None = None,
+    seq_len: int = 0,
+    overhead: float | None = None,
+) -> list[LayerPlan]:
+    """Plans for every gated layer from canonical masks head (B, L, nh), ffn (B, L, ns), layer (B, L).
+
+    ``flops`` (the gated model's :class:`FlopsModel`) and ``seq_len`` give the
+    cost of one head / FFN slice, which with ``overhead`` (FLOPs per extra
+    block, default :data:`BLOCK_OVERHEAD_FLOPS`) drives block merging; without
+    them (or with overhead 0) blocks are exact.
+    """
+    if overhead is None:
+        overhead = BLOCK_OVERHEAD_FLOPS
     device = layer.device
-    head_np = head.cpu().numpy()
-    ffn_np = ffn.cpu().numpy()
-    layer_np = layer.cpu().numpy()
+    head_np = head.detach().cpu().numpy()
+    ffn_np = ffn.detach().cpu().numpy()
+    layer_np = layer.detach().cpu().numpy()
+    batch, n_layers = layer_np.shape
+    head_counts = _prefix_counts(head_np)
+    ffn_counts = _prefix_counts(ffn_np)
+    head_flops = flops.head_cost(seq_len) if flops is not None else 0.0
+    slice_flops = flops.slice_cost(seq_len) if flops is not None else 0.0
+    merge = overhead if (head_flops > 0 and slice_flops > 0) else 0.0
     plans = []
-    for i in range(layer_np.shape[1]):
-        plans.append(
-            LayerPlan(
-                attention=plan_kind(head_np[:, i], device),
-                ffn=plan_kind(ffn_np[:, i], device),
-                keep=layer[:, i],
-                n_kept=int(layer_np[:, i].sum()),
-            )
-        )
+    for i in range(n_layers):
+        kept = layer_np[:, i]
+        if head_counts is not None:
+            attention = _nested_kind(head_counts[:, i], kept, head_flops, merge, device)
+        else:
+            attention = _general_kind(head_np[:, i], kept, device)
+        if ffn_counts is not None:
+            ffn_plan = _nested_kind(ffn_counts[:, i], kept, slice_flops, merge, device)
+        else:
+            ffn_plan = _general_kind(ffn_np[:, i], kept, device)
+        n_kept = int(attention.rows.size)
+        lp = LayerPlan(attention, ffn_plan, n_kept, batch)
+        if batch > 1 and n_kept:
+            if not np.array_equal(attention.rows, ffn_plan.rows):
+                position = np.empty(batch, dtype=np.int64)
+                position[attention.rows] = np.arange(n_kept)
+                lp.ffn_from_attention = torch.as_tensor(position[ffn_plan.rows], device=device)
+            if ffn_plan.order is not None:
+                lp.kept_rows = ffn_plan.order
+        plans.append(lp)
     return plans
 
 
-def take_rows(t: torch.Tensor, rows: Index) -> torch.Tensor:
+def take_rows(t: Tensor, rows: slice | Tensor) -> Tensor:
     """Leading-dim selection: a view for a slice, a gather for an index tensor."""
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)

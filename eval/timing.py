@@ -191,14 +191,22 @@ def runtime_env() -> dict[str, str]:
     import platform
 
     cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                    info[key] = value.strip()
     except OSError:
         pass
+    if "model name" in info:
+        cpu = info["model name"]
+        if "cpu family" in info:
+            cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+        if "avx512f" in info.get("flags", "").split():
+            cpu += ", AVX-512"
     env = {
         "cpu": cpu,
         "logical_cpus": str(os.cpu_count()),
