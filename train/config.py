@@ -106,6 +106,9 @@ class GateSection:
     router_layer: int = 0
     # Dynamic router: feed the budget to its hidden layer too (much closer per-budget FLOPs)
     budget_to_hidden: bool = True
+    # Dynamic router: scale of its input weights at the start of gated training (0 = start
+    # input-independent, i.e. like the static router, and let input dependence grow where it helps)
+    router_input_init: float = 1.0
     init_keep_logit: float = 4.0
     # Importance order of heads/neurons before gated training: taylor (data, |activation x gradient|),
     # weight_norm (data-free) or none
@@ -126,6 +129,8 @@ class GateSection:
         _positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
         _positive("gate", importance_batches=self.importance_batches)
         _fraction("gate", "hard_from", self.hard_from)
+        if not (math.isfinite(self.router_input_init) and self.router_input_init >= 0):
+            raise ValueError(f"gate.router_input_init must be >= 0, got {self.router_input_init}")
         check_budget_value(self.budget_min, "gate.budget_min")
         check_budget_value(self.budget_max, "gate.budget_max")
         if self.budget_min > self.budget_max:

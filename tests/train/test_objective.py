@@ -194,3 +194,24 @@ def test_evaluate_dense_and_gated():
     bad = [dict(b, labels=b["labels"] + 5) for b in loader]
     with pytest.raises(ValueError, match="never trained on"):
         evaluate(gated, bad, budget=0.5)
+
+
+def test_router_input_init_zero_starts_input_independent():
+    from dynprune.train.pipeline import scale_router_input
+
+    torch.manual_seed(0)
+    gated = dynprune.wrap(tiny_model(), _gate(budget_to_hidden=True).gate_config())
+    with torch.no_grad():
+        gated.router.out.weight.normal_()
+    a, b = tiny_batch(batch=1, seed=1), tiny_batch(batch=1, seed=2)
+    gated.eval()
+
+    def scores(batch, budget=0.5):
+        with torch.no_grad():
+            gated(**batch, budget=budget)
+        return gated.last.scores.head
+
+    assert not torch.allclose(scores(a), scores(b))
+    scale_router_input(gated, 0.0)
+    assert torch.allclose(scores(a), scores(b))  # input-independent ...
+    assert not torch.allclose(scores(a), scores(a, budget=0.3))  # ... still budget-conditioned
