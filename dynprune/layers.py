@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dynprune.arch import LayerParts
 from dynprune.flops import FlopsModel
+from dynprune.gates import Gates, UnitMasks
 from dynprune.gathered import PackedQKV, post_ln_layer
 from dynprune.plan import plan_forward
 from dynprune.state import GateState
@@ -41,6 +42,15 @@ class LayerBinding:
     flops: FlopsModel | None = None  # unit costs for the gathered path's planner (block merging)
 
 
+def _hard_masks(state: GateState, gates: Gates) -> UnitMasks:
+    """The forward's hard masks, computed once and shared by every layer: the router's (canonical)
+    masks when it made them, else derived from the gates."""
+    if state.hard_masks is None:
+        info = state.info
+        state.hard_masks = info.masks if info is not None and info.masks is not None else gates.masks()
+    return state.hard_masks
+
+
 class GatedLayerMixin:
     """Mixed into the HF layer's class by :func:`gate_layer`."""
 
@@ -56,12 +66,11 @@ class GatedLayerMixin:
             if state.backend == "triton":
                 from dynprune.kernels.dispatch import gathered_layer  # lazy: triton is optional
 
-                m = gates.masks()
+                m = _hard_masks(state, gates)
                 i = b.index
                 return gathered_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
             if state.plans is None:
-                info = state.info  # the router's masks (canonical), else derived from the gates
-                m = info.masks if info is not None and info.masks is not None else gates.masks()
+                m = _hard_masks(state, gates)
                 state.plans = plan_forward(m.head, m.ffn, m.layer, b.flops, hidden_states.shape[1])
             plan = state.plans[b.index]
             if b.norm_position != "post":

@@ -49,6 +49,7 @@ class GateState:
     backend: str = "torch"
     gates: Gates | None = None
     plans: list[LayerPlan] | None = None
+    hard_masks: UnitMasks | None = None  # cached by the gathered layers, once per forward
     info: ForwardInfo | None = None
     extras: dict = field(default_factory=dict)
 
@@ -66,11 +67,11 @@ class GateState:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             self.valid = attention_mask.bool()
         self.gathered, self.backend = gathered, backend
-        self.gates, self.plans, self.info = None, None, None
+        self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
 
     def end(self) -> ForwardInfo | None:
         info = self.info
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
-        self.gates, self.plans, self.info = None, None, None
+        self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
         return info

@@ -345,19 +345,35 @@ def _cuda_available() -> bool:
 RESUME_KEYS = ("model", "data", "gate", "optim", "regularizer", "distill", "seed", "stages")
 
 
+_MISSING = object()
+
+
 def config_diff(
-    saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    keys: tuple[str, ...] = RESUME_KEYS,
+    defaults: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (only under ``keys``)."""
+    """Dotted keys whose values differ between two config dicts (only under ``keys``).
+
+    A key absent from ``saved`` (a field added after the checkpoint was written) matches
+    when the current value equals its entry in ``defaults``: new fields default to the old
+    behaviour, so such a checkpoint can still be resumed.
+    """
     out: list[str] = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, default: Any, prefix: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
+            dflt = default if isinstance(default, dict) else {}
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+                walk(a.get(k, _MISSING), b.get(k), dflt.get(k, _MISSING), f"{prefix}.{k}" if prefix else k)
+        elif a is _MISSING:
+            if default is _MISSING or b != default:
+                out.append(f"{prefix} (checkpoint: not set, now: {b!r})")
         elif a != b:
             out.append(f"{prefix} (checkpoint: {a!r}, now: {b!r})")
 
+    defaults = defaults or {}
     for key in keys:
-        walk(saved.get(key), current.get(key), key)
+        walk(saved.get(key), current.get(key), defaults.get(key, _MISSING), key)
     return out

@@ -67,7 +67,7 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError as err:
         raise PreflightError(f"cannot resume: {str(saved_file)!r} is not valid YAML ({err})") from err
-    diff = config_diff(saved, cfg.to_dict())
+    diff = config_diff(saved, cfg.to_dict(), defaults=type(cfg)().to_dict())
     if diff:
         raise PreflightError(
             f"cannot resume {str(out)!r}: the checkpoint was made with a different config:\n  - "

@@ -97,6 +97,16 @@ def test_config_diff_names_changed_keys():
     assert len(diff) == 1 and diff[0].startswith("gate.router_layer")
 
 
+def test_config_diff_field_added_after_checkpoint():
+    defaults = TrainConfig().to_dict()
+    saved, now = TrainConfig().to_dict(), TrainConfig().to_dict()
+    del saved["gate"]["router_input_init"]  # checkpoint written before the field existed
+    assert config_diff(saved, now, defaults=defaults) == []
+    now["gate"]["router_input_init"] = 0.0  # a non-default value changes behaviour
+    diff = config_diff(saved, now, defaults=defaults)
+    assert len(diff) == 1 and diff[0].startswith("gate.router_input_init")
+
+
 def test_unknown_keys_get_a_suggestion():
     with pytest.raises(ConfigError, match=r"did you mean: gate\.temprature -> gate\.temperature"):
         parse_config(["--gate.temprature=0.5"])
