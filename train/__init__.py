@@ -4,40 +4,7 @@ Public API in :mod:`dynprune.train.api` (re-exported here); the command line
 is ``dynprune train`` (:mod:`dynprune.train.cli`); docs/training.md explains the recipe.
 """
 
-from dynprune.train.api import (
-    DataConfig,
-    DataError,
-    OptimConfig,
-    Records,
-    TaskData,
-    TrainConfig,
-    collect,
-    encode,
-    eval_dataloader,
-    evaluate,
-    finetune,
-    load_config,
-    load_task_data,
-    make_dataloader,
-    summarize,
-    train,
-)
+from dynprune.train import api as _api
+from dynprune.train.api import *  # noqa: F403  (the public API, listed once in api.__all__)
 
-__all__ = [
-    "DataConfig",
-    "DataError",
-    "OptimConfig",
-    "Records",
-    "TaskData",
-    "TrainConfig",
-    "collect",
-    "encode",
-    "eval_dataloader",
-    "evaluate",
-    "finetune",
-    "load_config",
-    "load_task_data",
-    "make_dataloader",
-    "summarize",
-    "train",
-]
+__all__ = list(_api.__all__)
