@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n» {text[:100]!r}{'…' if len(text) > 100 else ''}  [{seq} tokens, label {labels[label]}]"
             )
             print(
-                f"  {'budget':>6} {'FLOPs':>8} {'of dense':>8} {'ms':>6} {'dense ms':>8} {'speedup':>7}  "
+                f"  {'budget':>6} {'FLOPs':>8} {'of dense':>8} {'gated ms':>8} {'dense ms':>8} {'speedup':>7}  "
                 f"{'heads/layer':<{3 * gated.n_gated}} {'FFN slices/layer':<{3 * gated.n_gated}} layers"
                 + ("  prediction" if trained else "")
             )
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     prob = torch.softmax(out.logits[0].float(), -1)
                     pred = f"  {labels[int(prob.argmax())] if prob.numel() == 2 else int(prob.argmax())} ({float(prob.max()):.2f})"
                 print(
-                    f"  {b:6.2f} {flops / 1e6:7.1f}M {flops / fm.dense(seq):8.1%} {ms['gated']:6.2f} {ms['dense']:8.2f} "
+                    f"  {b:6.2f} {flops / 1e6:7.1f}M {flops / fm.dense(seq):8.1%} {ms['gated']:8.2f} {ms['dense']:8.2f} "
                     f"{ms['dense'] / ms['gated']:6.2f}×  {_row(heads):<{3 * gated.n_gated}} "
                     f"{_row(ffn):<{3 * gated.n_gated}} {layers}{pred}"
                 )
