@@ -76,8 +76,9 @@ def test_small_tiles_boundaries(dtype):
     mask = keep_mask(3, 4, "mixed", g)
     mask[1] = torch.tensor([False, True, False, False], device=DEVICE)
     tiles = (Tiles(16, 16, 16), AttentionTiles(16, 16), Tiles(16, 16, 16))
-    _check(x, mask, w_qkv, b_qkv, w_o, dtype, "small tiles", tiles=tiles, n_heads=4, n_kv_heads=2,
-           valid=_valid(3, 33, g), causal=True)  # fmt: skip
+    out = _check(x, mask, w_qkv, b_qkv, w_o, dtype, "small tiles", tiles=tiles, n_heads=4, n_kv_heads=2,
+                 valid=_valid(3, 33, g), causal=True)  # fmt: skip
+    assert out.shape == x.shape and torch.isfinite(out).all()  # the error rule is asserted in _check
 
 
 def test_skipped_heads_exit_without_touching_anything():
