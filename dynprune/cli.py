@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dynprune.bench",
         "benchmarks: `bench cpu` (gated vs dense on CPU), `bench kernels` (Triton vs dense)",
     ),
+    "serve": (
+        "dynprune.serve.cli",
+        "serve a gated model over HTTP (per-request budgets batched together; needs dynprune[serve])",
+    ),
     "quickstart": (
         "dynprune.quickstart",
         "the README's main job: quick train + evaluation on packaged MiniLM/Rotten Tomatoes",

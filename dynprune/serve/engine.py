@@ -1,0 +1,187 @@
+"""The model behind the server: load it (safetensors only), warm it, run one batched forward.
+
+``ClassifierEngine.classify`` is the only code that touches the model; the batcher
+calls it from its single worker thread with the texts of several requests, each at
+its own budget (one (B,) budget tensor: per-sample masks in ONE forward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dynprune
+from dynprune.config import GateConfig
+from dynprune.model import GatedModel
+
+from .config import ServeConfig
+
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start with what it was given (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label_id: int
+    scores: tuple[float, ...]
+    flops_ratio: float
+    tokens: int
+    padded_len: int
+    truncated: bool
+    batch_size: int
+
+
+def _check_safetensors_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise StartupError(f"{what} {path} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise StartupError(
+            f"{what} {path} has no config.json (expected a Hugging Face save_pretrained directory)"
+        )
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return
+    pickled = [p for p in PICKLED if (path / p).exists()]
+    if pickled:
+        raise StartupError(
+            f"{what} {path} holds only pickled weights ({', '.join(pickled)}); dynprune serve loads only "
+            "safetensors (pickle can run code). Convert with model.save_pretrained(dir, safe_serialization=True)."
+        )
+    raise StartupError(f"{what} {path} has no model.safetensors")
+
+
+def _check_task(model: torch.nn.Module, where: Path) -> None:
+    name = type(model).__name__
+    if not name.endswith("ForSequenceClassification"):
+        raise StartupError(
+            f"{where} is a {name}; dynprune serve serves sequence-classification models "
+            "(…ForSequenceClassification) today; causal LMs come with decoder support (issue 13)"
+        )
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy weights out of the memory-mapped safetensors file (pages could be evicted under load)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | None = None, seed: int = 0):
+    """Load a gated checkpoint (``dynprune train`` / ``save_gated_model``) or wrap a plain HF
+    classification model with open gates; raise :class:`StartupError` with the reason."""
+    if (checkpoint is None) == (model is None):
+        raise StartupError("give exactly one of --checkpoint DIR or --model PATH")
+    import transformers
+
+    torch.manual_seed(seed)  # --model: the new classifier head / untrained router are seeded
+    if checkpoint is not None:
+        root = Path(checkpoint)
+        if not root.is_dir():
+            raise StartupError(f"checkpoint {root} does not exist or is not a directory")
+        _check_safetensors_dir(root / dynprune.io.BASE_DIR, "checkpoint base model")
+        gates = root / dynprune.io.GATES_DIR
+        if not (gates / dynprune.io.GATES_WEIGHTS).is_file():
+            raise StartupError(f"checkpoint {root} has no {gates}/{dynprune.io.GATES_WEIGHTS} (saved gates)")
+        try:
+            gated, tokenizer = dynprune.load_gated_model(root)
+        except dynprune.IncompatibleGatesError as err:
+            raise StartupError(f"checkpoint {root} does not fit together: {err}") from err
+        except Exception as err:  # corrupt files: safetensors / json / HF errors
+            raise StartupError(
+                f"checkpoint {root} could not be loaded ({type(err).__name__}: {err})"
+            ) from err
+        source = str(root)
+        if tokenizer is None:
+            raise StartupError(f"checkpoint {root} has no tokenizer in {root / dynprune.io.BASE_DIR}")
+    else:
+        path = Path(model)
+        _check_safetensors_dir(path, "model")
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+            hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except Exception as err:
+            raise StartupError(f"model {path} could not be loaded ({type(err).__name__}: {err})") from err
+        del config
+        _check_task(hf, path)
+        try:
+            gated = dynprune.wrap(hf.eval(), GateConfig())
+        except dynprune.UnsupportedModelError as err:
+            raise StartupError(str(err)) from err
+        source = str(path)
+    _check_task(gated.model, Path(source))
+    _own_memory(gated)
+    engine = ClassifierEngine(gated.eval(), tokenizer, cfg, source)
+    engine.warm_up()
+    return engine
+
+
+class ClassifierEngine:
+    task = "classification"
+
+    def __init__(self, gated: GatedModel, tokenizer: Any, cfg: ServeConfig, source: str):
+        self.gated, self.tokenizer, self.cfg, self.source = gated, tokenizer, cfg, source
+        limit = getattr(gated.model.config, "max_position_embeddings", None)
+        if limit is not None and cfg.max_length > limit:
+            raise StartupError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions")
+        id2label = getattr(gated.model.config, "id2label", None) or {}
+        n = int(gated.model.config.num_labels)
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+        fm = gated.flops
+        # the smallest budget the router can honour: fixed costs over dense, largest at the
+        # shortest sequence (CLS + SEP = 2 tokens); padding only lowers it
+        self.min_budget = math.ceil(fm.fixed(2) / fm.dense(2) * 1e4) / 1e4
+
+    @property
+    def model_name(self) -> str:
+        return type(self.gated.model).__name__
+
+    def warm_up(self) -> None:
+        """Run the code paths once (dense and gated, batch 1 and a full batch) before /health is ready."""
+        text = "warm up the model"
+        for n in {1, self.cfg.max_batch}:
+            self.classify([text] * n, [1.0] * n)
+            self.classify([text] * n, [max(0.5, self.min_budget)] * n)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                texts,
+                truncation=True,
+                max_length=self.cfg.max_length,
+                padding=True,
+                pad_to_multiple_of=self.cfg.pad_multiple,
+                return_tensors="pt",
+            )
+        )
+
+    def classify(self, texts: list[str], budgets: list[float] | Any) -> list[ClassifyResult]:
+        """One forward over ``texts``: text i at ``budgets[i]`` (validated by the caller), or
+        every text under one budget object of the library (mean-budget mode)."""
+        batch = self.encode(texts)
+        tokens = batch["attention_mask"].sum(1).tolist()
+        budget = torch.tensor(budgets, dtype=torch.float64) if isinstance(budgets, list) else budgets
+        with torch.inference_mode():
+            logits = self.gated(**batch, budget=budget).logits
+            info = self.gated.last
+        scores = torch.softmax(logits.float(), dim=-1).tolist()
+        ratio = info.flops_ratio.tolist() if info is not None else [1.0] * len(texts)
+        padded = int(batch["input_ids"].shape[1])
+        truncated = [len(ids) > self.cfg.max_length for ids in self.tokenizer(texts)["input_ids"]]
+        return [
+            ClassifyResult(
+                label_id=max(range(len(s)), key=s.__getitem__),
+                scores=tuple(s),
+                flops_ratio=float(r),
+                tokens=int(t),
+                padded_len=padded,
+                truncated=tr,
+                batch_size=len(texts),
+            )
+            for s, r, t, tr in zip(scores, ratio, tokens, truncated)
+        ]

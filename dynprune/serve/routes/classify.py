@@ -1,0 +1,109 @@
+"""POST /v1/classify: texts (+ budgets) -> labels, scores and executed FLOPs per text."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+import dynprune
+
+from ..errors import ApiError
+from ..runtime import GroupJob, Runtime, TextJob
+from ..schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, MeanBudget
+from .common import ERROR_RESPONSES, refuse_if_draining, run_queued, runtime
+
+router = APIRouter()
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message, field=field, reason="invalid")
+
+
+def check_limits(req: ClassifyRequest, rt: Runtime) -> None:
+    cfg = rt.cfg
+    if len(req.texts) > cfg.max_texts:
+        raise _invalid(
+            "texts", f"too many texts: {len(req.texts)} (this server takes at most {cfg.max_texts})"
+        )
+    for i, text in enumerate(req.texts):
+        if len(text) > cfg.max_text_chars:
+            raise _invalid(
+                f"texts[{i}]",
+                f"text is {len(text)} characters; this server takes at most {cfg.max_text_chars}",
+            )
+
+
+def per_text_budgets(req: ClassifyRequest, rt: Runtime) -> list[float]:
+    """The request's budget as one number per text, checked against the model's floor."""
+    budget = req.budget
+    if budget is None:
+        budgets = [rt.engine.gated.gate_config.default_budget] * len(req.texts)
+    elif isinstance(budget, tuple):
+        if len(budget) != len(req.texts):
+            raise _invalid(
+                "budget",
+                f"budget list has {len(budget)} entries for {len(req.texts)} texts; give one per text "
+                "or a single number",
+            )
+        budgets = list(budget)
+    else:
+        budgets = [float(budget)] * len(req.texts)
+    floor = rt.engine.min_budget
+    for i, b in enumerate(budgets):
+        if b < floor:
+            where = "budget" if not isinstance(budget, tuple) else f"budget[{i}]"
+            raise _invalid(
+                where,
+                f"{where} = {b} is below this model's smallest budget {floor} (router and task head always run)",
+            )
+    return budgets
+
+
+def mean_budget(spec: MeanBudget, rt: Runtime):
+    """The library's mean-budget object for ``spec``, or a clear 422 if this dynprune has none."""
+    cls = getattr(dynprune, "MeanBudget", None)
+    if cls is None:
+        raise ApiError(
+            422,
+            "unsupported",
+            "budget: this dynprune has no mean-budget mode (dynprune.MeanBudget); send one number, "
+            "or one number per text",
+            field="budget",
+            reason="unsupported",
+        )
+    return cls(spec.mean, cap=spec.cap)
+
+
+@router.post(
+    "/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, tags=["classification"]
+)
+async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """Classify ``texts``, each at its budget. Concurrent requests are batched into one forward."""
+    rt = runtime(request)
+    refuse_if_draining(rt)
+    check_limits(req, rt)
+    if isinstance(req.budget, MeanBudget):
+        job = GroupJob(tuple(req.texts), mean_budget(req.budget, rt))
+        (results,) = await run_queued(rt, [job])
+        budgets: list[float | None] = [None] * len(req.texts)
+    else:
+        budgets = list(per_text_budgets(req, rt))
+        results = await run_queued(rt, [TextJob(t, b) for t, b in zip(req.texts, budgets)])
+    labels = rt.engine.labels
+    items = []
+    for r, b in zip(results, budgets):
+        rt.metrics.flops_ratio.observe(r.flops_ratio)
+        items.append(
+            ClassifyItem(
+                label=labels[r.label_id],
+                label_id=r.label_id,
+                scores=list(r.scores),
+                budget=b,
+                flops_ratio=r.flops_ratio,
+                tokens=r.tokens,
+                padded_len=r.padded_len,
+                truncated=r.truncated,
+            )
+        )
+    return ClassifyResponse(
+        model=rt.engine.model_name, items=items, batch_size=max(r.batch_size for r in results)
+    )

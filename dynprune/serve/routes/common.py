@@ -1,0 +1,61 @@
+"""Helpers every task endpoint uses: the runtime, draining, queueing with timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+
+from ..batcher import Draining, QueueFull
+from ..errors import ApiError
+from ..runtime import Runtime
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": None, "description": desc}
+    for code, desc in {
+        413: "body too large",
+        415: "content type is not application/json",
+        422: "invalid request (the error names the field)",
+        429: "queue full; see Retry-After",
+        501: "this model does not serve this task",
+        503: "shutting down",
+        504: "not answered within the server's timeout (the work was dropped)",
+    }.items()
+}
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def refuse_if_draining(rt: Runtime) -> None:
+    if rt.draining or rt.batcher.closing:
+        raise ApiError(
+            503, "shutting_down", "server is shutting down; retry on another replica", reason="draining"
+        )
+
+
+async def run_queued(rt: Runtime, jobs: Sequence[Any]) -> list[Any]:
+    """Queue ``jobs`` with the batcher; map overload, drain and timeout to HTTP errors."""
+    try:
+        return await asyncio.wait_for(rt.batcher.submit(jobs), timeout=rt.cfg.timeout_s)
+    except QueueFull as err:
+        raise ApiError(
+            429,
+            "queue_full",
+            f"server is at capacity ({err.depth} texts queued, limit {rt.cfg.max_queue}); retry after {err.retry_after_s} s",
+            headers={"Retry-After": str(err.retry_after_s)},
+            reason="queue_full",
+        ) from None
+    except Draining:
+        refuse_if_draining(rt)
+        raise
+    except asyncio.TimeoutError:
+        raise ApiError(
+            504,
+            "timeout",
+            f"not answered within {rt.cfg.timeout_s} s; the queued work was dropped",
+            reason="timeout",
+        ) from None

@@ -1,0 +1,176 @@
+"""Request/response bodies (pydantic v2). Type checks live here; limits that depend on
+the server's configuration (texts per request, characters per text, the model's
+smallest budget) are checked by the routes, which know the configuration."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+
+_FRACTION_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+BUDGET_SCHEMA = {
+    "description": (
+        "Fraction of dense FLOPs in (0, 1] (1 = dense): one number for every text, a list with one "
+        "number per text, or {'mean': m, 'cap': c} (the model chooses per text, mean m over the request; "
+        "needs a dynprune with mean-budget mode). Default: the model's default budget."
+    ),
+    "anyOf": [
+        _FRACTION_SCHEMA,
+        {"type": "array", "items": _FRACTION_SCHEMA, "minItems": 1},
+        {
+            "type": "object",
+            "properties": {"mean": _FRACTION_SCHEMA, "cap": _FRACTION_SCHEMA},
+            "required": ["mean"],
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+}
+
+
+class MeanBudget(BaseModel):
+    """Mean-budget mode: the router decides how much per text, the mean over the request is ``mean``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: float
+    cap: float | None = None
+
+
+def fraction(value: Any, where: str) -> float:
+    """One budget: a JSON number (not a boolean, not a string) in (0, 1], finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{where} must be a fraction of dense FLOPs in (0, 1] (1 = dense), got {value!r}")
+    return float(value)
+
+
+def parse_budget(value: Any) -> float | tuple[float, ...] | MeanBudget | None:
+    """The ``budget`` field: None, a number, a non-empty list of numbers, or {mean, cap}."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("budget list is empty; give one budget per text (or one number for all)")
+        return tuple(fraction(v, f"budget[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"mean", "cap"})
+        if unknown:
+            raise ValueError(f"budget object has unknown keys {unknown}; allowed: 'mean' and optional 'cap'")
+        if "mean" not in value:
+            raise ValueError("budget object needs 'mean' (and optionally 'cap')")
+        mean = fraction(value["mean"], "budget.mean")
+        cap = None if value.get("cap") is None else fraction(value["cap"], "budget.cap")
+        if cap is not None and cap < mean:
+            raise ValueError(f"budget.cap ({cap}) must be >= budget.mean ({mean})")
+        return MeanBudget(mean=mean, cap=cap)
+    return fraction(value, "budget")
+
+
+Budget = Annotated[Any, BeforeValidator(parse_budget), WithJsonSchema(BUDGET_SCHEMA)]
+
+
+def check_text(text: str, where: str) -> str:
+    """Reject what no tokenizer should see: empty/blank texts, lone surrogates, control characters."""
+    if not text.strip():
+        raise ValueError(f"{where} is empty or only whitespace")
+    for pos, ch in enumerate(text):
+        code = ord(ch)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(
+                f"{where} contains a lone surrogate U+{code:04X} at character {pos} (not valid Unicode)"
+            )
+        if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc":
+            raise ValueError(f"{where} contains control character U+{code:04X} at character {pos}")
+    return text
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"texts": ["a gripping, funny film", "dull"], "budget": [0.5, 0.25]}]
+        },
+    )
+    texts: list[Annotated[str, Field(strict=True)]] = Field(min_length=1, description="texts to classify")
+    budget: Budget = None
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, texts: list[str]) -> list[str]:
+        return [check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+
+
+class ClassifyItem(BaseModel):
+    label: str
+    label_id: int
+    scores: list[float] = Field(description="softmax probabilities, one per label")
+    budget: float | None = Field(description="the budget this text ran at (None: mean-budget mode)")
+    flops_ratio: float = Field(description="executed FLOPs / dense FLOPs for this text")
+    tokens: int = Field(description="tokens of this text after truncation")
+    padded_len: int = Field(description="padded length of the forward it ran in (routing depends on it)")
+    truncated: bool
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    items: list[ClassifyItem]
+    batch_size: int = Field(description="texts in the largest forward this request's texts ran in")
+
+
+class ErrorBody(BaseModel):
+    type: str
+    field: str | None
+    message: str
+    details: list[dict[str, Any]] = []
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# -- generation (served once dynprune gates decoders: issue 13) ------------------------
+MAX_NEW_TOKENS = 4096
+_Temperature = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False, strict=True)]
+_TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, strict=True)]
+_NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS, strict=True)]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Annotated[str, Field(strict=True)]
+    max_new_tokens: _NewTokens = 64
+    temperature: _Temperature = 1.0
+    top_p: _TopP = 1.0
+    top_k: Annotated[int, Field(ge=0, strict=True)] = 0
+    seed: Annotated[int, Field(ge=0, strict=True)] | None = None
+    stream: Annotated[bool, Field(strict=True)] = False
+    budget: Budget = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        return check_text(prompt, "prompt")
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI-style /v1/completions (``budget`` is dynprune's extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: Annotated[str, Field(strict=True)]
+    max_tokens: _NewTokens = 16
+    temperature: _Temperature = 1.0
+    top_p: _TopP = 1.0
+    n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
+    stream: Annotated[bool, Field(strict=True)] = False
+    seed: Annotated[int, Field(ge=0, strict=True)] | None = None
+    budget: Budget = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        return check_text(prompt, "prompt")

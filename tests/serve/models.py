@@ -1,0 +1,46 @@
+"""Tiny models on disk for the server tests: a BERT classifier with the packaged MiniLM
+tokenizer (real tokenization, milliseconds per forward) and a gated checkpoint of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import dynprune
+
+
+def tiny_classifier(tokenizer, seed: int = 0, layers: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=160,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        architectures=["BertForSequenceClassification"],
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def save_tiny_model(directory: Path, minilm_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    tiny_classifier(tokenizer, seed, layers).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_checkpoint(directory: Path, minilm_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(seed + 1)
+    gated = dynprune.wrap(tiny_classifier(tokenizer, seed, layers), dynprune.GateConfig(ffn_slice_size=16))
+    with torch.no_grad():  # a router that is not at its init, so budgets pick different units per text
+        for p in gated.router.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    dynprune.save_gated_model(gated.eval(), directory, tokenizer=tokenizer)
+    return directory
