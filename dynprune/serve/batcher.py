@@ -11,6 +11,7 @@ cancels its items' futures; cancelled items still queued are dropped, never run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -120,10 +121,8 @@ class Batcher:
         if timeout is None:
             await self._changed.wait()
             return
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     async def _loop(self) -> None:
         while True:

@@ -110,6 +110,8 @@ def main(argv: list[str]) -> int:
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: refuse new work at once
             rt.draining = True
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down; a drained shutdown exits 0 instead
+            self._captured_signals.clear()
 
     host, port = sock.getsockname()[:2]
     server = DrainingServer(
@@ -122,4 +124,5 @@ def main(argv: list[str]) -> int:
     )
     print(f"dynprune serve: ready on http://{host}:{port} (docs: /docs)", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
+    print("dynprune serve: stopped (in-flight requests finished)", file=sys.stderr, flush=True)
     return 0

@@ -148,22 +148,32 @@ class ClassifierEngine:
             self.classify([text] * n, [1.0] * n)
             self.classify([text] * n, [max(0.5, self.min_budget)] * n)
 
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                texts,
-                truncation=True,
-                max_length=self.cfg.max_length,
-                padding=True,
-                pad_to_multiple_of=self.cfg.pad_multiple,
-                return_tensors="pt",
+    def encode(self, texts: list[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize (truncated to ``max_length``), pad to the batch's longest text rounded up to
+        ``pad_multiple`` tokens, or to exactly ``pad_to`` tokens."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+        if pad_to is None:
+            padded = self.tokenizer.pad(
+                enc, padding=True, pad_to_multiple_of=self.cfg.pad_multiple, return_tensors="pt"
             )
-        )
+        else:
+            padded = self.tokenizer.pad(enc, padding="max_length", max_length=pad_to, return_tensors="pt")
+        return dict(padded)
+
+    def classify_alone(self, text: str, budget: float, padded_len: int) -> ClassifyResult:
+        """The unbatched reference: ``text`` alone, padded to ``padded_len`` (the length of the
+        batch it was served in). Routing costs depend on the padded length, so this is the
+        forward whose masks and outputs a batched answer must equal."""
+        return self._run([text], [budget], self.encode([text], pad_to=padded_len))[0]
 
     def classify(self, texts: list[str], budgets: list[float] | Any) -> list[ClassifyResult]:
         """One forward over ``texts``: text i at ``budgets[i]`` (validated by the caller), or
         every text under one budget object of the library (mean-budget mode)."""
-        batch = self.encode(texts)
+        return self._run(texts, budgets, self.encode(texts))
+
+    def _run(
+        self, texts: list[str], budgets: list[float] | Any, batch: dict[str, torch.Tensor]
+    ) -> list[ClassifyResult]:
         tokens = batch["attention_mask"].sum(1).tolist()
         budget = torch.tensor(budgets, dtype=torch.float64) if isinstance(budgets, list) else budgets
         with torch.inference_mode():
@@ -172,7 +182,6 @@ class ClassifierEngine:
         scores = torch.softmax(logits.float(), dim=-1).tolist()
         ratio = info.flops_ratio.tolist() if info is not None else [1.0] * len(texts)
         padded = int(batch["input_ids"].shape[1])
-        truncated = [len(ids) > self.cfg.max_length for ids in self.tokenizer(texts)["input_ids"]]
         return [
             ClassifyResult(
                 label_id=max(range(len(s)), key=s.__getitem__),
@@ -180,8 +189,8 @@ class ClassifierEngine:
                 flops_ratio=float(r),
                 tokens=int(t),
                 padded_len=padded,
-                truncated=tr,
+                truncated=int(t) >= self.cfg.max_length,
                 batch_size=len(texts),
             )
-            for s, r, t, tr in zip(scores, ratio, tokens, truncated)
+            for s, r, t in zip(scores, ratio, tokens)
         ]

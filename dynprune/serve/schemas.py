@@ -112,7 +112,7 @@ class ClassifyItem(BaseModel):
     flops_ratio: float = Field(description="executed FLOPs / dense FLOPs for this text")
     tokens: int = Field(description="tokens of this text after truncation")
     padded_len: int = Field(description="padded length of the forward it ran in (routing depends on it)")
-    truncated: bool
+    truncated: bool = Field(description="the text filled max_length tokens (it was, or may have been, cut)")
 
 
 class ClassifyResponse(BaseModel):
