@@ -60,7 +60,8 @@ def _message(err: dict[str, Any], field: str) -> str:
     if kind == "extra_forbidden":
         return f"unknown field {field!r} (this endpoint does not accept it)"
     if kind == "value_error":
-        return msg.removeprefix("Value error, ")
+        msg = msg.removeprefix("Value error, ")
+        return msg if msg.startswith(field.split("[")[0].split(".")[0]) else f"{field}: {msg}"
     return f"{field}: {msg}"
 
 
@@ -80,7 +81,8 @@ def install_error_handlers(app: FastAPI, reject: Any) -> None:
         reject("invalid")
         details = []
         for err in exc.errors():
-            field = _field(tuple(err.get("loc", ())))
+            loc = tuple(err.get("loc", ()))
+            field = "body" if err.get("type") == "json_invalid" else _field(loc)
             details.append({"field": field, "message": _message(err, field), "type": err.get("type")})
         first = details[0] if details else {"field": "body", "message": "invalid request"}
         return JSONResponse(
@@ -93,6 +95,9 @@ def install_error_handlers(app: FastAPI, reject: Any) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no endpoint {request.url.path}; see /docs"
+        elif exc.status_code == 400 and message == "There was an error parsing the body":
+            kind, message = "invalid_json", "body could not be parsed as JSON (is it nested too deeply?)"
+            return JSONResponse(error_body(kind, message, "body"), status_code=400)
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see /docs"
         return JSONResponse(

@@ -8,7 +8,15 @@ import math
 import unicodedata
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 _FRACTION_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 BUDGET_SCHEMA = {
@@ -73,8 +81,9 @@ def parse_budget(value: Any) -> float | tuple[float, ...] | MeanBudget | None:
 Budget = Annotated[Any, BeforeValidator(parse_budget), WithJsonSchema(BUDGET_SCHEMA)]
 
 
-def check_text(text: str, where: str) -> str:
+def check_text(text: str, what: str = "text") -> str:
     """Reject what no tokenizer should see: empty/blank texts, lone surrogates, control characters."""
+    where = what
     if not text.strip():
         raise ValueError(f"{where} is empty or only whitespace")
     for pos, ch in enumerate(text):
@@ -95,13 +104,10 @@ class ClassifyRequest(BaseModel):
             "examples": [{"texts": ["a gripping, funny film", "dull"], "budget": [0.5, 0.25]}]
         },
     )
-    texts: list[Annotated[str, Field(strict=True)]] = Field(min_length=1, description="texts to classify")
+    texts: list[Annotated[str, Field(strict=True), AfterValidator(check_text)]] = Field(
+        min_length=1, description="texts to classify"
+    )
     budget: Budget = None
-
-    @field_validator("texts")
-    @classmethod
-    def _texts(cls, texts: list[str]) -> list[str]:
-        return [check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
 
 
 class ClassifyItem(BaseModel):
