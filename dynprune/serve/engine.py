@@ -83,6 +83,11 @@ def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | No
         root = Path(checkpoint)
         if not root.is_dir():
             raise StartupError(f"checkpoint {root} does not exist or is not a directory")
+        if (root / "config.json").is_file() and not (root / dynprune.io.BASE_DIR).is_dir():
+            raise StartupError(
+                f"{root} is a plain Hugging Face model directory, not a gated checkpoint "
+                "(base/ + gates/); serve it with --model"
+            )
         _check_safetensors_dir(root / dynprune.io.BASE_DIR, "checkpoint base model")
         gates = root / dynprune.io.GATES_DIR
         if not (gates / dynprune.io.GATES_WEIGHTS).is_file():
