@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -17,6 +19,7 @@ async def health(request: Request) -> JSONResponse:
     draining = rt.draining or rt.batcher.closing
     body = {
         "status": "draining" if draining else "ready",
+        "pid": os.getpid(),  # which replica answered (under Ray Serve)
         "model": rt.engine.model_name,
         "source": rt.engine.source,
         "task": rt.engine.task,
