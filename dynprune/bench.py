@@ -11,12 +11,16 @@ BENCHES = {
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
+    "serve": (
+        "dynprune.serve.bench",
+        "load on local `dynprune serve` processes: correctness, latency, throughput, overload",
+    ),
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dynprune bench {cpu,kernels} [options]   (dynprune bench <name> --help)\n")
+        print("usage: dynprune bench {cpu,kernels,serve} [options]   (dynprune bench <name> --help)\n")
         for name, (_, desc) in BENCHES.items():
             print(f"  {name:8s} {desc}")
         return 0

@@ -156,12 +156,14 @@ class ClassifierEngine:
     def encode(self, texts: list[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize (truncated to ``max_length``), pad to the batch's longest text rounded up to
         ``pad_multiple`` tokens, or to exactly ``pad_to`` tokens."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+        cut = {"truncation": True, "max_length": self.cfg.max_length}
         if pad_to is None:
-            padded = self.tokenizer.pad(
-                enc, padding=True, pad_to_multiple_of=self.cfg.pad_multiple, return_tensors="pt"
+            multiple = self.cfg.pad_multiple
+            padded = self.tokenizer(
+                texts, **cut, padding=True, pad_to_multiple_of=multiple, return_tensors="pt"
             )
         else:
+            enc = self.tokenizer(texts, **cut)
             padded = self.tokenizer.pad(enc, padding="max_length", max_length=pad_to, return_tensors="pt")
         return dict(padded)
 

@@ -1,0 +1,450 @@
+"""`dynprune bench serve`: load on a local server (loopback only, bounded in count and time).
+
+Phases, all against real `dynprune serve` processes on 127.0.0.1:
+1. burst: N concurrent single-text requests at mixed budgets at once -> every one must come
+   back 200 and equal the unbatched forward of its text at its budget (see "equal" below);
+2. closed loop, interleaved rounds: C clients send requests back to back, for every variant
+   {batching on, off} x {budget 0.5, dense, mixed}; throughput, p50, p99 per variant, medians
+   over rounds, ratios as medians of per-round paired ratios;
+3. overload: M concurrent requests at a server with a small queue -> 429s with Retry-After,
+   the rest 200, no 5xx, nothing hangs (a hard client deadline).
+
+"Equal": a gated model's per-unit FLOPs costs depend on the padded sequence length, so the
+router's greedy choice (and the masks) depend on the batch a text ran in. Every answer
+reports its ``padded_len``; the reference is the same text ALONE, padded to that length, at
+the same budget: same masks (same executed FLOPs) and the same probabilities to 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MIXED = (0.25, 0.5, 0.75, 1.0)
+VARIANTS = {"gated 0.5": (0.5,), "dense": (1.0,), "mixed": MIXED}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynprune bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint", help="gated checkpoint (default: packaged MiniLM, open gates, saved to a temp dir)"
+    )
+    p.add_argument("--burst", type=int, default=256, help="concurrent requests in the burst phase")
+    p.add_argument("--requests", type=int, default=256, help="requests per variant per round (closed loop)")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--overload", type=int, default=400, help="concurrent requests in the overload phase")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    p.add_argument("--deadline-s", type=float, default=900, help="hard bound on the whole run")
+    p.add_argument("--out", default="results/serve", help="directory for bench_serve.{md,csv,json}")
+    p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
+    return p
+
+
+def _reviews(n: int) -> list[str]:
+    from dynprune.assets import rotten_tomatoes_split
+
+    test = [t for t, _ in rotten_tomatoes_split()["test"]]
+    return [test[i % len(test)] for i in range(n)]
+
+
+def _minilm_checkpoint(directory: Path) -> Path:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import dynprune
+    from dynprune.assets import minilm_path
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    gated = dynprune.wrap(model, dynprune.GateConfig())
+    return dynprune.save_gated_model(
+        gated, directory / "minilm-open-gates", AutoTokenizer.from_pretrained(minilm_path())
+    )
+
+
+class _Server:
+    """A `dynprune serve` child process on a free loopback port."""
+
+    def __init__(self, checkpoint: Path, log: Path, *options: str):
+        import os
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "dynprune.cli", "serve", "--checkpoint", str(checkpoint)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *options]
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def wait_ready(self, timeout: float = 180) -> _Server:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready after {timeout} s; log: {self.log}")
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return self.proc.returncode
+
+
+async def _one(client, text: str, budget: float) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        r = await client.post("/v1/classify", json={"texts": [text], "budget": budget})
+        status, body, retry = (
+            r.status_code,
+            (r.json() if r.status_code == 200 else None),
+            r.headers.get("retry-after"),
+        )
+    except Exception as err:  # lost: connection error, client timeout
+        status, body, retry = f"lost:{type(err).__name__}", None, None
+    return {
+        "text": text,
+        "budget": budget,
+        "status": status,
+        "body": body,
+        "retry_after": retry,
+        "latency_s": time.perf_counter() - start,
+    }
+
+
+def _client(url: str, timeout: float):
+    import httpx
+
+    return httpx.AsyncClient(
+        base_url=url,
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+    )
+
+
+async def burst(url: str, jobs: list[tuple[str, float]], timeout: float) -> tuple[list[dict], float]:
+    async with _client(url, timeout) as client:
+        start = time.perf_counter()
+        out = await asyncio.gather(*(_one(client, t, b) for t, b in jobs))
+        return list(out), time.perf_counter() - start
+
+
+async def closed_loop(url: str, jobs: list[tuple[str, float]], concurrency: int, timeout: float):
+    queue = list(reversed(jobs))
+    results: list[dict] = []
+
+    async def worker(client):
+        while queue:
+            t, b = queue.pop()
+            results.append(await _one(client, t, b))
+
+    async with _client(url, timeout) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+def check_answers(engine, results: list[dict]) -> dict[str, int]:
+    """Compare every 200 answer with the unbatched forward of its text at its padded length."""
+    cache: dict[tuple[str, float, int], Any] = {}
+    wrong = {"label": 0, "flops": 0, "scores": 0}
+    for r in results:
+        if r["status"] != 200:
+            continue
+        item = r["body"]["items"][0]
+        key = (r["text"], r["budget"], item["padded_len"])
+        if key not in cache:
+            cache[key] = engine.classify_alone(*key)
+        ref = cache[key]
+        wrong["label"] += item["label_id"] != ref.label_id
+        wrong["flops"] += abs(item["flops_ratio"] - ref.flops_ratio) > 1e-9
+        wrong["scores"] += max(abs(a - b) for a, b in zip(item["scores"], ref.scores)) > 1e-4
+    return wrong
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    for name in ("burst", "requests", "concurrency", "rounds", "overload", "max_batch", "threads"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"dynprune bench serve: --{name.replace('_', '-')} must be > 0")
+    if args.burst < 200 or args.overload < 200:
+        print(
+            "note: fewer than 200 concurrent requests in a phase (the issue asks for >= 200)", file=sys.stderr
+        )
+    out = Path(args.out)
+    md = out / "bench_serve.md"
+    if md.exists() and not args.force:
+        raise SystemExit(f"dynprune bench serve: {md} exists; pass --force to overwrite it")
+    from tqdm import tqdm
+
+    from dynprune.eval.report import machine_description
+    from dynprune.serve import ServeConfig, load_engine
+
+    t_start = time.monotonic()
+
+    def left() -> float:
+        remaining = args.deadline_s - (time.monotonic() - t_start)
+        if remaining <= 0:
+            raise SystemExit(f"dynprune bench serve: --deadline-s {args.deadline_s} reached")
+        return remaining
+
+    tmp = Path(tempfile.mkdtemp(prefix="dynprune-bench-serve-"))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _minilm_checkpoint(tmp)
+    common = ["--threads", str(args.threads), "--max-texts", "1", "--timeout-s", "120"]
+    queue = str(max(args.burst, args.requests) + args.max_batch)
+    batch_on = [
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        queue,
+    ]
+    servers = {
+        "batching on": _Server(checkpoint, tmp / "on.log", *common, *batch_on),
+        "batching off": _Server(
+            checkpoint,
+            tmp / "off.log",
+            *common,
+            "--max-batch",
+            "1",
+            "--max-wait-ms",
+            "0",
+            "--max-queue",
+            queue,
+        ),
+        "overload": _Server(
+            checkpoint,
+            tmp / "overload.log",
+            *common,
+            "--max-batch",
+            str(args.max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--max-queue",
+            str(2 * args.max_batch),
+        ),
+    }
+    report: dict[str, Any] = {
+        "machine": machine_description(),
+        "args": vars(args),
+        "checkpoint": str(checkpoint),
+    }
+    all_results: list[dict] = []
+    try:
+        for s in servers.values():
+            s.wait_ready(timeout=min(300, left()))
+        texts = _reviews(max(args.burst, args.requests, args.overload))
+        # 1. burst
+        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.burst])]
+        res, wall = asyncio.run(burst(servers["batching on"].url, jobs, timeout=min(120, left())))
+        all_results += res
+        report["burst"] = {
+            "requests": len(res),
+            "ok": sum(r["status"] == 200 for r in res),
+            "statuses": _count(r["status"] for r in res),
+            "wall_s": wall,
+            "max_batch_seen": max((r["body"]["batch_size"] for r in res if r["body"]), default=0),
+        }
+        # 2. closed loop, interleaved
+        rows: list[dict[str, Any]] = []
+        variants = [(s, v) for s in ("batching on", "batching off") for v in VARIANTS]
+        bar = tqdm(total=args.rounds * len(variants), desc="closed loop", file=sys.stderr, mininterval=5)
+        for rnd in range(args.rounds):
+            order = variants if rnd % 2 == 0 else list(reversed(variants))
+            for server, variant in order:
+                budgets = VARIANTS[variant]
+                jobs = [(t, budgets[i % len(budgets)]) for i, t in enumerate(texts[: args.requests])]
+                res, wall = asyncio.run(
+                    closed_loop(servers[server].url, jobs, args.concurrency, min(120, left()))
+                )
+                all_results += res
+                lat = [r["latency_s"] for r in res if r["status"] == 200]
+                rows.append(
+                    {
+                        "round": rnd,
+                        "server": server,
+                        "variant": variant,
+                        "requests": len(res),
+                        "ok": len(lat),
+                        "throughput_rps": len(lat) / wall,
+                        "p50_ms": 1e3 * _pct(lat, 0.5),
+                        "p99_ms": 1e3 * _pct(lat, 0.99),
+                        "mean_flops_ratio": statistics.mean(
+                            r["body"]["items"][0]["flops_ratio"] for r in res if r["body"]
+                        ),
+                        "mean_batch": statistics.mean(r["body"]["batch_size"] for r in res if r["body"]),
+                    }
+                )
+                bar.update()
+        bar.close()
+        report["closed_loop"] = rows
+        # 3. overload
+        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.overload])]
+        res, wall = asyncio.run(burst(servers["overload"].url, jobs, timeout=min(120, left())))
+        all_results += [r for r in res if r["status"] == 200]
+        report["overload"] = {
+            "requests": len(res),
+            "queue": 2 * args.max_batch,
+            "statuses": _count(r["status"] for r in res),
+            "wall_s": wall,
+            "all_429_have_retry_after": all(r["retry_after"] for r in res if r["status"] == 429),
+        }
+    finally:
+        report["exit_codes"] = {name: s.stop() for name, s in servers.items()}
+    # correctness against unbatched forwards (after the load, so it does not compete with it)
+    engine = load_engine(ServeConfig(threads=args.threads), checkpoint=str(checkpoint))
+    report["lost"] = sum(1 for r in all_results if isinstance(r["status"], str))
+    report["wrong"] = check_answers(
+        engine, tqdm(all_results, desc="check vs unbatched", file=sys.stderr, mininterval=10)
+    )
+    report["checked"] = sum(1 for r in all_results if r["status"] == 200)
+    report["summary"] = summarize(report["closed_loop"])
+    write(out, report)
+    print(md.read_text())
+    return 0
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    def cell(server: str, variant: str, key: str) -> list[float]:
+        return [
+            r[key]
+            for r in sorted(rows, key=lambda r: r["round"])
+            if r["server"] == server and r["variant"] == variant
+        ]
+
+    table = {}
+    for r in rows:
+        k = f"{r['server']} / {r['variant']}"
+        if k not in table:
+            table[k] = {
+                key: statistics.median(cell(r["server"], r["variant"], key))
+                for key in ("throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
+            }
+            table[k]["rounds"] = len(cell(r["server"], r["variant"], "throughput_rps"))
+
+    def paired(a: tuple[str, str], b: tuple[str, str], key: str) -> dict[str, float]:
+        ratios = [x / y for x, y in zip(cell(*a, key), cell(*b, key))]
+        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+    return {
+        "table": table,
+        "gated0.5_over_dense_throughput (batching on)": paired(
+            ("batching on", "gated 0.5"), ("batching on", "dense"), "throughput_rps"
+        ),
+        "gated0.5_over_dense_p99 (batching on)": paired(
+            ("batching on", "gated 0.5"), ("batching on", "dense"), "p99_ms"
+        ),
+        "batching_on_over_off_throughput (dense)": paired(
+            ("batching on", "dense"), ("batching off", "dense"), "throughput_rps"
+        ),
+        "batching_on_over_off_throughput (gated 0.5)": paired(
+            ("batching on", "gated 0.5"), ("batching off", "gated 0.5"), "throughput_rps"
+        ),
+        "gated0.5_over_dense_throughput (batching off)": paired(
+            ("batching off", "gated 0.5"), ("batching off", "dense"), "throughput_rps"
+        ),
+    }
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serve.json").write_text(json.dumps(report, indent=2, default=str))
+    rows = report["closed_loop"]
+    with open(out / "bench_serve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    s = report["summary"]
+    a = report["args"]
+    lines = [
+        "# dynprune bench serve",
+        "",
+        f"Machine: {report['machine']}. Server and load generator on the same machine (loopback).",
+        f"Model: `{report['checkpoint']}`; each server runs `--threads {a['threads']}`.",
+        "",
+        f"## Burst: {report['burst']['requests']} concurrent requests, mixed budgets {list(MIXED)}",
+        "",
+        f"statuses {report['burst']['statuses']}, {report['burst']['wall_s']:.2f} s, largest batch "
+        f"{report['burst']['max_batch_seen']}.",
+        "",
+        f"## Correctness: {report['checked']} answers checked, lost {report['lost']}, wrong {report['wrong']}",
+        "",
+        "Reference: the same text alone, padded to the `padded_len` its batch ran at, same budget",
+        "(masks depend on the padded length): label, executed FLOPs (1e-9) and probabilities (1e-4).",
+        "",
+        f"## Closed loop: {a['concurrency']} clients, {a['requests']} single-text requests per variant, "
+        f"{a['rounds']} interleaved rounds (medians)",
+        "",
+        "| server / budget | throughput (req/s) | p50 (ms) | p99 (ms) | mean FLOPs ratio | mean batch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, v in s["table"].items():
+        lines.append(
+            f"| {k} | {v['throughput_rps']:.1f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+            f"{v['mean_flops_ratio']:.3f} | {v['mean_batch']:.1f} |"
+        )
+    lines += ["", "Paired per-round ratios (median [min, max] over rounds):", ""]
+    for k, v in s.items():
+        if k != "table":
+            lines.append(f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]")
+    g = s["gated0.5_over_dense_throughput (batching on)"]["median"]
+    p = s["gated0.5_over_dense_p99 (batching on)"]["median"]
+    verdict = "met" if g >= 1.6 and p <= 1.0 else "NOT met"
+    lines += [
+        "",
+        f"Goal (batching on, throughput at budget 0.5 >= 1.6x dense at the same p99): **{verdict}** "
+        f"(throughput ratio {g:.2f} at equal concurrency with p99 ratio {p:.2f}; when the gated p99 is "
+        "not above dense's, the ratio at equal p99 is at least this).",
+        "",
+        f"## Overload: {report['overload']['requests']} concurrent requests, queue of {report['overload']['queue']} texts",
+        "",
+        f"statuses {report['overload']['statuses']} in {report['overload']['wall_s']:.2f} s; every 429 has "
+        f"Retry-After: {report['overload']['all_429_have_retry_after']}. Server exit codes after SIGTERM: "
+        f"{report['exit_codes']}.",
+        "",
+    ]
+    (out / "bench_serve.md").write_text("\n".join(lines))
