@@ -131,8 +131,7 @@ def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
 
     torch.manual_seed(0)
     model = tiny_model("bert", layers=3)
-    ee = EarlyExitModel(model)
-    ee.train()
+    ee = EarlyExitModel(model).eval()  # no dropout for the weights check
     batch = {**tiny_batch(batch=8, seq=9, padded=False), "labels": torch.tensor([0, 1] * 4)}
     batch["teacher_logits"] = torch.randn(8, 2)
     objective = EarlyExitObjective(DistillConfig(task_weight=0.3, logits_weight=0.7, temperature=2.0))
@@ -145,6 +144,7 @@ def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
             for k in range(3)
         )  # fmt: skip
         assert float(objective.loss(ee, batch, 0, 0)[0]) == pytest.approx(float(want), rel=1e-5)
+    ee.train()
     losses = []
     for step in range(25):
         loss, logs = objective.loss(ee, batch, step, 0)
