@@ -141,7 +141,9 @@ def finetune(
     trainer = Trainer(
         accelerator=acc,
         model=model,
-        objective=(objective or DenseObjective)((distill or DistillConfig()) if teacher is not None else None),
+        objective=(objective or DenseObjective)(
+            (distill or DistillConfig()) if teacher is not None else None
+        ),
         examples=examples["train"],
         collate=collate,
         settings=settings,

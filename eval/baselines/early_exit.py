@@ -140,7 +140,11 @@ class EarlyExitModel(nn.Module):
             if logits is None:
                 logits = out.new_zeros(n, out.shape[-1])
             last = k == self.n_exits - 1
-            leave = torch.ones_like(active, dtype=torch.bool) if last else out.float().softmax(-1).amax(-1) >= threshold
+            leave = (
+                torch.ones_like(active, dtype=torch.bool)
+                if last
+                else out.float().softmax(-1).amax(-1) >= threshold
+            )
             logits[active[leave]] = out[leave]
             exit_layer[active[leave].cpu()] = k + 1
             keep = ~leave

@@ -147,7 +147,7 @@ def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
     ee.train()
     losses = []
     for step in range(25):
-        loss, logs = objective.loss(ee, batch, step, 0)
+        loss, _ = objective.loss(ee, batch, step, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
