@@ -231,7 +231,7 @@ def goal_lines(cfg: SweepConfig, rows: list[dict[str, Any]]) -> list[str]:
     """Accuracy goals (paired bootstrap), executed FLOPs vs target, speedups beside ideal."""
     agg = aggregate(rows)
     lines = [g.line(cfg.indicative) for g in goals(rows, cfg.stats)]
-    return lines + flops_lines(agg) + speed_lines(agg)
+    return lines + flops_lines(agg, indicative=cfg.indicative) + speed_lines(agg)
 
 
 def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: str, notes: list[str]) -> None:

@@ -100,8 +100,14 @@ def test_goals_pick_the_best_static_method_and_count_seeds():
 
     pts = [_point("dense", 1.0, 0, truth)]
     for s in range(3):
-        pts += [_point("dynamic", 0.25, s, noisy(0.95, s)), _point("static_gates", 0.25, s, noisy(0.85, 10 + s))]
-        pts += [_point("early_exit", 0.25, s, noisy(0.7, 20 + s)), _point("dynamic", 0.5, s, noisy(0.99, 30 + s))]
+        pts += [
+            _point("dynamic", 0.25, s, noisy(0.95, s)),
+            _point("static_gates", 0.25, s, noisy(0.85, 10 + s)),
+        ]
+        pts += [
+            _point("early_exit", 0.25, s, noisy(0.7, 20 + s)),
+            _point("dynamic", 0.5, s, noisy(0.99, 30 + s)),
+        ]
     pts.append(_point("ln_structured", 0.25, 0, noisy(0.6, 40)))
     assert best_static(pts, 0.25) == "static_gates"
     beat, ee, dense = goals(pts, StatsConfig(resamples=1000))
@@ -110,7 +116,11 @@ def test_goals_pick_the_best_static_method_and_count_seeds():
     assert dense.estimate < 0 and dense.goal == -0.5
     # two seeds of a contender: numbers, no verdict
     two = [p for p in pts if not (p["method"] == "dynamic" and p["seed"] == 2)]
-    assert goals(two, StatsConfig(resamples=200))[0].verdict().startswith("no verdict: dynamic has 2 seed(s) < 3")
+    assert (
+        goals(two, StatsConfig(resamples=200))[0]
+        .verdict()
+        .startswith("no verdict: dynamic has 2 seed(s) < 3")
+    )
     missing = goals([p for p in pts if p["method"] != "early_exit"], StatsConfig(resamples=200))[1]
     assert "n/a" in missing.line()
 
@@ -122,3 +132,5 @@ def test_flops_goal_lines():
     lines = flops_lines(rows)
     assert lines[0].endswith("-> MET") and "p95 0.600" in lines[0]
     assert lines[1].endswith("-> MISSED by 8.0 %")
+    quick = flops_lines(rows, indicative="quick grid")
+    assert quick[1].endswith("-> outside the tolerance (no verdict)") and "MET" not in " ".join(quick)
