@@ -123,8 +123,10 @@ class SweepContext:
     def grid_steps(self) -> int:
         """Fine-tuning steps of a model that serves every budget at once (early exit): what one
         method spends over the grid (finetune.match=per_method), or one point's steps (per_point)."""
-        per_method = self.cfg.finetune.match == "per_method"
-        return self.finetune_steps * len(self.cfg.budgets) if per_method else self.finetune_steps
+        if self.cfg.finetune.match == "per_point":
+            return self.finetune_steps
+        gated = self.run.stage_steps("gated") if self.cfg.finetune.steps is None else None
+        return gated or self.finetune_steps * len(self.cfg.budgets)  # derived: exactly the gated stage's G
 
     @property
     def dense_runner(self) -> DenseRunner:

@@ -287,5 +287,11 @@ def test_sweep_on_a_real_training_pipeline_run(tmp_path):
 def test_shipped_sweep_config_parses_in_both_modes():
     cfg, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml"])
     assert set(cfg.methods) == set(METHODS) and 0.25 in cfg.budgets
+    assert len(cfg.contender_seeds) >= 3 and cfg.indicative is None
     quick, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml", "--quick"])
-    assert quick.finetune.steps and quick.output_dir != cfg.output_dir and 0.25 in quick.budgets
+    assert quick.output_dir != cfg.output_dir and 0.25 in quick.budgets
+    # the quick grid: the static control and early exit, the fine-tuning steps derived like the full
+    # sweep's (the dynamic model's), one seed and no verdicts
+    assert {"static_gates", "early_exit", "dynamic"} <= set(quick.methods)
+    assert quick.finetune.steps is None and quick.finetune.match == cfg.finetune.match
+    assert quick.contender_seeds == [0] and "indicative only" in quick.indicative
