@@ -214,15 +214,14 @@ def test_contenders_run_over_seeds_and_the_summary_reports_spread(tiny_run, tmp_
     _seed_copy(tiny_run, seed_dirs / "run_seed1")
     _seed_copy(tiny_run, seed_dirs / "run_seed2")
     args = _args(
-        tiny_run, tmp_path, "--methods=[dense,dynamic,early_exit,ln_structured]", "--budgets=[0.5]",
+        tiny_run, tmp_path, "--methods=[dense,dynamic,early_exit]", "--budgets=[0.5]",
         "--seeds=[0,1,2]", f"--seed_training_dir={seed_dirs}/run_seed{{seed}}", "--stats.resamples=500",
     )  # fmt: skip
     assert sweep_mod.main(args) == 0
     out = tmp_path / "out"
     names = {p.name for p in (out / "points").glob("*.json")}
     assert names == {
-        "dense@1_s0.json", "ln_structured@0.5_s0.json",
-        *(f"{m}@0.5_s{s}.json" for m in ("dynamic", "early_exit") for s in (0, 1, 2)),
+        "dense@1_s0.json", *(f"{m}@0.5_s{s}.json" for m in ("dynamic", "early_exit") for s in (0, 1, 2)),
     }  # fmt: skip
     rows = _rows(out)
     assert sorted(int(r["seed"]) for r in rows if r["method"] == "early_exit") == [0, 1, 2]
