@@ -21,7 +21,7 @@ from typing import Any
 COLUMNS = [
     "method", "budget", "flops_ratio", "accuracy", "latency_ms_bs1", "latency_ms_bs16",
     "speedup_bs1", "speedup_bs16", "params", "disk_bytes",
-    "seed", "loss", "flops_ratio_p5", "flops_ratio_p95", "ideal_speedup_bs1", "ideal_speedup_bs16",
+    "seed", "loss", "flops_ratio_p5", "flops_ratio_p50", "flops_ratio_p95", "ideal_speedup_bs1", "ideal_speedup_bs16",
     "ratio_to_ideal_bs1", "ratio_to_ideal_bs16", "nonzero_flops_ratio", "sparsity", "finetune_steps",
     "structure", "seconds", "notes",
 ]  # fmt: skip
@@ -187,7 +187,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
 
 
 SUMMARY_KEYS = [
-    "method", "budget", "n_seeds", "flops_ratio", "flops_ratio_p5", "flops_ratio_p95", "accuracy",
+    "method", "budget", "n_seeds", "flops_ratio", "flops_ratio_p5", "flops_ratio_p50", "flops_ratio_p95", "accuracy",
     "latency_ms_bs1", "latency_ms_bs16", "speedup_bs1", "speedup_bs16", "ratio_to_ideal_bs1",
     "ratio_to_ideal_bs16", "params", "disk_bytes",
 ]  # fmt: skip
@@ -211,7 +211,7 @@ def write_summary(
     ]
     lines += [
         "accuracy in % (mean ± sample std over seeds where n_seeds > 1), flops_ratio = mean executed FLOPs / "
-        "dense FLOPs per input (p5/p95 of the per-input ratio), latency in ms per input at batch 1 (mean over "
+        "dense FLOPs per input (p5/p50/p95 of the per-input ratio), latency in ms per input at batch 1 (mean over "
         "the timing inputs) and per batch of 16 (median of interleaved runs, same process as dense), "
         "speedup = dense ms / method ms, ratio_to_ideal = speedup / (dense FLOPs / executed FLOPs).",
         "",

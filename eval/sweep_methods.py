@@ -77,6 +77,7 @@ def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
         "loss": loss / n,
         "flops_ratio": float(r.mean()),
         "flops_ratio_p5": float(np.percentile(r, 5)),
+        "flops_ratio_p50": float(np.percentile(r, 50)),
         "flops_ratio_p95": float(np.percentile(r, 95)),
         "correct": encode_correct(torch.cat(hits).numpy()),
     }
