@@ -3,17 +3,20 @@
 Four steps, each an ordinary dynprune command whose outputs land under ``--output-dir``
 (default ``runs/quickstart``):
 
-  1. train   ``dynprune train --config configs/minilm_rt_quick.yaml``: dense teacher, then
-             one budget-conditioned gated model for budgets 0.2-0.8          -> OUT/train/
+  1. train   ``dynprune train --config configs/minilm_rt_quick.yaml``: dense teacher, one
+             budget-conditioned gated model for budgets 0.2-0.8, and the input-independent
+             (static) control trained the same way                            -> OUT/train/
   2. eval    ``dynprune eval`` of the gated model at budgets 0.25 / 0.5 / 0.75 on the test
              split: accuracy, executed FLOPs, batch-1/16 latency next to dense -> OUT/eval/
-  3. sweep   ``dynprune sweep --quick``: dynamic gates vs magnitude, L2-structured,
-             iterative prune-finetune, sub-network search and random pruning  -> OUT/sweep/
+  3. sweep   ``dynprune sweep --quick``: dynamic gates vs the static control, early exit,
+             L2-structured and random pruning, every method with the same fine-tuning
+             steps; one seed, so its comparison is labelled "quick grid: indicative only"
+             and carries no MET/MISSED verdict                                -> OUT/sweep/
   4. demo    two contrasting reviews through the trained router: which units each one keeps
 
 Every step is resumable: re-running the command after a crash or Ctrl-C continues where it
 stopped (finished stages and sweep points are not recomputed). ``--skip-sweep`` stops after
-step 2 (about 12 minutes on 2 cores instead of about 25).
+step 2. Verdicts need the full recipe over three seeds (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep_argv = ["--config", str(configs / SWEEP_CONFIG), "--quick"]
         sweep_argv += [f"--quick.training_dir={train_dir}", f"--quick.output_dir={sweep_dir}"]
         sweep_argv += [f"--quick.work_dir={out / 'sweep_work'}"]
-        steps.append(("3/4 sweep dynamic gates against static pruning", "sweep", sweep.main, sweep_argv))
+        steps.append(("3/4 sweep dynamic gates against static pruning and early exit (quick grid, one seed)",
+                      "sweep", sweep.main, sweep_argv))  # fmt: skip
     steps.append(
         (
             "4/4 two reviews through the trained router",

@@ -3,13 +3,15 @@
 Runs every method over a list of budgets on the training run's split and
 writes, in ``output_dir``:
 
-    sweep.csv          one row per (method, budget): accuracy, FLOPs, latency, speedups, size
-    pareto.png         accuracy vs FLOPs ratio and vs measured speedup (batch 1 and 16)
-    summary.md         machine, settings, goal verdicts, the table, notes
-    points/*.json      one file per finished point (everything measured, written atomically)
+    sweep.csv          one row per (method, budget, seed): accuracy, FLOPs, latency, speedups, size
+    pareto.png         accuracy (mean ± std over seeds) vs FLOPs ratio and vs measured speedup
+    summary.md         machine, settings, goals (paired bootstrap intervals), the table, notes
+    points/*.json      one file per finished point (everything measured, incl. per-example
+                       correctness for paired comparisons; written atomically)
     sweep_config.yaml  the resolved config
 
-A finished point is never recomputed: a re-run (after a crash or Ctrl-C)
+The contenders (dynamic, static_gates, early_exit) run for every seed in
+``seeds``; the classic methods and dense once (``seed``). A finished point is never recomputed: a re-run (after a crash or Ctrl-C)
 reads ``points/`` and continues with the rest; fine-tuned models are cached in
 ``work_dir`` as soon as they exist. A re-run with settings that change what a
 point means (fine-tuning, search, data, training run) stops with an error
@@ -28,9 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynprune.eval.report import COLUMNS, machine_description, plot_pareto, verdict, write_summary
+from dynprune.eval.report import COLUMNS, machine_description, plot_pareto, write_summary
 from dynprune.eval.sweep_config import POINT_KEYS, SweepConfig, from_dict
-from dynprune.eval.sweep_context import SweepError, TrainingRun
+from dynprune.eval.sweep_context import SweepError, TrainingRun, seed_run
+from dynprune.eval.sweep_stats import (
+    CONTENDERS,
+    aggregate,
+    best_static,
+    flops_lines,
+    goal_budget,
+    goals,
+    speed_lines,
+)
 
 from dynprune.config import check_budget_value
 from dynprune.io import atomic_write_bytes
@@ -39,6 +50,7 @@ COST_ORDER = (
     "dense",
     "dynamic",
     "static_gates",
+    "early_exit",
     "ln_structured",
     "random",
     "search",
@@ -92,16 +104,22 @@ def _root_cause(err: BaseException) -> str:
     return messages[-1] if messages else type(err).__name__
 
 
-def point_key(method: str, budget: float) -> str:
-    return f"{method}@{budget:g}"
+def point_key(method: str, budget: float, seed: int) -> str:
+    return f"{method}@{budget:g}_s{seed}"
 
 
-def grid(cfg: SweepConfig) -> list[tuple[str, float]]:
-    """Every (method, budget) of the sweep, cheapest methods first (dense once, at 1.0)."""
+def grid(cfg: SweepConfig) -> list[tuple[str, float, int]]:
+    """Every (method, budget, seed) of the sweep: the first seed of every method first, cheapest
+    methods first (dense once, at 1.0), then the contenders' other seeds."""
     methods = [m for m in COST_ORDER if m in cfg.methods]
+    seeds = cfg.contender_seeds
     points = []
-    for m in methods:
-        points += [(m, 1.0)] if m == "dense" else [(m, b) for b in cfg.budgets]
+    for i, seed in enumerate(seeds):
+        for m in methods:
+            if m not in CONTENDERS and i > 0:
+                continue
+            s = seed if m in CONTENDERS else cfg.seed
+            points += [(m, 1.0, s)] if m == "dense" else [(m, b, s) for b in cfg.budgets]
     return points
 
 
@@ -113,28 +131,36 @@ def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
 def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     """Every check that can fail before the long work starts."""
     run = TrainingRun.open(cfg.training_dir)
-    need = {"dense": run.dense_dir}
-    if "dynamic" in cfg.methods:
-        need["gated"] = run.gated_dir
-    if "static_gates" in cfg.methods:
-        need["static"] = run.static_dir
-    for stage, path in need.items():
-        marker = path / ("metrics.json" if stage != "dense" or path == run.root / "dense" else "config.json")
-        if not marker.is_file():
+    _check_stages(run, {"dense": run.dense_dir})
+    gated_methods = [m for m in ("dynamic", "static_gates") if m in cfg.methods]
+    for seed in cfg.contender_seeds if gated_methods else []:
+        r = seed_run(cfg, run, seed)
+        need = {"gated": r.gated_dir} if "dynamic" in gated_methods else {}
+        if "static_gates" in gated_methods:
+            need["static"] = r.static_dir
+        _check_stages(r, need)
+        low, high = r.budget_range()
+        for b in cfg.budgets:
+            if not (low - 1e-9 <= b <= high + 1e-9):
+                raise SweepError(
+                    f"budget {b} is outside the range the gated models were trained for [{low}, {high}] "
+                    f"(gate.budget_min/max of {r.root}/config.yaml); choose budgets inside it"
+                )
+    if "early_exit" in cfg.methods:
+        from dynprune.eval.sweep_early_exit import cheapest_ratio
+
+        floor = cheapest_ratio(run.dense_dir, int((run.config.get("data") or {}).get("max_length", 512)))
+        if min(cfg.budgets) < floor:
             raise SweepError(
-                f"the training run {str(run.root)!r} has no finished {stage!r} stage ({str(marker)!r} missing); "
-                f"finish `dynprune train` (--resume) or drop the methods that need it (--methods)"
+                f"early_exit cannot reach budget {min(cfg.budgets)}: one layer plus its exit head already costs "
+                f"up to {floor:.3f} of dense; drop that budget or the method (--methods)"
             )
-    low, high = run.budget_range()
     for b in cfg.budgets:
         check_budget_value(b, "budget")
-        if any(m in cfg.methods for m in ("dynamic", "static_gates")) and not (
-            low - 1e-9 <= b <= high + 1e-9
-        ):
-            raise SweepError(
-                f"budget {b} is outside the range the gated models were trained for [{low}, {high}] "
-                f"(gate.budget_min/max of {run.root}/config.yaml); choose budgets inside it"
-            )
+        if "dynamic" in cfg.methods:
+            from dynprune.eval.sweep_methods import dynamic_budget
+
+            dynamic_budget(cfg, b)  # a mean-budget mode this dynprune cannot serve fails here
     out = Path(cfg.output_dir)
     meta = out / "sweep_meta.json"
     if meta.is_file() and not restart:
@@ -149,6 +175,27 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     return run
 
 
+def _check_stages(run: TrainingRun, need: dict[str, Path]) -> None:
+    for stage, path in need.items():
+        marker = path / ("metrics.json" if stage != "dense" or path == run.root / "dense" else "config.json")
+        if not marker.is_file():
+            raise SweepError(
+                f"the training run {str(run.root)!r} has no finished {stage!r} stage ({str(marker)!r} missing); "
+                f"finish `dynprune train` (--resume) or drop the methods that need it (--methods)"
+                + _seed_hint(run)
+            )
+
+
+def _seed_hint(run: TrainingRun) -> str:
+    if run.root.exists():
+        return ""
+    return (
+        f". A contender seed's run is trained with the same recipe, another seed and the shared teacher, e.g. "
+        f"`dynprune train --config CONFIG --seed=S --stages=[gated,static] --model.teacher_path=DENSE "
+        f"--output_dir={run.root}` (docs/evaluation.md, 'Seeds')"
+    )
+
+
 # -- points on disk -----------------------------------------------------------------------------
 def load_points(out: Path) -> dict[str, dict[str, Any]]:
     points = {}
@@ -157,12 +204,12 @@ def load_points(out: Path) -> dict[str, dict[str, Any]]:
             row = json.loads(f.read_text())
         except json.JSONDecodeError:
             continue  # a torn file cannot exist (atomic writes), but never trust one
-        points[point_key(row["method"], float(row["budget"]))] = row
+        points[point_key(row["method"], float(row["budget"]), int(row.get("seed", 0)))] = row
     return points
 
 
 def save_point(out: Path, row: dict[str, Any]) -> None:
-    name = point_key(row["method"], float(row["budget"])) + ".json"
+    name = point_key(row["method"], float(row["budget"]), int(row["seed"])) + ".json"
     atomic_write_bytes(out / "points" / name, json.dumps(row, indent=1, default=_json_default).encode())
 
 
@@ -177,12 +224,21 @@ def _json_default(x: Any) -> Any:
 def ordered_rows(points: dict[str, dict[str, Any]], cfg: SweepConfig) -> list[dict[str, Any]]:
     order = {m: i for i, m in enumerate(("dense", *[m for m in cfg.methods if m != "dense"]))}
     rows = [p for p in points.values() if p["method"] in order]
-    return sorted(rows, key=lambda r: (order[r["method"]], -float(r["budget"])))
+    return sorted(rows, key=lambda r: (order[r["method"]], -float(r["budget"]), int(r.get("seed", 0))))
+
+
+def goal_lines(cfg: SweepConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """Accuracy goals (paired bootstrap), executed FLOPs vs target, speedups beside ideal."""
+    agg = aggregate(rows)
+    lines = [g.line(cfg.indicative) for g in goals(rows, cfg.stats)]
+    return lines + flops_lines(agg, indicative=cfg.indicative) + speed_lines(agg)
 
 
 def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: str, notes: list[str]) -> None:
     out = Path(cfg.output_dir)
     rows = ordered_rows(points, cfg)
+    agg = aggregate(rows)
+    lines = goal_lines(cfg, rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -190,12 +246,16 @@ def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: s
         writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
     atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
     if rows:
+        b = goal_budget(rows)
+        static = best_static(rows, b)
+        mark = next((r for r in agg if r["method"] == static and abs(r["budget"] - b) < 1e-6), None)
         plot_pareto(
-            rows, out / "pareto.png", title=f"dynprune sweep: {cfg.training_dir} ({len(rows)} points)"
-        )
+            agg, out / "pareto.png", title=f"dynprune sweep: {cfg.training_dir} ({len(rows)} points)",
+            goal_lines=lines[:3], goal=None if mark is None else (b, static, mark["accuracy"]),
+        )  # fmt: skip
     spent = sum(float(r.get("seconds") or 0) for r in rows)
     progress = f"- {len(rows)} of {len(grid(cfg))} points done; their compute time: {spent / 60:.1f} min (sum over points)"
-    write_summary(rows, out / "summary.md", header + "\n" + progress, notes)
+    write_summary(agg, out / "summary.md", header + "\n" + progress, lines, notes)
 
 
 def _csv_value(x: Any) -> Any:
@@ -220,8 +280,18 @@ def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
             f"{cfg.finetune.batch_size} per (method, budget), lr {ctx.lr}, distillation from the shared dense teacher: "
             f"{cfg.finetune.distill}. The dynamic model's gated stage ran {run.stage_steps('gated')} steps for all "
             f"budgets at once" + _match_note(cfg, ctx, run),
-            f"- latency: {cfg.timing.bs1_inputs} single reviews (batch 1) and {cfg.timing.bs16_batches} batches of "
-            f"16, {cfg.timing.repeats} interleaved rounds after {cfg.timing.warmup} warm-up, medians",
+            f"- latency: {cfg.timing.bs1_inputs} single inputs (batch 1; time per input = the set's time / its "
+            f"size) and {cfg.timing.bs16_batches} batches of 16, {cfg.timing.repeats} interleaved rounds after "
+            f"{cfg.timing.warmup} warm-up, medians",
+            f"- seeds: contenders ({', '.join(m for m in CONTENDERS if m in cfg.methods)}) over seeds "
+            f"{cfg.contender_seeds} (dynamic/static_gates: one training run per seed, "
+            f"`{cfg.seed_training_dir}` for seeds other than the training run's own); dense and the classic "
+            f"methods once (seed {cfg.seed}); dynamic budget mode: {cfg.budget_mode}"
+            + (
+                f"\n- **{cfg.indicative}**: comparisons carry no MET/MISSED verdicts"
+                if cfg.indicative
+                else ""
+            ),
         ]
     )
 
@@ -246,6 +316,14 @@ NOTES = [
     "`static_gates` is the training run's input-independent router frozen to its most common mask; "
     "static models are physically smaller dense models, exported and reloaded before being measured.",
     "`random` keeps random heads/neurons with ln_structured's per-layer counts (sanity control).",
+    "`early_exit` (DeeBERT/PABEE-style) is the dense model with a classifier after every layer, fine-tuned "
+    "once for all budgets (the fine-tuning steps of one method over the grid) with the same distillation; a "
+    "sample leaves at the first exit whose max softmax probability reaches the threshold, calibrated per "
+    "budget on the validation split to the largest mean FLOPs ratio <= the budget. Its FLOPs count the "
+    "layers run plus every exit head evaluated.",
+    "Goals: paired bootstrap over the evaluation examples of the seed-averaged per-example correctness "
+    "(dynprune.eval.sweep_stats); MET needs the estimate at the goal and the interval clear of the null "
+    "value, NOT SHOWN = estimate at the goal but not significant, no verdict with too few seeds.",
 ]
 
 
@@ -284,25 +362,25 @@ def run_sweep(cfg: SweepConfig, run: TrainingRun, restart: bool = False) -> int:
         out / "sweep_meta.json", json.dumps({"fingerprint": fingerprint(cfg), "started": started}).encode()
     )
     points = load_points(out)
-    todo = [(m, b) for m, b in grid(cfg) if point_key(m, b) not in points]
+    todo = [(m, b, s) for m, b, s in grid(cfg) if point_key(m, b, s) not in points]
     print(f"dynprune sweep: {len(points)} point(s) already done, {len(todo)} to go -> {out}", flush=True)
     ctx = build_context(cfg, run)
     header = _header(cfg, ctx, started)
     total = len(grid(cfg))
     with tqdm(total=total, initial=total - len(todo), desc="sweep", unit="point", dynamic_ncols=True) as bar:
-        for method, budget in todo:
-            bar.set_postfix_str(point_key(method, budget))
+        for method, budget, seed in todo:
+            bar.set_postfix_str(point_key(method, budget, seed))
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed)
-            row = POINTS[method](ctx, budget)
-            row.update(method=method, budget=budget, seconds=round(time.perf_counter() - t0, 1))
+            torch.manual_seed(seed)
+            row = POINTS[method](ctx, budget, seed)
+            row.update(method=method, budget=budget, seed=seed, seconds=round(time.perf_counter() - t0, 1))
             save_point(out, row)
-            points[point_key(method, budget)] = row
+            points[point_key(method, budget, seed)] = row
             write_outputs(cfg, points, header, NOTES + cfg.summary_notes)
             bar.update(1)
     write_outputs(cfg, points, header, NOTES + cfg.summary_notes)
     print((out / "sweep.csv").read_text())
-    for line in verdict(ordered_rows(points, cfg)).lines():
+    for line in goal_lines(cfg, ordered_rows(points, cfg)):
         print(line)
     return 0
 

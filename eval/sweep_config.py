@@ -118,6 +118,36 @@ class TimingConfig:
 
 
 @dataclass
+class EarlyExitSection:
+    """The early-exit competitor: exit thresholds calibrated on the validation split."""
+
+    # Validation examples the thresholds are fitted on (null = all of the split the sweep loaded)
+    calibration_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration_examples is not None and self.calibration_examples <= 0:
+            raise ValueError(
+                f"early_exit.calibration_examples must be > 0 or null, got {self.calibration_examples}"
+            )
+
+
+@dataclass
+class StatsConfig:
+    """How the summary compares methods: paired bootstrap over test examples, seed counts."""
+
+    resamples: int = 10000
+    confidence: float = 0.95
+    # A comparison gets a MET/MISSED verdict only when both sides have at least this many seeds
+    # (the dense model and the classic methods count as one deterministic run each: see docs)
+    min_seeds: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("stats", resamples=self.resamples, min_seeds=self.min_seeds)
+        if not 0.5 < self.confidence < 1.0:
+            raise ValueError(f"stats.confidence must be in (0.5, 1), got {self.confidence}")
+
+
+@dataclass
 class QuickConfig:
     """What ``--quick`` changes (a smaller grid that finishes in minutes)."""
 
@@ -127,7 +157,9 @@ class QuickConfig:
     training_dir: str | None = None
     output_dir: str | None = None
     work_dir: str | None = None
-    finetune_steps: int = 40
+    # null = derived like the full sweep (finetune.match): the same fine-tuning budget as the dynamic model
+    finetune_steps: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
     max_train_examples: int | None = None
     eval_max_examples: int | None = 400
     search_candidates: int = 8
@@ -149,7 +181,16 @@ class SweepConfig:
     work_dir: str = "runs/sweep_minilm_rt"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # The classic methods' seed (fine-tuning order, random units, search) and the timing inputs' draw
     seed: int = 0
+    # Seeds of the contenders (dynamic, static_gates, early_exit); null = [seed]. For dynamic and
+    # static_gates a seed is a training run: training_dir for its own seed, seed_training_dir otherwise
+    seeds: list[int] | None = None
+    # The training run of a contender seed other than training_dir's own ({training_dir}, {seed} filled in)
+    seed_training_dir: str = "{training_dir}_seed{seed}"
+    # How the dynamic method reads a budget: cap = per-input ceiling (every input <= budget);
+    # mean = a mean over inputs (dynprune.parse_budget("mean:B"), per-input FLOPs may vary)
+    budget_mode: Literal["cap", "mean"] = "cap"
     # Limit the training examples the baselines fine-tune on (null = all); the split is the training run's
     max_train_examples: int | None = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -157,7 +198,11 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluation: EvalSection = field(default_factory=EvalSection)
     timing: TimingConfig = field(default_factory=TimingConfig)
+    early_exit: EarlyExitSection = field(default_factory=EarlyExitSection)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     quick: QuickConfig = field(default_factory=QuickConfig)
+    # When set (--quick sets it), comparisons are printed under this label, without MET/MISSED verdicts
+    indicative: str | None = None
     # Extra lines for the summary's notes (e.g. follow-up checks); never changes a point
     summary_notes: list[str] = field(default_factory=list)
 
@@ -171,6 +216,15 @@ class SweepConfig:
         check_budgets(self.quick.budgets, "quick.budgets")
         if self.max_train_examples is not None and self.max_train_examples <= 0:
             raise ValueError(f"max_train_examples must be > 0 or null, got {self.max_train_examples}")
+        for what, seeds in (("seeds", self.seeds), ("quick.seeds", self.quick.seeds)):
+            if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+                raise ValueError(f"{what} must be a non-empty list of distinct seeds, got {seeds}")
+        if "{seed}" not in self.seed_training_dir:
+            raise ValueError(f"seed_training_dir must contain '{{seed}}', got {self.seed_training_dir!r}")
+
+    @property
+    def contender_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +240,9 @@ class SweepConfig:
             if getattr(q, key):
                 d[key] = getattr(q, key)
         d["finetune"]["steps"] = q.finetune_steps
+        d["seeds"] = list(q.seeds)
+        d["seed"] = q.seeds[0]
+        d["indicative"] = quick_label(len(q.seeds))
         d["max_train_examples"] = q.max_train_examples
         d["evaluation"]["max_examples"] = q.eval_max_examples
         d["search"].update(
@@ -196,6 +253,11 @@ class SweepConfig:
         )
         d["timing"]["repeats"] = q.timing_repeats
         return from_dict(d)
+
+
+def quick_label(n_seeds: int) -> str:
+    seeds = "one seed" if n_seeds == 1 else f"{n_seeds} seeds"
+    return f"quick grid: indicative only ({seeds}, reduced steps)"
 
 
 def check_budgets(budgets: list[float], what: str) -> None:
@@ -216,6 +278,8 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
         "search": SearchConfig,
         "evaluation": EvalSection,
         "timing": TimingConfig,
+        "early_exit": EarlyExitSection,
+        "stats": StatsConfig,
         "quick": QuickConfig,
     }
     kw = {k: (sections[k](**v) if k in sections else v) for k, v in d.items()}
@@ -223,4 +287,7 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
 
 
 # Sections whose change invalidates finished points (a re-run with other values starts over).
-POINT_KEYS = ("training_dir", "seed", "max_train_examples", "finetune", "structured", "search", "evaluation")
+POINT_KEYS = (
+    "training_dir", "seed", "seed_training_dir", "budget_mode", "max_train_examples", "finetune",
+    "structured", "search", "evaluation", "early_exit",
+)  # fmt: skip

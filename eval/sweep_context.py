@@ -78,6 +78,16 @@ class TrainingRun:
         return cls(path, yaml.safe_load(cfg_file.read_text()) or {})
 
 
+def seed_run(cfg: SweepConfig, base: TrainingRun, seed: int) -> TrainingRun:
+    """The training run of a contender seed: the base run for its own seed, else seed_training_dir."""
+    if seed == int(base.config.get("seed", 0)):
+        return base
+    root = Path(cfg.seed_training_dir.format(training_dir=cfg.training_dir, seed=seed))
+    if not (root / "config.yaml").is_file():
+        return TrainingRun(root, {})  # preflight reports the missing stages with the command to run
+    return TrainingRun.open(root)
+
+
 @dataclass
 class SweepContext:
     cfg: SweepConfig
@@ -103,6 +113,20 @@ class SweepContext:
     max_length: int = 64
     dense_reference_ms: dict[str, float] = field(default_factory=dict)  # set by the first timing
     notes: list[str] = field(default_factory=list)
+    # Results several points share, computed once per sweep (e.g. an early-exit model's calibration profile)
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def run_for(self, seed: int) -> TrainingRun:
+        return seed_run(self.cfg, self.run, seed)
+
+    @property
+    def grid_steps(self) -> int:
+        """Fine-tuning steps of a model that serves every budget at once (early exit): what one
+        method spends over the grid (finetune.match=per_method), or one point's steps (per_point)."""
+        if self.cfg.finetune.match == "per_point":
+            return self.finetune_steps
+        gated = self.run.stage_steps("gated") if self.cfg.finetune.steps is None else None
+        return gated or self.finetune_steps * len(self.cfg.budgets)  # derived: exactly the gated stage's G
 
     @property
     def dense_runner(self) -> DenseRunner:
@@ -231,11 +255,19 @@ class CachedTeacher(nn.Module):
 
 
 def finetune(
-    ctx: SweepContext, model: nn.Module, steps: int, name: str, seed_offset: int = 0
+    ctx: SweepContext,
+    model: nn.Module,
+    steps: int,
+    name: str,
+    seed_offset: int = 0,
+    seed: int | None = None,
+    objective: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place for ``steps`` optimiser steps on the training split, through
     ``dynprune.train.finetune`` (the training run's optimiser settings; distillation from the
-    shared dense teacher with the training run's distillation weights). ``name`` is for logs."""
+    shared dense teacher with the training run's distillation weights). ``name`` is for logs;
+    ``seed`` (default the sweep's) + ``seed_offset`` seeds the batch order; ``objective``: a
+    factory ``distill -> objective`` for a model whose loss is not the dense one (early exit)."""
     from dynprune.train import finetune as train_finetune
     from dynprune.train.config import DistillConfig, OptimConfig
 
@@ -268,10 +300,11 @@ def finetune(
         steps=int(steps),
         lr=ctx.lr,
         max_length=ctx.max_length,
-        seed=ctx.cfg.seed + seed_offset,
+        seed=(ctx.cfg.seed if seed is None else seed) + seed_offset,
         teacher=ctx.teacher if f.distill else None,
         distill=distill,
         progress=f.progress,
+        objective=objective,
     )
     model.eval()
     return {"steps": int(result["steps"]), "train_seconds": float(result["train_seconds"])}

@@ -8,7 +8,11 @@ gated checkpoint), ``magnitude`` (global unstructured L1), ``ln_structured``
 ``static_gates`` (the training run's input-independent router, frozen to its
 most common mask and physically removed), ``search`` (EagleEye-style search
 over per-layer keep ratios) and ``random`` (random units, ln_structured's
-per-layer counts). Every static method's model is exported as a smaller HF
+per-layer counts); ``early_exit`` (a classifier after every layer, calibrated confidence
+threshold, :mod:`dynprune.eval.sweep_early_exit`). Every point function is
+``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit)
+use ``seed`` (a training run per seed for the first two), the classic methods run
+once with the sweep's ``seed``. Every static method's model is exported as a smaller HF
 directory (sparse for magnitude) and the *reloaded export* is what is
 evaluated and timed.
 """
@@ -39,7 +43,8 @@ from dynprune.eval.physical import physically_prune
 from dynprune.eval.runners import DenseRunner, GatedRunner, Runner, StructureRunner, model_inputs
 from dynprune.eval.sparse_io import load_sparse, save_sparse, weights_bytes
 from dynprune.eval.structure import Structure
-from dynprune.eval.sweep_context import SweepContext, finetune
+from dynprune.eval.sweep_context import SweepContext, SweepError, finetune
+from dynprune.eval.sweep_stats import encode_correct
 from dynprune.eval.timing import materialize
 from dynprune.train.evaluation import collect, summarize
 from torch import nn
@@ -51,13 +56,16 @@ DONE = "sweep_done.json"
 
 # -- measurement shared by every method ---------------------------------------------------------
 def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
-    """Accuracy, loss and per-sample FLOPs ratio over the evaluation batches."""
-    correct, loss, n, ratios = 0, 0.0, 0, []
+    """Accuracy, loss and per-sample FLOPs ratio over the evaluation batches; ``correct``: per-example
+    correctness in the batches' fixed order (for paired comparisons between methods)."""
+    correct, loss, n, ratios, hits = 0, 0.0, 0, [], []
     with torch.inference_mode():
         for batch in ctx.eval_batches:
             logits = runner(batch).float()
             labels = batch["labels"]
-            correct += int((logits.argmax(-1) == labels).sum())
+            hit = logits.argmax(-1) == labels
+            hits.append(hit.cpu())
+            correct += int(hit.sum())
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             n += labels.shape[0]
             dense = ctx.fm.dense(batch["input_ids"].shape[1])
@@ -69,7 +77,9 @@ def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
         "loss": loss / n,
         "flops_ratio": float(r.mean()),
         "flops_ratio_p5": float(np.percentile(r, 5)),
+        "flops_ratio_p50": float(np.percentile(r, 50)),
         "flops_ratio_p95": float(np.percentile(r, 95)),
+        "correct": encode_correct(torch.cat(hits).numpy()),
     }
 
 
@@ -105,8 +115,8 @@ def timed(ctx: SweepContext, runner: Runner, tries: int = 3) -> tuple[dict[str, 
 
 
 # -- cached artifacts (a crash never loses a fine-tune) -----------------------------------------
-def _artifact(ctx: SweepContext, method: str, budget: float) -> Path:
-    return ctx.work / "models" / f"{method}@{budget:g}"
+def _artifact(ctx: SweepContext, method: str, budget: float, seed: int) -> Path:
+    return ctx.work / "models" / f"{method}@{budget:g}_s{seed}"
 
 
 def _finished(path: Path) -> dict[str, Any] | None:
@@ -119,10 +129,15 @@ def _mark(path: Path, info: dict[str, Any]) -> None:
 
 
 def _static_point(
-    ctx: SweepContext, method: str, budget: float, build: Any, extra: dict[str, Any] | None = None
+    ctx: SweepContext,
+    method: str,
+    budget: float,
+    build: Any,
+    extra: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """``build() -> (pruned model, structure, info)`` unless an export exists; evaluate the export."""
-    path = _artifact(ctx, method, budget)
+    path = _artifact(ctx, method, budget, ctx.cfg.seed if seed is None else seed)
     info = _finished(path)
     if info is None:
         pruned, structure, info = build()
@@ -162,7 +177,21 @@ def _uniform(ctx: SweepContext, budget: float) -> tuple[int, int]:
 
 
 # -- methods -------------------------------------------------------------------------------------
-def point_dense(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def dynamic_budget(cfg: Any, budget: float) -> Any:
+    """What the dynamic model is given for a swept budget: the float (a per-input cap) or, with
+    budget_mode=mean, ``dynprune.parse_budget("mean:B")`` (a mean over inputs, calibrated)."""
+    if cfg.budget_mode == "cap":
+        return budget
+    parse = getattr(dynprune, "parse_budget", None)
+    if parse is None:
+        raise SweepError(
+            "budget_mode=mean needs mean budgets (dynprune.parse_budget / dynprune.MeanBudget), which this "
+            "dynprune does not have; use budget_mode=cap"
+        )
+    return parse(f"mean:{budget:g}")
+
+
+def point_dense(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     row = measure_point(ctx, ctx.dense_runner)  # dense against itself: an A/A check of the timing
     aa = {k: row[f"speedup_{k}"] for k in ("bs1", "bs16") if f"speedup_{k}" in row}
     for k in aa:  # the reference is 1.0 by definition
@@ -175,21 +204,24 @@ def point_dense(ctx: SweepContext, budget: float) -> dict[str, Any]:
     return row
 
 
-def point_dynamic(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_dynamic(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     from dynprune.train.adaptivity import mask_stats
 
-    gated, _ = dynprune.load_gated_model(ctx.run.gated_dir)
+    run = ctx.run_for(seed)
+    gated, _ = dynprune.load_gated_model(run.gated_dir)
     materialize(gated)
-    row = measure_point(ctx, GatedRunner(gated, budget))
-    rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
+    arg = dynamic_budget(ctx.cfg, budget)
+    row = measure_point(ctx, GatedRunner(gated, arg))
+    rec = collect(gated, ctx.eval_batches, budget=arg, keep_masks=True)
     stats = mask_stats(rec)
     # the same weights frozen to the most common mask: what input-adaptivity is worth here
     structure, share = _frozen(gated, rec, ctx)
     frozen = _prune(dynprune.unwrap(gated), structure)
     frozen_eval = evaluate_runner(ctx, StructureRunner(frozen, structure, ctx.fm, "dynamic frozen"))
     row.update(
-        disk_bytes=weights_bytes(ctx.run.gated_dir),
-        finetune_steps=ctx.run.stage_steps("gated") or 0,
+        disk_bytes=weights_bytes(run.gated_dir),
+        finetune_steps=run.stage_steps("gated") or 0,
+        training_run=str(run.root),
         gate_stats=stats,
         frozen={"structure": structure.summary(), "mask_share": share, **frozen_eval},
         notes=(
@@ -202,15 +234,17 @@ def point_dynamic(ctx: SweepContext, budget: float) -> dict[str, Any]:
     return row
 
 
-def point_static_gates(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    run = ctx.run_for(seed)
+
     def build():
-        gated, _ = dynprune.load_gated_model(ctx.run.static_dir)
+        gated, _ = dynprune.load_gated_model(run.static_dir)
         rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
         gated_acc = summarize(rec)["accuracy"]
         structure, share = _frozen(gated, rec, ctx)
         plain = dynprune.unwrap(gated)
         info = {
-            "steps": ctx.run.stage_steps("static") or 0,
+            "steps": run.stage_steps("static") or 0,
             "notes": (
                 f"input-independent router frozen to its most common mask ({share:.0%} of inputs; masks "
                 f"differ only through sequence length); gated-model accuracy {gated_acc:.4f}"
@@ -218,7 +252,7 @@ def point_static_gates(ctx: SweepContext, budget: float) -> dict[str, Any]:
         }
         return _prune(plain, structure), structure, info
 
-    return _static_point(ctx, "static_gates", budget, build)
+    return _static_point(ctx, "static_gates", budget, build, {"training_run": str(run.root)}, seed=seed)
 
 
 def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
@@ -229,8 +263,8 @@ def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[St
     )  # fmt: skip
 
 
-def point_magnitude(ctx: SweepContext, budget: float) -> dict[str, Any]:
-    path = _artifact(ctx, "magnitude", budget)
+def point_magnitude(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    path = _artifact(ctx, "magnitude", budget, ctx.cfg.seed)
     info = _finished(path)
     if info is None:
         model = ctx.fresh_dense()
@@ -256,7 +290,7 @@ def point_magnitude(ctx: SweepContext, budget: float) -> dict[str, Any]:
     return row
 
 
-def point_ln_structured(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_ln_structured(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     def build():
         model = ctx.fresh_dense()
         hs, ns = ln_scores(model, ctx.head_dim, ctx.cfg.structured.norm)
@@ -269,7 +303,7 @@ def point_ln_structured(ctx: SweepContext, budget: float) -> dict[str, Any]:
     return _static_point(ctx, "ln_structured", budget, build)
 
 
-def point_random(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_random(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     def build():
         model = ctx.fresh_dense()
         h, n = _uniform(ctx, budget)
@@ -285,7 +319,7 @@ def point_random(ctx: SweepContext, budget: float) -> dict[str, Any]:
     return _static_point(ctx, "random", budget, build)
 
 
-def point_iterative(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_iterative(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     def build():
         rounds = ctx.cfg.structured.iterative_rounds
         full = ctx.fresh_dense()  # full-size index space: every round prunes from here
@@ -335,7 +369,7 @@ def calibration_score(ctx: SweepContext, structure: Structure) -> float:
     return total / n
 
 
-def point_search(ctx: SweepContext, budget: float) -> dict[str, Any]:
+def point_search(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     def build():
         from tqdm.auto import tqdm
 
@@ -381,4 +415,11 @@ POINTS = {
     "static_gates": point_static_gates,
     "search": point_search,
     "random": point_random,
+    "early_exit": lambda ctx, budget, seed: _early_exit(ctx, budget, seed),
 }
+
+
+def _early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    from dynprune.eval.sweep_early_exit import point_early_exit
+
+    return point_early_exit(ctx, budget, seed)

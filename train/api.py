@@ -84,6 +84,7 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    objective: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune a plain HF sequence-classification model in place on ``data["train"]``.
 
@@ -96,7 +97,9 @@ def finetune(
     several methods the same step budget). ``teacher``: distil its logits too
     (weights from ``distill``, default :class:`DistillConfig`).
     ``checkpoint_dir``: write resumable checkpoints there; ``resume=True``
-    continues from the newest complete one.
+    continues from the newest complete one. ``objective``: a factory ``distill -> objective``
+    (distill is None without a teacher) for models whose loss is not the dense one (e.g. the
+    sweep's early-exit model, one loss per exit); default :class:`DenseObjective`.
     Returns {"steps", "train_seconds", "validation": evaluate(...) on data["validation"], ...}.
     """
     from dynprune.train import checkpoint as ckpt
@@ -138,7 +141,9 @@ def finetune(
     trainer = Trainer(
         accelerator=acc,
         model=model,
-        objective=DenseObjective((distill or DistillConfig()) if teacher is not None else None),
+        objective=(objective or DenseObjective)(
+            (distill or DistillConfig()) if teacher is not None else None
+        ),
         examples=examples["train"],
         collate=collate,
         settings=settings,

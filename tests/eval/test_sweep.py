@@ -41,11 +41,11 @@ class Spy:
             monkeypatch.setitem(sweep_methods.POINTS, name, self._wrap(name, fn, crash_on))
 
     def _wrap(self, name, fn, crash_on):
-        def call(ctx, budget):
+        def call(ctx, budget, seed):
             self.calls.append((name, budget))
             if name == crash_on:
                 raise KeyboardInterrupt("simulated crash")
-            return fn(ctx, budget)
+            return fn(ctx, budget, seed)
 
         return call
 
@@ -58,10 +58,11 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         sweep_mod.main(args)
     done_first = {p.name for p in (out / "points").glob("*.json")}
     assert done_first == {
-        "dense@1.json", *(f"{m}@{b}.json" for m in ("dynamic", "static_gates", "ln_structured", "random")
-                          for b in (0.3, 0.5)),
+        "dense@1_s0.json",
+        *(f"{m}@{b}_s0.json" for m in ("dynamic", "static_gates", "early_exit", "ln_structured", "random")
+          for b in (0.3, 0.5)),
     }  # fmt: skip
-    assert len(_rows(out)) == 9  # the CSV is rewritten after every point
+    assert len(_rows(out)) == 11  # the CSV is rewritten after every point
     before = {name: (out / "points" / name).read_bytes() for name in done_first}
     assert crash.calls[-1] == ("search", 0.3)
 
@@ -88,11 +89,23 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         assert float(mag["sparsity"]) == pytest.approx(1 - b, abs=1e-3)
         assert float(mag["nonzero_flops_ratio"]) < 1.0
         assert float(by["dynamic", b]["flops_ratio_p95"]) <= b + 1e-9
+        ee = json.loads((out / "points" / f"early_exit@{b}_s0.json").read_text())
+        assert b - 0.1 < ee["calibration_flops_ratio"] <= b  # fitted on 24 validation examples
+        assert (
+            0.25
+            < float(ee["flops_ratio_p5"])
+            <= float(ee["flops_ratio"])
+            <= float(ee["flops_ratio_p95"])
+            < 1.1
+        )
+        assert (
+            sum(ee["exit_share"]) == pytest.approx(1.0) and ee["finetune_steps"] == 4
+        )  # 2 steps x 2 budgets
         for m in ("ln_structured", "iterative", "search", "random", "static_gates"):
             r = by[m, b]
             assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
             assert int(r["params"]) < int(by["dense", 1.0]["params"])
-            assert (tmp_path / "work" / "models" / f"{m}@{b:g}" / "config.json").is_file()
+            assert (tmp_path / "work" / "models" / f"{m}@{b:g}_s0" / "config.json").is_file()
         for r in (by[m, b] for m in METHODS if m != "dense"):
             for key in (
                 "accuracy",
@@ -106,6 +119,11 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
     assert (out / "pareto.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary and "best static" in summary and "| magnitude |" in summary
+    # one seed per contender: numbers and intervals, but no verdict
+    assert "no verdict: dynamic has 1 seed(s) < 3" in summary and "MET" not in summary.split("## Results")[0]
+    point = json.loads((out / "points" / "dynamic@0.3_s0.json").read_text())
+    assert len(point["correct"]) == 24 and set(point["correct"]) <= {"0", "1"}
+    assert sum(c == "1" for c in point["correct"]) / 24 == pytest.approx(point["accuracy"])
 
     monkeypatch.undo()
     again = Spy(monkeypatch)
@@ -177,6 +195,61 @@ def test_quick_applies_the_quick_section(tmp_path):
     cfg, _ = sweep_mod.parse_args(["--quick", "--quick.budgets=[0.4]", "--quick.finetune_steps=7"])
     assert cfg.budgets == [0.4] and cfg.finetune.steps == 7
     assert cfg.evaluation.max_examples == cfg.quick.eval_max_examples
+    assert (
+        cfg.contender_seeds == [0]
+        and cfg.indicative == "quick grid: indicative only (one seed, reduced steps)"
+    )
+
+
+def _seed_copy(run, dest):
+    """A second 'training run' for seed 1 (same files; the sweep only reads them)."""
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_contenders_run_over_seeds_and_the_summary_reports_spread(tiny_run, tmp_path, capsys):
+    seed_dirs = tmp_path / "seedruns"
+    _seed_copy(tiny_run, seed_dirs / "run_seed1")
+    _seed_copy(tiny_run, seed_dirs / "run_seed2")
+    args = _args(
+        tiny_run, tmp_path, "--methods=[dense,dynamic,early_exit]", "--budgets=[0.5]",
+        "--seeds=[0,1,2]", f"--seed_training_dir={seed_dirs}/run_seed{{seed}}", "--stats.resamples=500",
+    )  # fmt: skip
+    assert sweep_mod.main(args) == 0
+    out = tmp_path / "out"
+    names = {p.name for p in (out / "points").glob("*.json")}
+    assert names == {
+        "dense@1_s0.json", *(f"{m}@0.5_s{s}.json" for m in ("dynamic", "early_exit") for s in (0, 1, 2)),
+    }  # fmt: skip
+    rows = _rows(out)
+    assert sorted(int(r["seed"]) for r in rows if r["method"] == "early_exit") == [0, 1, 2]
+    summary = (out / "summary.md").read_text()
+    assert "| early_exit | 0.5 | 3 |" in summary and " ± " in summary
+    assert "dynamic within 0.5 pt of dense at 50% FLOPs" in summary
+    # three seeds: this goal gets a verdict; the summary and stdout agree
+    goal = next(line for line in summary.splitlines() if "within 0.5 pt of dense" in line)
+    assert any(w in goal for w in ("MET", "MISSED", "NOT SHOWN")) and "CI [" in goal
+    assert goal[2:] in capsys.readouterr().out
+    assert (out / "pareto.png").stat().st_size > 10_000
+
+
+def test_a_missing_seed_run_fails_before_any_work_and_says_how_to_make_it(tiny_run, tmp_path, capsys):
+    args = _args(tiny_run, tmp_path, "--methods=[dense,dynamic]", "--seeds=[0,5]")
+    assert sweep_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_run}_seed5" in err and "--seed=S --stages=[gated,static]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mean_budget_mode_needs_mean_budgets(tiny_run, tmp_path, capsys, monkeypatch):
+    import dynprune
+
+    if hasattr(dynprune, "parse_budget"):
+        pytest.skip("this dynprune has mean budgets")
+    assert sweep_mod.main(_args(tiny_run, tmp_path, "--budget_mode=mean")) == 2
+    assert "budget_mode=mean needs mean budgets" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -191,12 +264,12 @@ def test_killed_sweep_process_resumes(tiny_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = {p.name: p.read_bytes() for p in points.glob("*.json")}
-    assert 3 <= len(first) < 15
+    assert 3 <= len(first) < 17
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     final = {p.name: p.read_bytes() for p in points.glob("*.json")}
-    assert len(final) == 15
+    assert len(final) == 17
     assert all(final[name] == content for name, content in first.items())
-    assert len(_rows(tmp_path / "out")) == 15
+    assert len(_rows(tmp_path / "out")) == 17
 
 
 @pytest.mark.slow
@@ -205,11 +278,19 @@ def test_sweep_on_a_real_training_pipeline_run(tmp_path):
 
     run = make_training_run(tmp_path / "train")
     assert sweep_mod.main(_args(run, tmp_path, "--methods=[dense,dynamic,static_gates,ln_structured]")) == 0
-    assert json.loads((tmp_path / "out" / "points" / "dynamic@0.3.json").read_text())["finetune_steps"] == 3
+    assert (
+        json.loads((tmp_path / "out" / "points" / "dynamic@0.3_s0.json").read_text())["finetune_steps"] == 3
+    )
 
 
 def test_shipped_sweep_config_parses_in_both_modes():
     cfg, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml"])
     assert set(cfg.methods) == set(METHODS) and 0.25 in cfg.budgets
+    assert len(cfg.contender_seeds) >= 3 and cfg.indicative is None
     quick, _ = sweep_mod.parse_args(["--config", "configs/sweep_minilm_rt.yaml", "--quick"])
-    assert quick.finetune.steps and quick.output_dir != cfg.output_dir and 0.25 in quick.budgets
+    assert quick.output_dir != cfg.output_dir and 0.25 in quick.budgets
+    # the quick grid: the static control and early exit, the fine-tuning steps derived like the full
+    # sweep's (the dynamic model's), one seed and no verdicts
+    assert {"static_gates", "early_exit", "dynamic"} <= set(quick.methods)
+    assert quick.finetune.steps is None and quick.finetune.match == cfg.finetune.match
+    assert quick.contender_seeds == [0] and "indicative only" in quick.indicative

@@ -24,7 +24,11 @@ def test_shipped_configs_parse_and_round_trip(name, tmp_path):
 
 def test_quick_config_is_a_quick_start():
     cfg = parse_config(["--config", str(ROOT / "configs/minilm_rt_quick.yaml")])
-    assert cfg.stages == ["dense", "gated"]
+    assert cfg.stages == [
+        "dense",
+        "gated",
+        "static",
+    ]  # the static control: the quick sweep compares against it
     assert cfg.data.max_train_examples is not None
 
 

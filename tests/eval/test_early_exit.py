@@ -1,0 +1,168 @@
+"""Early exit: exits really skip layers, FLOPs as counted by FlopCounterMode, calibration, training."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dynprune.eval.baselines.early_exit import (
+    EarlyExitModel,
+    EarlyExitObjective,
+    EarlyExitRunner,
+    calibrate_threshold,
+    exit_costs,
+    exits_at,
+    load_early_exit,
+    save_early_exit,
+)
+from dynprune.eval.structure import static_flops_model
+from dynprune.train.losses import logits_distillation
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.helpers import tiny_batch, tiny_model
+
+
+def _counted(fn) -> int:
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_last_exit_is_the_model_itself(model_type):
+    model = tiny_model(model_type, layers=3)
+    batch = tiny_batch(batch=4, seq=13)
+    with torch.no_grad():
+        want = model(**batch).logits
+    ee = EarlyExitModel(model).eval()
+    fm = static_flops_model(model)
+    res = ee.infer(batch, threshold=float("inf"), fm=fm)  # nobody is confident enough: all run 3 layers
+    torch.testing.assert_close(res.logits, want, rtol=1e-5, atol=1e-5)
+    assert res.exit_layer.tolist() == [3, 3, 3, 3]
+    assert res.flops.tolist() == pytest.approx([3 * (fm.layer_cost(13) + fm.task_head(13))] * 4)
+    torch.testing.assert_close(ee(**batch).exit_logits[-1], want, rtol=1e-5, atol=1e-5)
+
+
+def _confidences(ee, batch):
+    return ee.exit_profile(batch).numpy()  # (L, B)
+
+
+def test_exits_skip_layers_and_flops_match_the_flop_counter():
+    model = tiny_model("bert", layers=4, num_labels=3)
+    ee = EarlyExitModel(model).eval()
+    fm = static_flops_model(model)
+    batch = tiny_batch(batch=6, seq=11, padded=False)
+    conf = _confidences(ee, batch)
+    threshold = float(np.median(conf[:-1]))  # some rows leave early, some do not
+    expect = exits_at(conf, threshold)
+    assert len(set(expect.tolist())) > 1
+
+    rows_per_layer = []
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: rows_per_layer.append(a[0].shape[0]))
+        for layer in ee.parts.layers
+    ]
+    res = ee.infer(batch, threshold, fm)
+    for h in hooks:
+        h.remove()
+    assert res.exit_layer.tolist() == expect.tolist()
+    # layer k runs only on the rows that had not exited before it
+    assert rows_per_layer == [int((expect >= k + 1).sum()) for k in range(len(rows_per_layer))]
+    assert len(rows_per_layer) == int(expect.max())
+    cost = exit_costs(fm, 11, 4)
+    assert res.flops.numpy() == pytest.approx(cost[expect - 1])
+    assert _counted(lambda: ee.infer(batch, threshold, fm)) == pytest.approx(float(res.flops.sum()), rel=1e-6)
+    # and each row's logits are those of its own exit in the all-exits pass
+    full = ee(**batch).exit_logits
+    for i, k in enumerate(expect):
+        torch.testing.assert_close(res.logits[i], full[k - 1, i], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_keep_their_masks_when_the_batch_shrinks():
+    model = tiny_model("bert", layers=3)
+    ee = EarlyExitModel(model).eval()
+    fm = static_flops_model(model)
+    batch = tiny_batch(batch=5, seq=17, padded=True)
+    conf = _confidences(ee, batch)
+    threshold = float(np.median(conf[:-1]))
+    res = ee.infer(batch, threshold, fm)
+    full = ee(**batch).exit_logits
+    for i, k in enumerate(res.exit_layer.tolist()):
+        torch.testing.assert_close(res.logits[i], full[k - 1, i], rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_hits_the_target_mean_from_below():
+    rng = np.random.default_rng(0)
+    n_exits, n = 6, 2000
+    conf = np.sort(rng.uniform(0.5, 1.0, size=(n_exits, n)), axis=0)  # later exits more confident
+    ratios = np.repeat((np.arange(1, n_exits + 1) / n_exits)[:, None], n, axis=1)
+    for target in (0.25, 0.5, 0.75):
+        t, mean = calibrate_threshold(conf, ratios, target)
+        assert mean <= target + 1e-12
+        assert mean == pytest.approx(target, abs=0.01)  # fine-grained: many samples
+        exits = exits_at(conf, t)
+        assert ratios[exits - 1, np.arange(n)].mean() == pytest.approx(mean)
+    with pytest.raises(ValueError, match="cannot reach"):
+        calibrate_threshold(conf, ratios, 0.1)  # below the first exit's cost
+    with pytest.raises(ValueError, match="mean FLOPs ratio"):
+        calibrate_threshold(conf, ratios, 0.0)
+
+
+def test_calibrated_on_validation_lands_near_the_target_on_test():
+    model = tiny_model("bert", layers=6, num_labels=4, seed=3)
+    ee = EarlyExitModel(model).eval()
+    fm = static_flops_model(model)
+    val = [tiny_batch(batch=16, seq=15, seed=s, padded=False) for s in range(20)]
+    test = [tiny_batch(batch=16, seq=15, seed=100 + s, padded=False) for s in range(20)]
+    conf = np.concatenate([_confidences(ee, b) for b in val], axis=1)
+    ratios = np.repeat((exit_costs(fm, 15, 6) / fm.dense(15))[:, None], conf.shape[1], axis=1)
+    t, val_mean = calibrate_threshold(conf, ratios, 0.5)
+    runner = EarlyExitRunner(ee, t, fm)
+    got = []
+    for b in test:
+        runner(b)
+        got.append(runner.last_flops / fm.dense(15))
+    test_mean = float(torch.cat(got).mean())
+    assert val_mean <= 0.5 and test_mean == pytest.approx(0.5, abs=0.1)
+
+
+def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
+    from dynprune.train.config import DistillConfig
+
+    torch.manual_seed(0)
+    model = tiny_model("bert", layers=3)
+    ee = EarlyExitModel(model).eval()  # no dropout for the weights check
+    batch = {**tiny_batch(batch=8, seq=9, padded=False), "labels": torch.tensor([0, 1] * 4)}
+    batch["teacher_logits"] = torch.randn(8, 2)
+    objective = EarlyExitObjective(DistillConfig(task_weight=0.3, logits_weight=0.7, temperature=2.0))
+    opt = torch.optim.AdamW(ee.parameters(), lr=3e-3)
+    with torch.no_grad():  # PABEE weights k / sum(k) over the per-exit dense losses
+        exits = ee(**{k: batch[k] for k in ("input_ids", "attention_mask")}).exit_logits
+        want = sum(
+            (k + 1) / 6 * (0.3 * F.cross_entropy(exits[k], batch["labels"])
+                           + 0.7 * logits_distillation(exits[k], batch["teacher_logits"], 2.0))
+            for k in range(3)
+        )  # fmt: skip
+        assert float(objective.loss(ee, batch, 0, 0)[0]) == pytest.approx(float(want), rel=1e-5)
+    ee.train()
+    losses = []
+    for step in range(25):
+        loss, _ = objective.loss(ee, batch, step, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step == 0:  # every exit head gets a gradient
+            assert all(h.classifier.weight.grad is not None for h in ee.heads)
+    assert losses[-1] < 0.75 * losses[0]
+    ee.eval()
+    save_early_exit(ee, tmp_path / "ee", {"steps": 25})
+    again, info = load_early_exit(tiny_model("bert", layers=3, seed=9), tmp_path / "ee")
+    b = tiny_batch(batch=3, seq=9)
+    torch.testing.assert_close(again(**b).exit_logits, ee(**b).exit_logits)
+    assert info == {"steps": 25}
+
+
+def test_unsupported_family_is_refused():
+    with pytest.raises(ValueError, match="early_exit supports"):
+        EarlyExitModel(tiny_model("distilbert"))
