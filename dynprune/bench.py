@@ -1,4 +1,4 @@
-"""`dynprune bench cpu|kernels`: dispatch to the benchmark modules."""
+"""`dynprune bench cpu|generate|kernels`: dispatch to the benchmark modules."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ BENCHES = {
         "dynprune.eval.bench_cpu",
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
+    "generate": (
+        "dynprune.eval.bench_generate",
+        "gated vs dense generate() with a KV cache, SmolLM2-135M on CPU (tokens/s, KV bytes)",
+    ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dynprune bench {cpu,kernels} [options]   (dynprune bench <name> --help)\n")
+        print("usage: dynprune bench {cpu,generate,kernels} [options]   (dynprune bench <name> --help)\n")
         for name, (_, desc) in BENCHES.items():
             print(f"  {name:8s} {desc}")
         return 0

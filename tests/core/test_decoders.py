@@ -191,3 +191,29 @@ def test_gates_saved_for_another_model_are_refused(tmp_path):
     dynprune.save_gates(gated, tmp_path / "g")
     with pytest.raises(dynprune.IncompatibleGatesError, match="different model"):
         dynprune.load_gates(tiny_decoder("gpt2"), tmp_path / "g")
+
+
+@pytest.mark.real
+def test_smollm2_greedy_identity_with_gates_open_and_a_smaller_cache_at_budget(smollm2):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(
+        ["In the beginning God created", "And the earth was"], return_tensors="pt", padding=True
+    )
+    ref = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    gated = dynprune.wrap(model, GateConfig(ffn_slice_size=128))
+    try:
+        assert gated.parts.n_heads == 3 and gated.parts.heads_per_unit == 3  # 9 query heads, 3 KV groups
+        full = UnitMasks.full(2, gated.n_gated, gated.parts.n_heads, gated.n_slices)
+        assert torch.equal(gated.generate(**batch, max_new_tokens=6, do_sample=False, masks=full), ref)
+        masks = random_masks(gated, 2, 0.6, seed=1, nested=True, skip_layers=True)
+        cache = gated.new_cache()
+        out = gated.generate(**batch, max_new_tokens=6, do_sample=False, masks=masks, cache=cache)
+        assert out.shape == ref.shape
+        seq, d = out.shape[1] - 1, gated.parts.head_dim  # the last token's K/V is never computed
+        dense = 2 * 30 * 2 * 3 * seq * d * 4
+        assert cache.nbytes() == 2 * int(masks.canonical().head.sum()) * seq * d * 4 < dense
+    finally:
+        dynprune.unwrap(gated)
