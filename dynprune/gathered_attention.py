@@ -30,10 +30,6 @@ from dynprune.qkv_layout import PackedWeights
 
 Tensor = torch.Tensor
 
-#: Per-sample (several blocks) layout of the expanding projections (Q/K/V, FFN up): True = by
-#: unit runs over the first rows (fewer, larger matmuls), False = one per block; see NOTES.md.
-UNIT_RUNS = True
-
 
 @dataclass
 class AttentionInputs:
@@ -95,13 +91,17 @@ def _attend(qkv: Tensor, blk: Block, index: int, seq: int, w: PackedWeights, inp
     return ctx.transpose(1, 2).reshape(n * seq, k * g * d)  # a view when SDPA returns (n, T, k*G, d)
 
 
-def attention(x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: AttentionInputs) -> None:
-    """acc[rows] += attention of each block's units over x[rows], projected by their O columns."""
+def attention(
+    x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: AttentionInputs, by_runs: bool = True
+) -> None:
+    """acc[rows] += attention of each block's units over x[rows], projected by their O columns.
+
+    ``by_runs``: project Q/K/V by the plan's unit runs (when it has them) instead of per block."""
     if not plan.blocks:
         return
     _, seq, hidden = x.shape
     width = w.unit_width
-    if plan.unit_runs is not None and UNIT_RUNS:  # Q/K/V by unit runs: the first rows × a run of units
+    if plan.unit_runs is not None and by_runs:  # Q/K/V by unit runs: the first rows × a run of units
         buf = x.new_empty(plan.blocks[-1].stop * seq, plan.blocks[0].n_units * width)  # corners unread
         for n_rows, u0, u1 in plan.unit_runs:
             w_t, b, _ = w.attention(slice(u0, u1))

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dynprune.gathered_attention import UNIT_RUNS
 from dynprune.plan import Block, KindPlan
 from dynprune.qkv_layout import PackedWeights, expand_units
 
@@ -92,9 +91,17 @@ def _ffn_by_runs(h: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, s: in
         torch.addmm(dst, buf[blk.start * seq : blk.stop * seq, : k * s], down_t, out=dst)
 
 
-def ffn(h: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, slice_size: int, act: Callable) -> None:
-    """acc[rows] += FFN of each block's slices over h[rows]."""
-    if plan.unit_runs is not None and UNIT_RUNS and w.parts.gate_proj is None:
+def ffn(
+    h: Tensor,
+    acc: Tensor,
+    plan: KindPlan,
+    w: PackedWeights,
+    slice_size: int,
+    act: Callable,
+    by_runs: bool = True,
+) -> None:
+    """acc[rows] += FFN of each block's slices over h[rows] (``by_runs``: up by unit runs)."""
+    if plan.unit_runs is not None and by_runs and w.parts.gate_proj is None:
         _ffn_by_runs(h, acc, plan, w, slice_size, act)
     else:
         for blk in plan.blocks:
