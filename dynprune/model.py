@@ -234,6 +234,12 @@ class GatedModel(nn.Module):
             masks = select_under_budget(scores, available, fm, seq)
             gates_sub = masks.to_gates(hidden.dtype)
         gates = _scatter_rows(gates_sub, rows, batch, dims, hidden)
+        if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
+            full_masks = masks
+            flops = fm.fixed(seq) + fm.gated_units(
+                masks.head.double(), masks.ffn.double(), masks.layer.double(), seq
+            )
+            return ForwardInfo(budget, seq, dense, flops, gates, full_masks, scores, rows, expected)
         full_masks = None if masks is None else gates.masks()
         if full_masks is not None:
             used = fm.gated_units(
