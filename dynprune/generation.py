@@ -125,6 +125,11 @@ def gated_generate(gm: GatedModel, args: tuple, kwargs: dict, budget: float | Te
             f"gated generation needs a fresh dynprune.GatedKVCache (or none), got {type(cache).__name__}"
             + (" that already holds tokens" if isinstance(cache, GatedKVCache) else "")
         )
+    if not gm._use_gathered():
+        raise ValueError(
+            "gated generation runs on the gathered path: call gated.eval() first (or use "
+            "GateConfig(execution='gathered')); the masked training path has no gated KV cache"
+        )
     if kwargs.get("use_cache") is False:
         raise ValueError("gated generation always uses its KV cache; drop use_cache=False")
     inner = gm.model

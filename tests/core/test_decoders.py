@@ -184,6 +184,9 @@ def test_generate_refuses_empty_and_too_long_prompts_and_foreign_caches():
         gated.generate(torch.tensor([[5, 6]]), max_new_tokens=2, budget=0.5, cache=DynamicCache())
     with pytest.raises(TypeError, match=r"needs a dynprune\.GatedKVCache"):
         gated(torch.tensor([[5, 6]]), budget=0.5, cache=DynamicCache())
+    gated.train()
+    with pytest.raises(ValueError, match="gated.eval"):
+        gated.generate(torch.tensor([[5, 6]]), max_new_tokens=2, budget=0.5)
 
 
 def test_gates_saved_for_another_model_are_refused(tmp_path):
