@@ -220,3 +220,15 @@ def test_smollm2_greedy_identity_with_gates_open_and_a_smaller_cache_at_budget(s
         assert cache.nbytes() == 2 * int(masks.canonical().head.sum()) * seq * d * 4 < dense
     finally:
         dynprune.unwrap(gated)
+
+
+def test_dense_prefix_layers_cache_like_hf_and_gated_layers_hold_gates():
+    model = tiny_decoder("llama", layers=4)
+    ids = _prompts(14, (9,))[0][None]
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+    gated = dynprune.wrap(model, GateConfig(ffn_slice_size=32, router_layer=1))
+    full = UnitMasks.full(1, gated.n_gated, gated.parts.n_heads, gated.n_slices)
+    assert torch.equal(gated.generate(ids, masks=full, max_new_tokens=5, do_sample=False), ref)
+    masks = random_masks(gated, 1, 0.5, seed=15, nested=True)
+    got = gated.generate(ids, masks=masks, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, _no_cache_greedy(gated, ids, masks, 5))
