@@ -9,6 +9,7 @@ from dynprune.arch import ARCH_TABLE, ArchSpec, UnsupportedModelError
 from dynprune.config import GateConfig
 from dynprune.gates import Gates, GateScores, UnitMasks
 from dynprune.io import IncompatibleGatesError, load_gated_model, load_gates, save_gated_model, save_gates
+from dynprune.kv_cache import GatedKVCache
 from dynprune.model import GatedModel, unwrap, wrap
 from dynprune.state import ForwardInfo
 
@@ -20,6 +21,7 @@ __all__ = [
     "ForwardInfo",
     "GateConfig",
     "GateScores",
+    "GatedKVCache",
     "GatedModel",
     "Gates",
     "IncompatibleGatesError",

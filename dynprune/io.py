@@ -36,14 +36,17 @@ class IncompatibleGatesError(ValueError):
 
 def _model_signature(model: nn.Module) -> dict[str, Any]:
     parts = resolve(model)
-    return {
+    signature = {
         "model_type": parts.spec.family,
         "n_layers": parts.n_layers,
-        "n_heads": parts.n_heads,
+        "n_heads": parts.n_heads,  # head units (KV groups under GQA)
         "head_dim": parts.head_dim,
         "hidden": parts.hidden,
         "ffn_dim": parts.ffn_dim,
     }
+    if parts.heads_per_unit != 1:  # GQA only, so gates saved before GQA support still load
+        signature["heads_per_unit"] = parts.heads_per_unit
+    return signature
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

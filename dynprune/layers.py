@@ -10,10 +10,16 @@ only multiplies kept units and passes skipped samples through.
 
 When no gates are set (budget 1.0, or the HF model called directly), the
 original forward runs untouched.
+
+Decoder layers (Llama family, GPT-2) take their causal mask, rotary
+embeddings and cache from the HF layer's own arguments (matched by name with
+the HF layer's signature, whatever positions HF passes them in); the cache must
+be a :class:`dynprune.kv_cache.GatedKVCache` (GatedModel makes one).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +30,11 @@ from torch.utils.hooks import RemovableHandle
 from dynprune.arch import LayerParts
 from dynprune.flops import FlopsModel
 from dynprune.gates import Gates, UnitMasks
-from dynprune.gathered import PackedQKV, post_ln_layer
+from dynprune.gathered import gathered_layer
+from dynprune.gathered_attention import AttentionInputs
+from dynprune.kv_cache import GatedKVCache
 from dynprune.plan import plan_forward
+from dynprune.qkv_layout import PackedWeights
 from dynprune.state import GateState
 
 
@@ -38,8 +47,9 @@ class LayerBinding:
     head_dim: int
     slice_size: int
     norm_position: str
-    qkv: PackedQKV
+    qkv: PackedWeights
     flops: FlopsModel | None = None  # unit costs for the gathered path's planner (block merging)
+    causal: bool = False  # decoder layer: mask / RoPE / cache from the HF layer's arguments
 
 
 def _hard_masks(state: GateState, gates: Gates) -> UnitMasks:
@@ -64,23 +74,67 @@ class GatedLayerMixin:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         if state.gathered:
             if state.backend == "triton":
-                from dynprune.kernels.dispatch import gathered_layer  # lazy: triton is optional
+                from dynprune.kernels.dispatch import gathered_layer as triton_layer  # lazy: optional
 
                 m = _hard_masks(state, gates)
                 i = b.index
-                return gathered_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
+                return triton_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
             if state.plans is None:
                 m = _hard_masks(state, gates)
                 state.plans = plan_forward(m.head, m.ffn, m.layer, b.flops, hidden_states.shape[1])
             plan = state.plans[b.index]
-            if b.norm_position != "post":
-                raise NotImplementedError(f"gathered torch path for norm_position={b.norm_position!r}")
-            return post_ln_layer(hidden_states, state.valid, plan, b.parts, b.qkv, b.slice_size)
+            if not b.causal:
+                mask = None if state.valid is None else state.valid[:, None, None, :]  # (B, 1, 1, T)
+                inputs = AttentionInputs(mask=mask)
+                return gathered_layer(
+                    hidden_states, plan, b.parts, b.qkv, b.slice_size, inputs, b.norm_position
+                )
+            inputs, cache = _decoder_inputs(self, b, args, kwargs)
+            out = gathered_layer(hidden_states, plan, b.parts, b.qkv, b.slice_size, inputs, b.norm_position)
+            if cache is not None:
+                cache.advance(hidden_states.shape[1])
+            return out
         out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         z = gates.layer[:, b.index].to(hidden_states.dtype)[:, None, None]  # (B, 1, 1)
         if isinstance(out, tuple):
             return (z * out[0] + (1 - z) * hidden_states, *out[1:])
         return z * out + (1 - z) * hidden_states
+
+
+_ARG_NAMES: dict[type, list[str]] = {}
+
+
+def _named_args(layer: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The HF layer's arguments after ``hidden_states`` by name (positional ones included)."""
+    base = type(layer)._dynprune_base  # type: ignore[attr-defined]
+    names = _ARG_NAMES.get(base)
+    if names is None:
+        names = list(inspect.signature(base.forward).parameters)[2:]  # after self, hidden_states
+        _ARG_NAMES[base] = names
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _decoder_inputs(layer: nn.Module, b: LayerBinding, args: tuple, kwargs: dict):
+    """(AttentionInputs, this layer's BlockKV or None) from a decoder layer's HF arguments."""
+    named = _named_args(layer, args, kwargs)
+    cache = named.get("cache", named.get("past_key_values"))
+    block_kv = None
+    if cache is not None:
+        if not isinstance(cache, GatedKVCache):
+            raise TypeError(
+                f"a gated decoder (budget < 1) needs a dynprune.GatedKVCache, got {type(cache).__name__}; "
+                "use GatedModel.generate(...) or pass cache=gated.new_cache() (or use_cache=False)"
+            )
+        block_kv = cache.gated_layer(b.index)
+    mask = named.get("attention_mask")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"the gathered path needs a tensor attention mask, got {type(mask).__name__}; load the model "
+            "with attn_implementation='sdpa' or 'eager'"
+        )
+    rope = named.get("position_embeddings") if b.causal else None
+    inputs = AttentionInputs(mask=mask, causal=True, rope=rope, scale=b.parts.scaling, cache=block_kv)
+    return inputs, block_kv
 
 
 _CLASS_CACHE: dict[type, type] = {}

@@ -21,10 +21,11 @@ from dynprune.gates import (
     select_under_budget,
     straight_through,
 )
-from dynprune.gathered import PackedQKV
+from dynprune.generation import ForwardLike, gated_generate, reject_forward_like
+from dynprune.kv_cache import GatedKVCache
 from dynprune.layers import LayerBinding, gate_layer, ungate_layer
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
-from dynprune.route_host import route_on_host
+from dynprune.qkv_layout import PackedWeights
 from dynprune.router import Router
 from dynprune.state import ForwardInfo, GateState
 
@@ -68,25 +69,39 @@ class GatedModel(nn.Module):
                 head_dim=parts.head_dim,
                 slice_size=cfg.ffn_slice_size,
                 norm_position=parts.spec.norm_position,
-                qkv=PackedQKV(lp, parts.n_heads, parts.head_dim),
+                qkv=PackedWeights(lp, parts.n_heads, parts.heads_per_unit, parts.head_dim),
                 flops=self.flops,
+                causal=parts.spec.causal,
             )
             self._handles += gate_layer(binding)
         src = parts.embeddings if cfg.router_layer == 0 else parts.parts[cfg.router_layer - 1].layer
         self._handles.append(src.register_forward_hook(self._route_hook))
 
-    # -- attribute passthrough (config, device, generate, ...) -------------------------
+    # -- attribute passthrough (config, device, ...) -----------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "model":
                 raise
+            reject_forward_like(name)  # forward / generation methods of the inner model: not passed through
             return getattr(self.model, name)
 
     # -- forward -----------------------------------------------------------------------
     def forward(
         self, *args: Any, budget: float | Tensor | None = None, masks: UnitMasks | None = None, **kwargs: Any
+    ) -> Any:
+        """The HF model's forward under gates. Decoders: ``cache=`` a :class:`GatedKVCache` (or
+        ``use_cache=True`` to get one back) holds the prefill's gates for later steps."""
+        return self._gated_call(self.model, args, kwargs, budget, masks)
+
+    def _gated_call(
+        self,
+        run: ForwardLike,
+        args: tuple,
+        kwargs: dict,
+        budget: float | Tensor | None,
+        masks: UnitMasks | None,
     ) -> Any:
         batch, device = _batch_and_device(args, kwargs)
         budgets = normalize_budget(
@@ -95,17 +110,58 @@ class GatedModel(nn.Module):
         if masks is not None:
             masks.check_shape(batch, self.n_gated, self.parts.n_heads, self.n_slices)
             masks = UnitMasks(masks.head.to(device), masks.ffn.to(device), masks.layer.to(device)).canonical()
+        cache = self._decoder_cache(kwargs, budgets, masks) if self.parts.spec.causal else None
+        held = None if cache is None else cache.decision
+        if held is not None and held.batch != batch:
+            raise ValueError(f"this GatedKVCache was filled for a batch of {held.batch}, not {batch}")
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             attention_mask = args[1]
         self._state.begin(
             budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
         )
+        self._state.held = held
         try:
-            out = self.model(*args, **kwargs)
+            out = run(*args, **kwargs)
+            if cache is not None and held is None and self._state.info is not None:
+                cache.hold(self._state.info, self._state.plans, batch)
         finally:
             self.last = self._state.end()
         return out
+
+    def _decoder_cache(self, kwargs: dict, budgets: Tensor, masks: UnitMasks | None) -> GatedKVCache | None:
+        """The GatedKVCache of a gated decoder call (made when ``use_cache=True``), or None.
+
+        Dense calls (budget 1.0, no masks, no GatedKVCache) keep HF's own cache untouched."""
+        name = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
+        cache = kwargs.get(name)
+        if isinstance(cache, GatedKVCache):
+            return cache
+        dense = masks is None and bool((budgets >= 1.0).all())
+        if dense:
+            return None
+        if cache is not None:
+            raise TypeError(
+                f"a gated decoder (budget < 1) needs a dynprune.GatedKVCache, got {type(cache).__name__}; "
+                "use GatedModel.generate(...) or cache=gated.new_cache()"
+            )
+        if kwargs.get("use_cache"):
+            kwargs[name] = cache = self.new_cache()
+            return cache
+        kwargs["use_cache"] = False  # HF would otherwise make a DynamicCache the gated layers cannot fill
+        return None
+
+    def new_cache(self) -> GatedKVCache:
+        """An empty KV cache for this gated decoder (gates are decided at its first forward)."""
+        if not self.parts.spec.causal:
+            raise ValueError(f"{self.parts.spec.family} is not a decoder: it has no KV cache")
+        return GatedKVCache(self.parts.n_layers, self.gate_config.router_layer)
+
+    def generate(self, *args: Any, budget: float | Tensor | None = None, **kwargs: Any) -> Tensor:
+        """HF ``generate`` through the gated forward: gates decided once from each prompt at prefill
+        and held for the whole generation (docs/architecture.md, "KV cache"). Greedy and sampling,
+        batched with left padding; per-sample budgets."""
+        return gated_generate(self, args, kwargs, budget)
 
     def _use_gathered(self) -> bool:
         mode = self.gate_config.execution
@@ -124,14 +180,15 @@ class GatedModel(nn.Module):
         state = self._state
         if not state.active:
             return
+        if state.held is not None:  # a later step of a generation: the prefill's decision holds
+            state.info, state.plans = state.held.info, state.held.plans
+            state.gates = state.info.gates
+            return
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
         state.info = self._route(hidden, state)
         state.gates = state.info.gates
 
     def _route(self, hidden: Tensor, state: GateState) -> ForwardInfo:
-        fast = route_on_host(self, hidden, state)  # eval mode on CPU: same result, ~7x fewer ops
-        if fast is not None:
-            return fast
         cfg, fm = self.gate_config, self.flops
         batch, seq = hidden.shape[:2]
         dense = fm.dense(seq)
@@ -177,6 +234,12 @@ class GatedModel(nn.Module):
             masks = select_under_budget(scores, available, fm, seq)
             gates_sub = masks.to_gates(hidden.dtype)
         gates = _scatter_rows(gates_sub, rows, batch, dims, hidden)
+        if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
+            full_masks = masks
+            flops = fm.fixed(seq) + fm.gated_units(
+                masks.head.double(), masks.ffn.double(), masks.layer.double(), seq
+            )
+            return ForwardInfo(budget, seq, dense, flops, gates, full_masks, scores, rows, expected)
         full_masks = None if masks is None else gates.masks()
         if full_masks is not None:
             used = fm.gated_units(

@@ -22,10 +22,13 @@ Tensor = torch.Tensor
 
 
 def weight_norm_head_scores(parts: LayerParts, n_heads: int) -> Tensor:
-    """Data-free head importance: ||V rows of the head|| × ||O columns of the head||. (n_heads,)"""
-    d = parts.v.out_features // n_heads
-    v = parts.v.weight.detach().float().reshape(n_heads, d, -1).flatten(1).norm(dim=1)
-    o = parts.o.weight.detach().float().reshape(-1, n_heads, d).transpose(0, 1).flatten(1).norm(dim=1)
+    """Data-free head-unit importance: ||V rows of the unit|| × ||O columns of the unit||. (n_heads,)
+
+    ``n_heads`` counts head units (KV groups under GQA: the group's V head and the O columns of
+    its query heads)."""
+    v = parts.v.weight.detach().float().reshape(n_heads, -1).norm(dim=1)  # (units,)
+    o = parts.o.weight.detach().float()  # (H, units * G * d)
+    o = o.reshape(o.shape[0], n_heads, -1).transpose(0, 1).flatten(1).norm(dim=1)
     return v * o
 
 
@@ -36,20 +39,26 @@ def weight_norm_neuron_scores(parts: LayerParts) -> Tensor:
     return up * down
 
 
-def _take(param: nn.Parameter | None, index: Tensor, dim: int) -> None:
+def _take(param: nn.Parameter | Tensor | None, index: Tensor, dim: int) -> None:
+    """param[...] = param.index_select(dim, index), in place (``param`` may be a view)."""
     if param is not None:
         with torch.no_grad():
             param.copy_(param.index_select(dim, index.to(param.device)))
 
 
+def _unit_rows(perm: Tensor, width: int) -> Tensor:
+    """Unit permutation -> row permutation for units of ``width`` rows: (units*width,)."""
+    return (perm[:, None] * width + torch.arange(width)).reshape(-1)
+
+
 def permute_heads(parts: LayerParts, perm: Tensor, n_heads: int) -> None:
-    """Reorder heads in place: new head j = old head perm[j]."""
-    d = parts.q.out_features // n_heads
-    rows = (perm[:, None] * d + torch.arange(d)).reshape(-1)  # (nh*d,) old row per new row
+    """Reorder head units in place: new unit j = old unit perm[j] (a KV group moves whole:
+    its G query heads' Q rows and O columns, its K and V rows)."""
     for lin in (parts.q, parts.k, parts.v):
+        rows = _unit_rows(perm, lin.out_features // n_heads)
         _take(lin.weight, rows, 0)
         _take(lin.bias, rows, 0)
-    _take(parts.o.weight, rows, 1)
+    _take(parts.o.weight, _unit_rows(perm, parts.o.in_features // n_heads), 1)
 
 
 def permute_neurons(parts: LayerParts, perm: Tensor) -> None:

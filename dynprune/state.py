@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ class GateState:
     plans: list[LayerPlan] | None = None
     hard_masks: UnitMasks | None = None  # cached by the gathered layers, once per forward
     info: ForwardInfo | None = None
+    held: Any = None  # dynprune.kv_cache.HeldDecision of a generation's prefill, reused at later steps
     extras: dict = field(default_factory=dict)
 
     def begin(
@@ -74,4 +76,5 @@ class GateState:
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
+        self.held = None
         return info

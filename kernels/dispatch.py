@@ -106,7 +106,7 @@ def gathered_layer(
     slices = (ffn_keep.to(torch.bool) & keep[:, None]).contiguous()  # (B, ns)
     with torch.no_grad():
         x = hidden.detach().contiguous()
-        w_qkv, b_qkv = binding.qkv.get()  # (nh, 3, d, H), (nh, 3, d): the MHA pack of pack_qkv
+        w_qkv, b_qkv = binding.qkv.get()  # (nh, 3, d, H), (nh, 3, d): dynprune.qkv_layout's MHA pack
         attn = gated_attention(
             x,
             heads,

@@ -3,7 +3,8 @@
 Layout. Q/K/V weights are packed once (:func:`pack_qkv`) KV-group-major:
 ``(n_kv_heads, G + 2, head_dim, hidden)`` with G = n_heads // n_kv_heads query heads
 per KV head, then that group's K and V (for MHA, G = 1, this is the
-``(n_heads, 3, head_dim, hidden)`` pack of ``dynprune.gathered.PackedQKV``). Each
+``(n_heads, 3, head_dim, hidden)``; the layout is defined once, in ``dynprune.qkv_layout``,
+and the gathered torch path uses the same pack). Each
 ``head_dim`` block of rows is a unit, so one *expand* launch
 (:mod:`dynprune.kernels.gathered_gemm`) computes exactly the kept query heads of
 every sample plus the K/V of every KV head that at least one kept query head of
@@ -51,6 +52,8 @@ from dynprune.kernels.common import (
 from dynprune.kernels.gathered_gemm import unit_contract, unit_expand
 from dynprune.kernels.tiles import AttentionTiles, Tiles, default_attention_tiles
 
+from dynprune import qkv_layout
+
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
@@ -66,33 +69,12 @@ def pack_qkv(
     n_heads: int,
     n_kv_heads: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """nn.Linear-style Q (nh*d, H), K/V (n_kv*d, H) -> packed (n_kv*(G+2)*d, H) weight and bias."""
-    n_kv = n_kv_heads or n_heads
-    if n_heads % n_kv:
-        raise KernelInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
-    group = n_heads // n_kv
-    hidden = w_q.shape[1]
-    if w_q.shape[0] % n_heads:
-        raise KernelInputError(f"query width {w_q.shape[0]} is not divisible by n_heads={n_heads}")
-    d = w_q.shape[0] // n_heads
-    for name, w in (("w_k", w_k), ("w_v", w_v)):
-        if tuple(w.shape) != (n_kv * d, hidden):
-            raise KernelInputError(f"{name} has shape {tuple(w.shape)}, expected ({n_kv * d}, {hidden})")
-    parts = [
-        w_q.reshape(n_kv, group, d, hidden),
-        w_k.reshape(n_kv, 1, d, hidden),
-        w_v.reshape(n_kv, 1, d, hidden),
-    ]
-    weight = torch.cat(parts, dim=1).reshape(-1, hidden).contiguous()  # (n_kv*(G+2)*d, H)
-    if b_q is None and b_k is None and b_v is None:
-        return weight, None
-    zeros = lambda n: w_q.new_zeros(n)  # noqa: E731
-    bs = [
-        (b_q if b_q is not None else zeros(n_heads * d)).reshape(n_kv, group, d),
-        (b_k if b_k is not None else zeros(n_kv * d)).reshape(n_kv, 1, d),
-        (b_v if b_v is not None else zeros(n_kv * d)).reshape(n_kv, 1, d),
-    ]
-    return weight, torch.cat(bs, dim=1).reshape(-1).contiguous()
+    """nn.Linear-style Q (nh*d, H), K/V (n_kv*d, H) -> packed (n_kv*(G+2)*d, H) weight and bias:
+    :func:`dynprune.qkv_layout.pack_qkv` (the one layout), with kernel-style input errors."""
+    try:
+        return qkv_layout.pack_qkv(w_q, w_k, w_v, b_q, b_k, b_v, n_heads, n_kv_heads)
+    except ValueError as err:
+        raise KernelInputError(str(err)) from err
 
 
 def qkv_keep(head_keep: Tensor, n_kv_heads: int) -> KeepLists:

@@ -28,3 +28,12 @@ def minilm_tokenizer(minilm_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the packaged SmolLM2-135M, loaded once per session (11-16 s).
+    Tests that wrap it must unwrap it again (dynprune.unwrap) so the next test gets the original."""
+    from dynprune.assets import load_smollm2
+
+    return load_smollm2()

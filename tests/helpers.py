@@ -100,3 +100,70 @@ def random_masks(
     if skip_layers:
         layer = torch.rand(batch, n_layers, generator=g) < max(keep, 0.5)
     return UnitMasks(draw(n_heads), draw(n_slices), layer)
+
+
+DECODER_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def tiny_decoder(
+    model_type: str = "llama", seed: int = 0, layers: int = 3, hidden: int = 64, ffn: int = 128
+) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM in eval mode (no dropout). Llama / Qwen2 / Mistral
+    use GQA (4 query heads, 2 KV heads); Qwen2 has Q/K/V biases; GPT-2 has fused Conv1D Q/K/V."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        pad_token_id=0,
+    )
+    if model_type == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif model_type == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif model_type == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=hidden,
+            n_inner=ffn,
+            n_layer=layers,
+            n_head=4,
+            n_positions=96,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=0,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(model_type)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def left_padded(prompts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """input_ids + attention_mask of 1-D prompts, left-padded with token 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import OPTConfig, OPTForCausalLM
 
 import dynprune
 from dynprune.arch import ARCH_TABLE, resolve
@@ -20,11 +20,14 @@ def test_resolve_finds_every_part(model_type):
 
 
 def test_unknown_model_type_error_names_supported_types_and_how_to_add():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32))
+    model = OPTForCausalLM(
+        OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, ffn_dim=32, vocab_size=50,
+                  word_embed_proj_dim=16, max_position_embeddings=32)
+    )  # fmt: skip
     with pytest.raises(dynprune.UnsupportedModelError) as err:
         dynprune.wrap(model)
     msg = str(err.value)
-    assert "gpt2" in msg
+    assert "'opt'" in msg
     for name in ARCH_TABLE:
         assert name in msg
     assert "ARCH_TABLE" in msg and "ArchSpec" in msg

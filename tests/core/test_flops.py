@@ -10,7 +10,7 @@ from dynprune import GateConfig
 from dynprune.arch import resolve
 from dynprune.flops import build_flops_model
 from tests.core.test_budget import _diverse_router
-from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model
+from tests.helpers import DECODER_TYPES, ENCODER_TYPES, random_masks, tiny_batch, tiny_decoder, tiny_model
 
 
 def _counted(fn):
@@ -76,3 +76,24 @@ def test_router_flops_are_counted():
     want = 2 * (r.inp.in_features * r.inp.out_features + r.out.in_features * r.out.out_features)
     assert gated.flops.router == want == r.flops_per_sample()
     assert gated.flops.fixed(10) - gated.flops.fixed(10, with_router=False) == want
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_dense_flops_match_counter(model_type):
+    model = tiny_decoder(model_type)
+    fm = build_flops_model(model, resolve(model), slice_size=32)
+    ids = torch.randint(3, 100, (2, 19))
+    counted = _counted(lambda: model(ids, use_cache=False))  # LM head: a fixed per-token cost
+    assert fm.task_per_token > 0
+    assert counted == pytest.approx(2 * fm.dense(19), rel=0.01)
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_exact_flops_of_gathered_forward_match_counter(model_type):
+    # GQA: a head unit is a KV group (G query heads + K + V); GPT-2: fused Conv1D Q/K/V
+    gated = dynprune.wrap(tiny_decoder(model_type, layers=4), GateConfig(ffn_slice_size=32))
+    ids = torch.randint(3, 100, (5, 17))
+    masks = random_masks(gated, 5, 0.5, seed=4, nested=True, skip_layers=True)
+    counted = _counted(lambda: gated(ids, masks=masks))
+    assert not bool(masks.head.all())
+    assert counted == pytest.approx(float(gated.last.flops.sum()), rel=0.01)

@@ -1,0 +1,161 @@
+"""`dynprune bench generate`: gated vs dense decoding with a KV cache (SmolLM2-135M), side by side.
+
+In ONE process, per dtype (fp32, bf16), batch size and budget, interleaved
+(eval/timing.py): ``dense`` = HF ``generate`` on the unwrapped model (the gated
+model at budget 1.0 runs exactly that), ``gated`` = ``GatedModel.generate`` at
+the budget (gates chosen once from each prompt at prefill and held; the
+gathered path on CPU). Every run generates exactly ``new`` tokens
+(``min_new_tokens``), greedy. Columns:
+
+- ``flops_ratio``: executed FLOPs per *decoded* token / dense (the held masks
+  at T = 1, from the FLOPs module; LM head included), ``prefill_flops_ratio``
+  the same for the prompt (what the router budgeted);
+- ``dense_tok_s`` / ``gated_tok_s``: generated tokens per second over the
+  whole ``generate`` call (prefill included); ``speedup`` = median of paired
+  per-round ratios; ``ideal_speedup`` = 1 / flops_ratio; ``ratio_to_ideal``;
+- ``prefill_ms_*``: one forward of the prompt (median, interleaved);
+- ``kv_bytes_*``: K/V bytes held after the generation (dense: HF's
+  DynamicCache of the same tokens; gated: ``GatedKVCache.nbytes()``).
+
+The router is the untrained one unless ``--gates DIR`` (saved by
+``dynprune.save_gates``) is given: speed, FLOPs and cache size are meaningful,
+output quality is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "model", "dtype", "batch", "prompt", "new", "budget", "flops_ratio", "prefill_flops_ratio",
+    "dense_tok_s", "gated_tok_s", "speedup", "ideal_speedup", "ratio_to_ideal",
+    "prefill_ms_dense", "prefill_ms_gated", "kv_bytes_dense", "kv_bytes_gated", "repeats",
+]  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynprune bench generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="prompt 32 -> 32 tokens, budget 0.6, 2 repeats")
+    p.add_argument("--gates", type=Path, help="saved gates (dynprune.save_gates) for SmolLM2")
+    p.add_argument("--out", type=Path, help="CSV file to write (refuses to overwrite)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--budget", type=float, nargs="+", help="default 0.4 0.6 0.8 (quick: 0.6)")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--prompt", type=int, help="prompt tokens (default 128; quick 32)")
+    p.add_argument("--new", type=int, help="generated tokens (default 128; quick 32)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 3; quick 2)")
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def _prompts(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """``batch`` different KJV passages of exactly ``length`` tokens."""
+    import json
+
+    from dynprune.assets import kjv_path
+
+    with open(kjv_path()) as fh:
+        verses = [json.loads(line)["text"] for _, line in zip(range(4000), fh)]
+    text = " ".join(verses)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    rows = [ids[i * length * 3 : i * length * 3 + length] for i in range(batch)]
+    input_ids = torch.stack(rows)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _decode_flops_ratio(gated, masks) -> float:
+    fm = gated.flops
+    m = masks.canonical()
+    per = fm.fixed(1) + fm.gated_units(m.head.double(), m.ffn.double(), m.layer.double(), 1)
+    return float(per.mean()) / fm.dense(1)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from dynprune.eval.timing import paired_ratio, time_interleaved
+
+    import dynprune
+    from dynprune.assets import load_smollm2
+    from dynprune.kv_cache import dense_kv_bytes
+
+    torch.set_num_threads(args.threads)
+    prompt = args.prompt or (32 if args.quick else 128)
+    new = args.new or (32 if args.quick else 128)
+    repeats = args.repeats or (2 if args.quick else 3)
+    budgets = args.budget or ([0.6] if args.quick else [0.4, 0.6, 0.8])
+    model, tokenizer = load_smollm2()
+    gated = (
+        dynprune.load_gates(model, args.gates)
+        if args.gates
+        else dynprune.wrap(model, dynprune.GateConfig(ffn_slice_size=128))
+    )
+    gated.eval()
+    parts, rows = gated.parts, []
+    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        gated.to(dtype)
+        for batch in args.batch:
+            inputs = _prompts(tokenizer, batch, prompt)
+            fns, prefill = {}, {}
+            for name, b in [("dense", 1.0)] + [(f"gated@{b}", b) for b in budgets]:
+                fns[name] = lambda b=b, x=inputs: gated.generate(**x, budget=b, **gen)
+                prefill[name] = lambda b=b, x=inputs: gated(**x, budget=b, use_cache=True)
+            times = time_interleaved(fns, warmup=1, repeats=repeats)
+            pre = time_interleaved(prefill, warmup=1, repeats=max(3, repeats))
+            dense_s = times["dense"].median_ms / 1e3
+            kv_dense = dense_kv_bytes(
+                parts.n_layers, batch, parts.n_heads, prompt + new - 1, parts.head_dim, dtype
+            )
+            for b in budgets:
+                cache = gated.new_cache()
+                with torch.inference_mode():
+                    gated.generate(**inputs, budget=b, cache=cache, **gen)
+                info = gated.last
+                flops = _decode_flops_ratio(gated, info.masks)
+                speed = paired_ratio(times["dense"], times[f"gated@{b}"])
+                row = {
+                    "model": "SmolLM2-135M", "dtype": dtype_name, "batch": batch, "prompt": prompt,
+                    "new": new, "budget": b, "flops_ratio": round(flops, 4),
+                    "prefill_flops_ratio": round(float(info.flops_ratio.mean()), 4),
+                    "dense_tok_s": round(batch * new / dense_s, 2),
+                    "gated_tok_s": round(batch * new / (times[f"gated@{b}"].median_ms / 1e3), 2),
+                    "speedup": round(speed, 3), "ideal_speedup": round(1 / flops, 3),
+                    "ratio_to_ideal": round(speed * flops, 3),
+                    "prefill_ms_dense": round(pre["dense"].median_ms, 2),
+                    "prefill_ms_gated": round(pre[f"gated@{b}"].median_ms, 2),
+                    "kv_bytes_dense": kv_dense, "kv_bytes_gated": cache.nbytes(), "repeats": repeats,
+                }  # fmt: skip
+                rows.append(row)
+                print(",".join(str(row[c]) for c in COLUMNS), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.out is not None and args.out.exists():
+        print(f"dynprune bench generate: {args.out} exists; choose another --out", file=sys.stderr)
+        return 2
+    if any(not 0 < b < 1 for b in args.budget or []):
+        print("dynprune bench generate: budgets must be in (0, 1)", file=sys.stderr)
+        return 2
+    print(",".join(COLUMNS), flush=True)
+    rows = run(args)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+    if rows:
+        print(f"median speedup over all rows: {statistics.median(r['speedup'] for r in rows):.3f}")
+    return 0

@@ -1,0 +1,12 @@
+"""`dynprune bench generate`: bad arguments are refused before the model is loaded."""
+
+from dynprune.eval import bench_generate
+
+
+def test_bench_generate_refuses_bad_budgets_and_existing_outputs(tmp_path, capsys):
+    assert bench_generate.main(["--budget", "1.5"]) == 2
+    assert "budgets must be in (0, 1)" in capsys.readouterr().err
+    out = tmp_path / "r.csv"
+    out.write_text("keep me")
+    assert bench_generate.main(["--out", str(out)]) == 2
+    assert out.read_text() == "keep me"
