@@ -10,6 +10,7 @@ from torch import nn
 
 from dynprune.arch import ModelParts, resolve
 from dynprune.config import GateConfig
+from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import (
     Gates,
@@ -101,8 +102,13 @@ class GatedModel(nn.Module):
         self._state.begin(
             budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
         )
+        fast = None if self.training or not self._use_gathered() else engine_for(self, device)
         try:
-            out = self.model(*args, **kwargs)
+            if fast is not None:  # CPU eval: encoder layers on ONNX Runtime (dynprune.exec)
+                with fast.swapped():
+                    out = self.model(*args, **kwargs)
+            else:
+                out = self.model(*args, **kwargs)
         finally:
             self.last = self._state.end()
         return out
@@ -117,7 +123,7 @@ class GatedModel(nn.Module):
         choice = self.gate_config.backend
         if choice == "auto":
             return "triton" if device.type == "cuda" else "torch"
-        return choice
+        return "torch" if choice == "onnxruntime" else choice  # onnxruntime: dynprune.exec, else torch
 
     # -- routing (a forward hook on the router's input) --------------------------------
     def _route_hook(self, module: nn.Module, args: Any, output: Any) -> None:
