@@ -26,7 +26,9 @@ _warned: set[str] = set()
 
 
 def ort_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    return (
+        importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    )
 
 
 def warn_once(key: str, message: str) -> None:
@@ -45,7 +47,7 @@ class FastEncoder(nn.Module):
         object.__setattr__(self, "gated", gated)  # not a submodule (no cycle in the module tree)
         self.layers = OrtLayers(gated, threads)
         path = gated.parts.spec.layers.rsplit(".", 1)
-        self._owner_path, self._name = (path[0].rsplit(".", 1) if "." in path[0] else ("", path[0]))
+        self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
         self._owner = gated.parts.backbone
         for part in filter(None, self._owner_path.split(".")):
             self._owner = getattr(self._owner, part)
@@ -117,3 +119,17 @@ def engine_for(gated: Any, device: torch.device) -> FastEncoder | None:
         )
     gated.__dict__["_fast_encoder"] = engine if engine is not None else False
     return engine
+
+
+@contextmanager
+def reference_path(gated: Any):
+    """Run ``gated`` on the PyTorch gathered path inside the block (the reference the engine must equal)."""
+    saved = gated.__dict__.get("_fast_encoder")
+    gated.__dict__["_fast_encoder"] = False
+    try:
+        yield gated
+    finally:
+        if saved is None:
+            gated.__dict__.pop("_fast_encoder", None)
+        else:
+            gated.__dict__["_fast_encoder"] = saved

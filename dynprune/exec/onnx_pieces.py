@@ -82,7 +82,9 @@ class _Graph:
 
 
 def _layer_norm(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, eps: float, name: str) -> str:
-    return g.op("LayerNormalization", [x, g.init(f"{name}_w", w), g.init(f"{name}_b", b)], axis=-1, epsilon=eps)
+    return g.op(
+        "LayerNormalization", [x, g.init(f"{name}_w", w), g.init(f"{name}_b", b)], axis=-1, epsilon=eps
+    )
 
 
 def _attention(g: _Graph, x: str, mask: str, lw: LayerWeights, k: int) -> str:

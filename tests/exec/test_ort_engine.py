@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-import dynprune  # noqa: E402
-from dynprune import GateConfig  # noqa: E402
-from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model  # noqa: E402
+import dynprune
+from dynprune import GateConfig
+from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model
 
 ATOL = 1e-5
 
