@@ -10,6 +10,10 @@ BENCHES = {
         "dynprune.eval.bench_cpu",
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
+    "candidates": (
+        "dynprune.eval.bench_candidates",
+        "ways to run gated layers on CPU (ONNX Runtime engine settings, PyTorch path) vs ORT dense",
+    ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
 }
 

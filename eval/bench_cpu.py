@@ -174,7 +174,7 @@ def _computed_flops(gated: Any, masks: Any, seq: int) -> tuple[float, float]:
 
 def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, args: Any) -> dict[str, Any]:
     """Time one configuration; returns a CSV row."""
-    gated, dense = bm.gated, bm.dense
+    gated = bm.gated
     inputs = make_inputs(bm, batch, seq, shared=(mode == "shared"), seed=args.seed)
     with torch.inference_mode():
         gated(**inputs, budget=budget)

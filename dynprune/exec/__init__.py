@@ -40,12 +40,12 @@ def warn_once(key: str, message: str) -> None:
 class FastEncoder(nn.Module):
     """Stands in for the HF encoder (``encoder`` / ``transformer``) during one forward."""
 
-    def __init__(self, gated: Any, threads: int | None = None) -> None:
+    def __init__(self, gated: Any, threads: int | None = None, **options: Any) -> None:
         super().__init__()
         from dynprune.exec.ort_engine import OrtLayers
 
         object.__setattr__(self, "gated", gated)  # not a submodule (no cycle in the module tree)
-        self.layers = OrtLayers(gated, threads)
+        self.layers = OrtLayers(gated, threads, **options)  # options: spinning, fuse_layers
         path = gated.parts.spec.layers.rsplit(".", 1)
         self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
         self._owner = gated.parts.backbone
@@ -122,10 +122,10 @@ def engine_for(gated: Any, device: torch.device) -> FastEncoder | None:
 
 
 @contextmanager
-def reference_path(gated: Any):
-    """Run ``gated`` on the PyTorch gathered path inside the block (the reference the engine must equal)."""
+def engine_override(gated: Any, engine: FastEncoder | None):
+    """Inside the block ``gated`` runs on ``engine`` (None: the PyTorch gathered path, the reference)."""
     saved = gated.__dict__.get("_fast_encoder")
-    gated.__dict__["_fast_encoder"] = False
+    gated.__dict__["_fast_encoder"] = engine if engine is not None else False
     try:
         yield gated
     finally:
@@ -133,3 +133,8 @@ def reference_path(gated: Any):
             gated.__dict__.pop("_fast_encoder", None)
         else:
             gated.__dict__["_fast_encoder"] = saved
+
+
+def reference_path(gated: Any):
+    """Run ``gated`` on the PyTorch gathered path inside the block (the reference the engine must equal)."""
+    return engine_override(gated, None)

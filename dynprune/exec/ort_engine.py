@@ -65,19 +65,29 @@ def activation_name(config: Any) -> str | None:
     return act if isinstance(act, str) and act in ACTIVATIONS else None
 
 
+#: intra-op spinning of the engine's sessions: "stop" = spin within a run, stop at its end (default);
+#: "on" = ORT's default (threads keep spinning after a run); "off" = never spin
+SPINNING = ("stop", "on", "off")
+
+
 class SessionFactory:
     """Builds ORT sessions with the engine's thread settings."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, spinning: str = "stop") -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
+        if spinning not in SPINNING:
+            raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
+        self.threads, self.spinning = threads, spinning
 
     def __call__(self, model: Any) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.force_spinning_stop", "1")
+        if self.spinning == "stop":
+            so.add_session_config_entry("session.force_spinning_stop", "1")
+        elif self.spinning == "off":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -85,7 +95,9 @@ class SessionFactory:
 class OrtLayers:
     """The gated layers of one GatedModel on ONNX Runtime (see the module docstring)."""
 
-    def __init__(self, gated: Any, threads: int | None = None) -> None:
+    def __init__(
+        self, gated: Any, threads: int | None = None, spinning: str = "stop", fuse_layers: bool = True
+    ) -> None:
         cfg, parts = gated.gate_config, gated.parts
         act = activation_name(gated.model.config)
         if act is None:
@@ -98,7 +110,10 @@ class OrtLayers:
         self.act = act
         self.layers = parts.parts[cfg.router_layer :]
         self.prefix = parts.parts[: cfg.router_layer]
-        self.make_session = SessionFactory(threads if threads is not None else torch.get_num_threads())
+        self.make_session = SessionFactory(
+            threads if threads is not None else torch.get_num_threads(), spinning
+        )
+        self.fuse_layers = fuse_layers  # one whole-layer session where every sample shares the counts
         self._params = [p for lp in parts.parts for p in lp.layer.parameters()]
         self._key: tuple | None = None
         self._weights: list[LayerWeights] = []
@@ -180,7 +195,7 @@ class OrtLayers:
             if lp.n_kept == 0:
                 continue
             att, ffn = lp.attention, lp.ffn
-            if lp.n_kept == batch and _single(att, batch) and _single(ffn, batch):
+            if self.fuse_layers and lp.n_kept == batch and _single(att, batch) and _single(ffn, batch):
                 kh, kf = _count(att), _count(ffn)
                 x = self._run(self.session(first + j, "l", kh, kf), x, mask)
                 continue
