@@ -185,7 +185,7 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
     dense_flops = fm.dense(seq)
     flops_ratio = float(info.flops.sum()) / (batch * dense_flops)
     computed, blocks = _computed_flops(gated, masks, seq)
-    counted = _counted_flops(lambda: gated(**inputs, budget=budget))
+    counted = _counted_flops(gated_torch_fn(gated, inputs, budget))  # the PyTorch path: countable ops
     route_fn, plan_fn = bm.route_and_plan_fns(inputs, budget)
     fns = {
         **args.dense_engines.fns(inputs),
