@@ -10,9 +10,15 @@ BENCHES = {
         "dynprune.eval.bench_cpu",
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
+<<<<<<< HEAD
     "generate": (
         "dynprune.eval.bench_generate",
         "gated vs dense generate() with a KV cache, SmolLM2-135M on CPU (tokens/s, KV bytes)",
+=======
+    "candidates": (
+        "dynprune.eval.bench_candidates",
+        "ways to run gated layers on CPU (ONNX Runtime engine settings, PyTorch path) vs ORT dense",
+>>>>>>> fastcpu
     ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
     "serve": (
@@ -24,8 +30,7 @@ BENCHES = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: dynprune bench {{{','.join(BENCHES)}}} [options]   (dynprune bench <name> --help)
-")
+        print(f"usage: dynprune bench {{{','.join(BENCHES)}}} [options]   (dynprune bench <name> --help)\n")
         for name, (_, desc) in BENCHES.items():
             print(f"  {name:8s} {desc}")
         return 0

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 RouterKind = Literal["dynamic", "static", "random"]
 Execution = Literal["auto", "masked", "gathered"]
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "onnxruntime"]
 UnitOrder = Literal["weight_norm", "none"]
 
 
@@ -47,7 +47,7 @@ class GateConfig:
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
-    backend: Backend = "auto"  # gathered path: triton on CUDA, torch on CPU
+    backend: Backend = "auto"  # gathered path: triton on CUDA; CPU: onnxruntime if installed, else torch
 
     def __post_init__(self) -> None:
         if not (self.heads or self.ffn or self.layers):
@@ -62,7 +62,7 @@ class GateConfig:
             raise ValueError(f"GateConfig.temperature must be a finite number > 0, got {self.temperature}")
         _check_choice("router", self.router, ("dynamic", "static", "random"))
         _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
-        _check_choice("backend", self.backend, ("auto", "torch", "triton"))
+        _check_choice("backend", self.backend, ("auto", "torch", "triton", "onnxruntime"))
         _check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
         check_budget_value(self.default_budget, "GateConfig.default_budget")
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from dynprune.arch import ModelParts, resolve
 from dynprune.config import GateConfig
+from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import (
     Gates,
@@ -120,11 +121,21 @@ class GatedModel(nn.Module):
         self._state.begin(
             budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
         )
+<<<<<<< HEAD
         self._state.held = held
         try:
             out = run(*args, **kwargs)
             if cache is not None and held is None and self._state.info is not None:
                 cache.hold(self._state.info, self._state.plans, batch)
+=======
+        fast = None if self.training or not self._use_gathered() else engine_for(self, device)
+        try:
+            if fast is not None:  # CPU eval: encoder layers on ONNX Runtime (dynprune.exec)
+                with fast.swapped():
+                    out = self.model(*args, **kwargs)
+            else:
+                out = self.model(*args, **kwargs)
+>>>>>>> fastcpu
         finally:
             self.last = self._state.end()
         return out
@@ -173,7 +184,7 @@ class GatedModel(nn.Module):
         choice = self.gate_config.backend
         if choice == "auto":
             return "triton" if device.type == "cuda" else "torch"
-        return choice
+        return "torch" if choice == "onnxruntime" else choice  # onnxruntime: dynprune.exec, else torch
 
     # -- routing (a forward hook on the router's input) --------------------------------
     def _route_hook(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -40,7 +40,18 @@ from typing import Any
 
 import torch
 from dynprune.eval.bench_cpu_models import BenchModels, load_models, make_inputs, prepare_limit
-from dynprune.eval.timing import paired_ratio, runtime_env, time_interleaved
+from dynprune.eval.bench_engines import (
+    DENSE_ENGINES,
+    ENGINE_TABLE,
+    DenseEngines,
+    check_engines,
+    engine_columns,
+    engine_env,
+    gated_torch_fn,
+    limit_ort_fn,
+    ort_goal_lines,
+)
+from dynprune.eval.timing import paired_ratio, runtime_env, time_blocks
 
 COLUMNS = [
     "model", "batch", "seq", "mask_mode", "budget", "flops_ratio", "dense_ms", "gated_ms", "speedup",
@@ -48,6 +59,9 @@ COLUMNS = [
     "dense_iqr_ms", "gated_iqr_ms", "limit_iqr_ms", "limit_flops_ratio", "limit_speedup",
     "limit_ratio_to_ideal", "router_ms", "plan_ms", "plan_share", "computed_flops_ratio",
     "counted_flops_ratio", "blocks_per_layer", "repeats", "router_note",
+    "fastest_dense", "fastest_dense_ms", "speedup_vs_fastest", "compile_ms", "compile_vs_eager", "ort_ms",
+    "ort_vs_eager", "speedup_vs_ort", "gated_torch_ms", "torch_path_speedup", "limit_ort_ms",
+    "limit_ort_vs_ort", "gated_vs_limit_ort", "gated_engine",
 ]  # fmt: skip
 
 
@@ -65,7 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["shared", "per_sample"], choices=["shared", "per_sample"])
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 25; 7 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; 2 with --quick)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads (default 2)")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        default=list(DENSE_ENGINES),
+        help="dense engines: eager (always), compile (torch.compile), ort (ONNX Runtime, dynprune[onnx])",
+    )
+    p.add_argument(
+        "--dense-onnx", type=Path, help="time this ONNX file as the dense ORT model (default: export)"
+    )
+    p.add_argument("--block", type=int, default=3, help="timed calls per variant and round (default 3)")
+    p.add_argument(
+        "--pause-ms", type=float, default=50.0, help="pause before each variant's block (default 50)"
+    )
     p.add_argument("--router-scale", type=float, default=1.0, help="std of the re-initialised router weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inputs", choices=["auto", "text", "random"], default="auto",
@@ -147,7 +174,7 @@ def _computed_flops(gated: Any, masks: Any, seq: int) -> tuple[float, float]:
 
 def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, args: Any) -> dict[str, Any]:
     """Time one configuration; returns a CSV row."""
-    gated, dense = bm.gated, bm.dense
+    gated = bm.gated
     inputs = make_inputs(bm, batch, seq, shared=(mode == "shared"), seed=args.seed)
     with torch.inference_mode():
         gated(**inputs, budget=budget)
@@ -158,11 +185,12 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
     dense_flops = fm.dense(seq)
     flops_ratio = float(info.flops.sum()) / (batch * dense_flops)
     computed, blocks = _computed_flops(gated, masks, seq)
-    counted = _counted_flops(lambda: gated(**inputs, budget=budget))
+    counted = _counted_flops(gated_torch_fn(gated, inputs, budget))  # the PyTorch path: countable ops
     route_fn, plan_fn = bm.route_and_plan_fns(inputs, budget)
     fns = {
-        "dense": lambda: dense(**inputs),
+        **args.dense_engines.fns(inputs),
         "gated": lambda: gated(**inputs, budget=budget),
+        "gated_torch": gated_torch_fn(gated, inputs, budget),
         "router": route_fn,
         "plan": plan_fn,
     }
@@ -170,7 +198,11 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
     if not args.no_limit:
         limit, limit_flops = prepare_limit(bm, masks, info.flops, seq)
         fns["limit"] = lambda: limit(**inputs)
-    stats = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+        if "ort" in args.engines:
+            fns["limit_ort"] = limit_ort_fn(limit, inputs, args.threads)
+    stats = time_blocks(
+        fns, warmup=args.warmup, repeats=args.repeats, block=args.block, pause_s=args.pause_ms / 1e3
+    )
     speedup = paired_ratio(stats["dense"], stats["gated"])
     ideal = 1.0 / flops_ratio
     row: dict[str, Any] = {
@@ -197,6 +229,8 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
         "blocks_per_layer": blocks,
         "repeats": stats["gated"].n,
         "router_note": bm.router_note,
+        "gated_engine": "onnxruntime" if gated.__dict__.get("_fast_encoder") else "torch",
+        **engine_columns(stats),
     }
     if limit is not None:
         limit_ratio = limit_flops / dense_flops
@@ -226,9 +260,10 @@ TABLE_COLUMNS = [
 ]  # fmt: skip
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    heads = [h for _, h in TABLE_COLUMNS]
-    cells = [[_fmt(r.get(k)) for k, _ in TABLE_COLUMNS] for r in rows]
+def format_table(rows: list[dict[str, Any]], markdown: bool = False, columns: list | None = None) -> str:
+    columns = TABLE_COLUMNS if columns is None else columns
+    heads = [h for _, h in columns]
+    cells = [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
@@ -279,7 +314,14 @@ def write_outputs(
     env_lines = "\n".join(f"- {k}: {v}" for k, v in env.items())
     md.write_text(
         f"# dynprune bench cpu\n\n{note}\n\nWall time of the run: {seconds:.0f} s.\n\n## Machine\n\n{env_lines}\n\n"
-        f"## Goals (issue 8)\n\n" + "".join(f"- {g}\n" for g in goal_lines(rows)) + "\n"
+        "## Goals (issue 12: vs ONNX Runtime dense at its defaults)\n\n"
+        + "".join(f"- {g}\n" for g in ort_goal_lines(rows))
+        + "\n## Engines\n\n"
+        + format_table(rows, markdown=True, columns=ENGINE_TABLE)
+        + "\n\nvs X = median of paired per-round ratios X time / gated time (gated = the default CPU path, "
+        "`gated_engine` in the CSV); sliced ORT = the physically sliced model of one sample's kept units "
+        "exported to ONNX Runtime.\n\n"
+        "## Goals (issue 8)\n\n" + "".join(f"- {g}\n" for g in goal_lines(rows)) + "\n"
         f"## Results\n\n{format_table(rows, markdown=True)}\n\n"
         "ratio = speedup / ideal speedup (ideal = dense FLOPs / executed FLOPs); limit ratio = the same for a "
         "physically sliced dense model of one sample's kept units; router / plan = router+selection / "
@@ -304,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and args.checkpoint is not None:
         print("dynprune bench cpu: give --model or --checkpoint, not both", file=sys.stderr)
         return 2
+    check_engines(args.engines, args.threads)
     if args.env == "bench":
         _reexec_with_bench_env(argv)
     torch.set_num_threads(args.threads)
@@ -318,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
     bm = load_models(args)
+    args.dense_engines = DenseEngines(bm.dense, args.engines, args.threads, args.dense_onnx)
     env = runtime_env()
+    env.update(engine_env(args))
     print(f"dynprune bench cpu: {bm.name} — {bm.router_note}", flush=True)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in env.items() if v != "(unset)"), flush=True)
     rows = []
@@ -337,12 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     seconds = time.perf_counter() - start
     env["loadavg_1min_start_end"] = f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"
-    print(format_table(rows))
-    for line in goal_lines(rows):
+    print(format_table(rows, columns=ENGINE_TABLE))
+    for line in [*ort_goal_lines(rows), *goal_lines(rows)]:
         print(line)
     note = (
-        f"Model: {bm.name}. {bm.router_note}. Timings: median of {args.repeats} interleaved rounds "
-        f"(dense, gated, limit, router, plan) after {args.warmup} warm-up rounds, torch threads = {args.threads}."
+        f"Model: {bm.name}. {bm.router_note}. Timings: median of {args.repeats} interleaved rounds; in each "
+        f"round every variant runs a block of {args.block} timed calls after a {args.pause_ms:g} ms pause and one "
+        f"untimed call (eval/timing.py time_blocks), after {args.warmup} warm-up rounds; threads = {args.threads}. "
+        f"Environment: {'BENCH_ENV set by re-exec' if args.env == 'bench' else 'the caller’s (no variables set)'}."
     )
     if args.out is not None:
         md = write_outputs(rows, args.out, env, note, seconds)

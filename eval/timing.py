@@ -39,6 +39,7 @@ __all__ = [
     "materialize",
     "paired_ratio",
     "runtime_env",
+    "time_blocks",
     "time_interleaved",
 ]
 
@@ -219,3 +220,54 @@ def runtime_env() -> dict[str, str]:
     for key in _ENV_KEYS:
         env[key] = os.environ.get(key, "(unset)")
     return env
+
+
+def time_blocks(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int = 2,
+    repeats: int = 15,
+    *,
+    block: int = 3,
+    pause_s: float = 0.05,
+    inference: bool = True,
+) -> dict[str, TimingStats]:
+    """Interleaved rounds in which every variant runs a *block* of ``block`` calls after a pause.
+
+    For engines whose threads spin after a run (ONNX Runtime by default): a
+    variant's block runs as users run it, back to back, and the ``pause_s``
+    pause before the next block lets the previous engine's threads stop
+    spinning, so no variant pays for another's spin (/work/shared/PLATFORM.md).
+    A round's time of a variant is the median of its block; rounds rotate the
+    order like :func:`time_interleaved`, and ``paired_ratio`` applies as there.
+    """
+    if not fns:
+        raise ValueError("time_blocks needs at least one function")
+    if repeats < 1 or warmup < 0 or block < 1:
+        raise ValueError(f"need repeats >= 1, block >= 1, warmup >= 0; got {repeats}, {block}, {warmup}")
+    names = list(fns)
+    stats = {name: TimingStats(name) for name in names}
+    ctx = torch.inference_mode() if inference else nullcontext()
+    gc_was_enabled = gc.isenabled()
+    try:
+        with ctx:
+            for _ in range(warmup):
+                for name in names:
+                    fns[name]()
+            gc.collect()
+            gc.disable()
+            for r in range(repeats):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    fn = fns[name]
+                    time.sleep(pause_s)
+                    fn()  # first call after the pause: untimed (threads wake up)
+                    times = []
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        fn()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    stats[name].times_ms.append(statistics.median(times))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return stats

@@ -24,7 +24,7 @@ def test_bench_cpu_smoke(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = ["bench", "cpu", "--model", str(tiny_dir), "--out", str(out), "--batches", "1", "4",
             "--seqs", "24", "--budgets", "0.4", "0.7", "--repeats", "2", "--warmup", "1",
-            "--router-scale", "2.0", "--threads", "1", "--env", "keep"]  # fmt: skip
+            "--router-scale", "2.0", "--threads", "1", "--env", "keep", "--engines", "eager"]  # fmt: skip
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "ratio" in printed and "re-initialised" in printed
@@ -86,7 +86,7 @@ def test_bench_cpu_with_saved_gated_model(tmp_path, capsys):
     out = tmp_path / "b.csv"
     argv = ["bench", "cpu", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--batches", "2",
             "--seqs", "12", "--budgets", "0.6", "--modes", "shared", "--repeats", "1", "--warmup", "0",
-            "--threads", "1", "--env", "keep", "--no-limit"]  # fmt: skip
+            "--threads", "1", "--env", "keep", "--no-limit", "--engines", "eager"]  # fmt: skip
     assert cli_main(argv) == 0
     assert "trained gates" in capsys.readouterr().out
     with open(out) as f:
