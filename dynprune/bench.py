@@ -10,15 +10,13 @@ BENCHES = {
         "dynprune.eval.bench_cpu",
         "gated vs dense vs physically sliced MiniLM on CPU (ratio to ideal speedup)",
     ),
-<<<<<<< HEAD
     "generate": (
         "dynprune.eval.bench_generate",
         "gated vs dense generate() with a KV cache, SmolLM2-135M on CPU (tokens/s, KV bytes)",
-=======
+    ),
     "candidates": (
         "dynprune.eval.bench_candidates",
         "ways to run gated layers on CPU (ONNX Runtime engine settings, PyTorch path) vs ORT dense",
->>>>>>> fastcpu
     ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
     "serve": (

@@ -121,21 +121,16 @@ class GatedModel(nn.Module):
         self._state.begin(
             budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
         )
-<<<<<<< HEAD
         self._state.held = held
-        try:
-            out = run(*args, **kwargs)
-            if cache is not None and held is None and self._state.info is not None:
-                cache.hold(self._state.info, self._state.plans, batch)
-=======
         fast = None if self.training or not self._use_gathered() else engine_for(self, device)
         try:
             if fast is not None:  # CPU eval: encoder layers on ONNX Runtime (dynprune.exec)
                 with fast.swapped():
-                    out = self.model(*args, **kwargs)
+                    out = run(*args, **kwargs)
             else:
-                out = self.model(*args, **kwargs)
->>>>>>> fastcpu
+                out = run(*args, **kwargs)
+            if cache is not None and held is None and self._state.info is not None:
+                cache.hold(self._state.info, self._state.plans, batch)
         finally:
             self.last = self._state.end()
         return out
