@@ -96,12 +96,21 @@ def write(out: Path, report: dict[str, Any]) -> None:
             lines.append(f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]")
     g = s["gated0.5_over_dense_throughput (batching on)"]["median"]
     p = s["gated0.5_over_dense_p99 (batching on)"]["median"]
-    verdict = "met" if g >= 1.6 and p <= 1.0 else "NOT met"
+    if p <= 1.0:
+        verdict = "met" if g >= 1.6 else "NOT met"
+        why = (
+            f"throughput ratio {g:.2f} at equal concurrency with gated p99 / dense p99 = {p:.2f} <= 1, "
+            "so at the same p99 the ratio is at least this"
+        )
+    else:
+        verdict = "not established"
+        why = (
+            f"throughput ratio {g:.2f} at equal concurrency, but gated p99 / dense p99 = {p:.2f} > 1: "
+            "not a same-p99 comparison"
+        )
     lines += [
         "",
-        f"Goal (batching on, throughput at budget 0.5 >= 1.6x dense at the same p99): **{verdict}** "
-        f"(throughput ratio {g:.2f} at equal concurrency with p99 ratio {p:.2f}; when the gated p99 is "
-        "not above dense's, the ratio at equal p99 is at least this).",
+        f"Goal (batching on, throughput at budget 0.5 >= 1.6x dense at the same p99): **{verdict}** ({why}).",
         "",
         f"## Overload: {report['overload']['requests']} concurrent requests, queue of {report['overload']['queue']} texts",
         "",
