@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-MIXED = (0.25, 0.5, 0.75, 1.0)
+from .bench_report import MIXED, summarize, write
+
 VARIANTS = {"gated 0.5": (0.5,), "dense": (1.0,), "mixed": MIXED}
 
 
@@ -346,105 +345,3 @@ def _count(values) -> dict[str, int]:
     for v in values:
         out[str(v)] = out.get(str(v), 0) + 1
     return out
-
-
-def summarize(rows: list[dict]) -> dict[str, Any]:
-    def cell(server: str, variant: str, key: str) -> list[float]:
-        return [
-            r[key]
-            for r in sorted(rows, key=lambda r: r["round"])
-            if r["server"] == server and r["variant"] == variant
-        ]
-
-    table = {}
-    for r in rows:
-        k = f"{r['server']} / {r['variant']}"
-        if k not in table:
-            table[k] = {
-                key: statistics.median(cell(r["server"], r["variant"], key))
-                for key in ("throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
-            }
-            table[k]["rounds"] = len(cell(r["server"], r["variant"], "throughput_rps"))
-
-    def paired(a: tuple[str, str], b: tuple[str, str], key: str) -> dict[str, float]:
-        ratios = [x / y for x, y in zip(cell(*a, key), cell(*b, key))]
-        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-
-    return {
-        "table": table,
-        "gated0.5_over_dense_throughput (batching on)": paired(
-            ("batching on", "gated 0.5"), ("batching on", "dense"), "throughput_rps"
-        ),
-        "gated0.5_over_dense_p99 (batching on)": paired(
-            ("batching on", "gated 0.5"), ("batching on", "dense"), "p99_ms"
-        ),
-        "batching_on_over_off_throughput (dense)": paired(
-            ("batching on", "dense"), ("batching off", "dense"), "throughput_rps"
-        ),
-        "batching_on_over_off_throughput (gated 0.5)": paired(
-            ("batching on", "gated 0.5"), ("batching off", "gated 0.5"), "throughput_rps"
-        ),
-        "gated0.5_over_dense_throughput (batching off)": paired(
-            ("batching off", "gated 0.5"), ("batching off", "dense"), "throughput_rps"
-        ),
-    }
-
-
-def write(out: Path, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_serve.json").write_text(json.dumps(report, indent=2, default=str))
-    rows = report["closed_loop"]
-    with open(out / "bench_serve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    s = report["summary"]
-    a = report["args"]
-    lines = [
-        "# dynprune bench serve",
-        "",
-        f"Machine: {report['machine']}. Server and load generator on the same machine (loopback).",
-        f"Model: `{report['checkpoint']}`; each server runs `--threads {a['threads']}`.",
-        "",
-        f"## Burst: {report['burst']['requests']} concurrent requests, mixed budgets {list(MIXED)}",
-        "",
-        f"statuses {report['burst']['statuses']}, {report['burst']['wall_s']:.2f} s, largest batch "
-        f"{report['burst']['max_batch_seen']}.",
-        "",
-        f"## Correctness: {report['checked']} answers checked, lost {report['lost']}, wrong {report['wrong']}",
-        "",
-        "Reference: the same text alone, padded to the `padded_len` its batch ran at, same budget",
-        "(masks depend on the padded length): label, executed FLOPs (1e-9) and probabilities (1e-4).",
-        "",
-        f"## Closed loop: {a['concurrency']} clients, {a['requests']} single-text requests per variant, "
-        f"{a['rounds']} interleaved rounds (medians)",
-        "",
-        "| server / budget | throughput (req/s) | p50 (ms) | p99 (ms) | mean FLOPs ratio | mean batch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for k, v in s["table"].items():
-        lines.append(
-            f"| {k} | {v['throughput_rps']:.1f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
-            f"{v['mean_flops_ratio']:.3f} | {v['mean_batch']:.1f} |"
-        )
-    lines += ["", "Paired per-round ratios (median [min, max] over rounds):", ""]
-    for k, v in s.items():
-        if k != "table":
-            lines.append(f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]")
-    g = s["gated0.5_over_dense_throughput (batching on)"]["median"]
-    p = s["gated0.5_over_dense_p99 (batching on)"]["median"]
-    verdict = "met" if g >= 1.6 and p <= 1.0 else "NOT met"
-    lines += [
-        "",
-        f"Goal (batching on, throughput at budget 0.5 >= 1.6x dense at the same p99): **{verdict}** "
-        f"(throughput ratio {g:.2f} at equal concurrency with p99 ratio {p:.2f}; when the gated p99 is "
-        "not above dense's, the ratio at equal p99 is at least this).",
-        "",
-        f"## Overload: {report['overload']['requests']} concurrent requests, queue of {report['overload']['queue']} texts",
-        "",
-        f"statuses {report['overload']['statuses']} in {report['overload']['wall_s']:.2f} s; every 429 has "
-        f"Retry-After: {report['overload']['all_429_have_retry_after']}. Server exit codes after SIGTERM: "
-        f"{report['exit_codes']}.",
-        "",
-    ]
-    (out / "bench_serve.md").write_text("\n".join(lines))

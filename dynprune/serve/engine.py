@@ -107,12 +107,10 @@ def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | No
         path = Path(model)
         _check_safetensors_dir(path, "model")
         try:
-            config = transformers.AutoConfig.from_pretrained(path)
             hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         except Exception as err:
             raise StartupError(f"model {path} could not be loaded ({type(err).__name__}: {err})") from err
-        del config
         _check_task(hf, path)
         try:
             gated = dynprune.wrap(hf.eval(), GateConfig())

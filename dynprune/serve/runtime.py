@@ -28,6 +28,13 @@ class GroupJob:
     budget: Any
 
 
+@dataclass(frozen=True)
+class GroupError:
+    """A GroupJob the model refused (the other jobs of its batch are unaffected)."""
+
+    message: str
+
+
 class Runtime:
     def __init__(self, engine: ClassifierEngine, cfg: ServeConfig):
         self.engine, self.cfg = engine, cfg
@@ -51,6 +58,9 @@ class Runtime:
             for (i, _), r in zip(texts, results):
                 out[i] = r
         for i, job in enumerate(jobs):
-            if isinstance(job, GroupJob):
-                out[i] = self.engine.classify(list(job.texts), job.budget)
+            if isinstance(job, GroupJob):  # its failure (e.g. no calibration for that mean) is its own
+                try:
+                    out[i] = self.engine.classify(list(job.texts), job.budget)
+                except ValueError as err:
+                    out[i] = GroupError(str(err))
         return out

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 import dynprune
 
 from ..errors import ApiError
-from ..runtime import GroupJob, Runtime, TextJob
+from ..runtime import GroupError, GroupJob, Runtime, TextJob
 from ..schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, MeanBudget
 from .common import ERROR_RESPONSES, refuse_if_draining, run_queued, runtime
 
@@ -84,6 +84,10 @@ async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
     if isinstance(req.budget, MeanBudget):
         job = GroupJob(tuple(req.texts), mean_budget(req.budget, rt))
         (results,) = await run_queued(rt, [job])
+        if isinstance(results, GroupError):
+            raise ApiError(
+                422, "unsupported", f"budget: {results.message}", field="budget", reason="unsupported"
+            )
         budgets: list[float | None] = [None] * len(req.texts)
     else:
         budgets = list(per_text_budgets(req, rt))
