@@ -17,9 +17,13 @@ gathered path on CPU). Every run generates exactly ``new`` tokens
 - ``kv_bytes_*``: K/V bytes held after the generation (dense: HF's
   DynamicCache of the same tokens; gated: ``GatedKVCache.nbytes()``).
 
-The router is the untrained one unless ``--gates DIR`` (saved by
-``dynprune.save_gates``) is given: speed, FLOPs and cache size are meaningful,
-output quality is not.
+Which units run: ``--gates DIR`` (saved by ``dynprune.save_gates``): the
+trained router's choice; otherwise ``--select uniform`` (default): every layer
+keeps the same prefix share of its head units and FFN slices, the largest that
+fits the budget — a stand-in for trained gates (an untrained router spends a
+budget on the cheapest units per logit, FFN slices first, and drops attention
+altogether at 0.6: ``--select router`` shows it). Speed, FLOPs and cache size
+are meaningful; output quality is not (no trained gates).
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="prompt 32 -> 32 tokens, budget 0.6, 2 repeats")
     p.add_argument("--gates", type=Path, help="saved gates (dynprune.save_gates) for SmolLM2")
+    p.add_argument(
+        "--select",
+        choices=["uniform", "router"],
+        default="uniform",
+        help="gated units: 'uniform' = every layer keeps the same prefix share of its head units and FFN "
+        "slices, the largest that fits the budget at the prompt length (default without --gates); "
+        "'router' = the (trained with --gates, else untrained) router's choice",
+    )
     p.add_argument("--out", type=Path, help="CSV file to write (refuses to overwrite)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget", type=float, nargs="+", help="default 0.4 0.6 0.8 (quick: 0.6)")
@@ -71,6 +83,27 @@ def _prompts(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
     rows = [ids[i * length * 3 : i * length * 3 + length] for i in range(batch)]
     input_ids = torch.stack(rows)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def uniform_masks(gated, batch: int, budget: float, seq: int):
+    """Every gated layer keeps the first k_h head units and k_f FFN slices: for each k_h ≥ 1 the most
+    slices that fit ``budget`` at ``seq``; of those pairs, the most balanced (k_h/n_h ≈ k_f/n_f)."""
+    from dynprune import UnitMasks
+
+    fm, n_layers = gated.flops, gated.n_gated
+    n_h, n_f = gated.parts.n_heads, gated.n_slices
+    available = budget * fm.dense(seq) - fm.fixed(seq)
+    pairs = []
+    for k_h in range(1, n_h + 1):
+        k_f = min(n_f, int((available / n_layers - k_h * fm.head_cost(seq)) // fm.slice_cost(seq)))
+        if k_f >= 0:
+            pairs.append((abs(k_h / n_h - k_f / n_f), -(k_h + k_f), k_h, k_f))
+    if not pairs:
+        raise ValueError(f"budget {budget} cannot fit one head unit per layer at {seq} tokens")
+    _, _, k_h, k_f = min(pairs)
+    head = (torch.arange(n_h) < k_h).expand(batch, n_layers, n_h)
+    ffn = (torch.arange(n_f) < k_f).expand(batch, n_layers, n_f)
+    return UnitMasks(head.clone(), ffn.clone(), torch.ones(batch, n_layers, dtype=torch.bool))
 
 
 def _decode_flops_ratio(gated, masks) -> float:
@@ -107,9 +140,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch:
             inputs = _prompts(tokenizer, batch, prompt)
             fns, prefill = {}, {}
+            pick = {}
+            for b in budgets:  # masks= overrides the router; None = the router decides
+                pick[b] = (
+                    {}
+                    if args.select == "router" or args.gates
+                    else {"masks": uniform_masks(gated, batch, b, prompt)}
+                )
             for name, b in [("dense", 1.0)] + [(f"gated@{b}", b) for b in budgets]:
-                fns[name] = lambda b=b, x=inputs: gated.generate(**x, budget=b, **gen)
-                prefill[name] = lambda b=b, x=inputs: gated(**x, budget=b, use_cache=True)
+                m = pick.get(b, {})
+                fns[name] = lambda b=b, x=inputs, m=m: gated.generate(**x, budget=b, **m, **gen)
+                prefill[name] = lambda b=b, x=inputs, m=m: gated(**x, budget=b, use_cache=True, **m)
             times = time_interleaved(fns, warmup=1, repeats=repeats)
             pre = time_interleaved(prefill, warmup=1, repeats=max(3, repeats))
             dense_s = times["dense"].median_ms / 1e3
@@ -119,7 +160,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for b in budgets:
                 cache = gated.new_cache()
                 with torch.inference_mode():
-                    gated.generate(**inputs, budget=b, cache=cache, **gen)
+                    gated.generate(**inputs, budget=b, cache=cache, **pick[b], **gen)
                 info = gated.last
                 flops = _decode_flops_ratio(gated, info.masks)
                 speed = paired_ratio(times["dense"], times[f"gated@{b}"])
@@ -133,7 +174,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "ratio_to_ideal": round(speed * flops, 3),
                     "prefill_ms_dense": round(pre["dense"].median_ms, 2),
                     "prefill_ms_gated": round(pre[f"gated@{b}"].median_ms, 2),
-                    "kv_bytes_dense": kv_dense, "kv_bytes_gated": cache.nbytes(), "repeats": repeats,
+                    "kv_bytes_dense": kv_dense, "kv_bytes_gated": cache.nbytes(),
+                    "select": "gates" if args.gates else args.select, "repeats": repeats,
                 }  # fmt: skip
                 rows.append(row)
                 print(",".join(str(row[c]) for c in COLUMNS), flush=True)
