@@ -141,7 +141,9 @@ class OrtLayers:
                 model = ffn_piece(lw, k, self.slice_size)
             else:
                 model = layer_piece(lw, k, k2, self.slice_size)
-            sess = self._sessions[key] = self.make_session(model)
+            sess = self.make_session(model)
+            sess.needs_mask = len(sess.get_inputs()) > 1  # read once (get_inputs() costs µs per call)
+            self._sessions[key] = sess
         return sess
 
     def warm(self, per_piece: bool = True) -> int:
@@ -158,7 +160,7 @@ class OrtLayers:
 
     # -- execution ----------------------------------------------------------------------
     def _run(self, sess: ort.InferenceSession, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        feed = {"x": x} if mask is None or len(sess.get_inputs()) == 1 else {"x": x, "mask": mask}
+        feed = {"x": x, "mask": mask} if sess.needs_mask and mask is not None else {"x": x}
         return sess.run(None, feed)[0]
 
     def _inputs(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
