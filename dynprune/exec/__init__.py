@@ -48,9 +48,10 @@ class FastEncoder(nn.Module):
         self.layers = OrtLayers(gated, threads, **options)  # options: spinning, fuse_layers
         path = gated.parts.spec.layers.rsplit(".", 1)
         self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
-        self._owner = gated.parts.backbone
+        owner = gated.parts.backbone
         for part in filter(None, self._owner_path.split(".")):
-            self._owner = getattr(self._owner, part)
+            owner = getattr(owner, part)
+        object.__setattr__(self, "_owner", owner)  # not a submodule either
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
