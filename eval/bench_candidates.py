@@ -7,7 +7,7 @@ own block of calls after a pause (eval/timing.py ``time_blocks``):
 
 - ``dense_ort`` / ``dense_ort_nospin``: the dense model on ONNX Runtime, spinning on (its default) / off;
 - ``dense_eager``: PyTorch eager;
-- ``ort_stop`` (the engine's default), ``ort_spin``, ``ort_nospin``: the gated
+- ``ort_stop``, ``ort_spin``, ``ort_nospin`` (the engine's default): the gated
   model on dynprune.exec's per-count ORT sessions with spinning stopped at the
   end of each run / left on / off;
 - ``ort_pieces``: the same with separate attention and FFN sessions even at batch 1 (no whole-layer graphs);

@@ -14,11 +14,10 @@ planning are unchanged (the router's hook on the embeddings, then
   gathered / scattered with numpy; samples whose layer is skipped pass through.
 
 Threads: every session gets its own intra-op pool of ``threads`` threads
-(default: ``torch.get_num_threads()``) with spinning *stopped at the end of each
-run* (``session.force_spinning_stop``): threads spin between the ops of a run
-(what makes ORT fast at batch 1) and never spin into the next session or into
-PyTorch. No environment variable is read or needed. See docs/cpu_engine.md
-for the measurements behind these choices.
+(default: ``torch.get_num_threads()``), spinning off by default (per-session
+pools that spin fight over the cores; see docs/cpu_engine.md and
+results/cpu_bench/ENGINES.md for the measurements). No environment variable is
+read or needed.
 
 Numerics: equal to the PyTorch gathered path to ~1e-5 (fp32, different
 kernels and summation order; tests/exec/test_ort_engine.py).
@@ -65,15 +64,16 @@ def activation_name(config: Any) -> str | None:
     return act if isinstance(act, str) and act in ACTIVATIONS else None
 
 
-#: intra-op spinning of the engine's sessions: "stop" = spin within a run, stop at its end (default);
-#: "on" = ORT's default (threads keep spinning after a run); "off" = never spin
+#: intra-op spinning of the engine's sessions: "off" = never spin (default: measured fastest of the
+#: three, results/cpu_bench/candidates.csv); "stop" = spin within a run, stop at its end;
+#: "on" = ORT's default (threads keep spinning after a run: sessions then fight over the cores)
 SPINNING = ("stop", "on", "off")
 
 
 class SessionFactory:
     """Builds ORT sessions with the engine's thread settings."""
 
-    def __init__(self, threads: int, spinning: str = "stop") -> None:
+    def __init__(self, threads: int, spinning: str = "off") -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if spinning not in SPINNING:
@@ -96,7 +96,7 @@ class OrtLayers:
     """The gated layers of one GatedModel on ONNX Runtime (see the module docstring)."""
 
     def __init__(
-        self, gated: Any, threads: int | None = None, spinning: str = "stop", fuse_layers: bool = True
+        self, gated: Any, threads: int | None = None, spinning: str = "off", fuse_layers: bool = True
     ) -> None:
         cfg, parts = gated.gate_config, gated.parts
         act = activation_name(gated.model.config)

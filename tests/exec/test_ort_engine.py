@@ -97,24 +97,17 @@ def test_training_mode_does_not_use_engine(gated):
 def _without_onnxruntime(monkeypatch):
     import importlib.util
 
-    import dynprune.exec
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
     )
-    monkeypatch.setattr(dynprune.exec, "_warned", set())
 
 
-def test_missing_extra_warns_once_and_runs_torch_path(monkeypatch):
-    _without_onnxruntime(monkeypatch)
+def test_auto_backend_runs_torch_path():
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
-    batch = tiny_batch(batch=2, seq=7)
-    with pytest.warns(RuntimeWarning, match=r"dynprune\[onnx\]"), torch.inference_mode():
-        out = gated(**batch, budget=0.5).logits
-    with torch.inference_mode(), dynprune.exec.reference_path(gated):
-        ref = gated(**batch, budget=0.5).logits
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    with torch.inference_mode():
+        gated(**tiny_batch(batch=2, seq=7), budget=0.5)
+    assert "_fast_encoder" not in gated.__dict__
 
 
 def test_explicit_backend_without_extra_is_an_error(monkeypatch):
