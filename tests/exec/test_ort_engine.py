@@ -115,3 +115,13 @@ def test_explicit_backend_without_extra_is_an_error(monkeypatch):
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16, backend="onnxruntime"))
     with pytest.raises(RuntimeError, match=r"dynprune\[onnx\]"), torch.inference_mode():
         gated.eval()(**tiny_batch(batch=1, seq=5), budget=0.5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_whole_model_session_on_repeated_masks(gated, batch_size):
+    batch = tiny_batch(batch=batch_size, seq=9, padded=False)
+    masks = _shared(random_masks(gated, batch_size, 0.5, seed=5, nested=True, skip_layers=True), batch_size)
+    for _ in range(2):  # the second sighting of the count vector builds the whole-model session
+        ref, _, fast, _ = _both(gated, batch, masks=masks)
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    assert len(gated.__dict__["_fast_encoder"].layers._model_sessions) == 1
