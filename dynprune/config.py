@@ -47,7 +47,9 @@ class GateConfig:
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
-    backend: Backend = "auto"  # gathered path: triton on CUDA; CPU: onnxruntime if installed, else torch
+    backend: Backend = (
+        "auto"  # gathered path: triton on CUDA, torch on CPU; "onnxruntime": dynprune.exec (CPU, opt-in)
+    )
 
     def __post_init__(self) -> None:
         if not (self.heads or self.ffn or self.layers):

@@ -7,10 +7,11 @@ own block of calls after a pause (eval/timing.py ``time_blocks``):
 
 - ``dense_ort`` / ``dense_ort_nospin``: the dense model on ONNX Runtime, spinning on (its default) / off;
 - ``dense_eager``: PyTorch eager;
-- ``ort_stop`` (the engine's default), ``ort_spin``, ``ort_nospin``: the gated
-  model on dynprune.exec's per-count ORT sessions with spinning stopped at the
-  end of each run / left on / off;
-- ``ort_pieces``: the same with separate attention and FFN sessions even at batch 1 (no whole-layer graphs);
+- ``ort_default``: the gated model on dynprune.exec at its defaults (spinning off;
+  after the first sighting of a count vector, one whole-model session for it);
+- ``ort_model_spin``: the same with ORT's default spinning;
+- ``ort_layers_nospin`` / ``ort_layers_stop``: per-layer sessions only (no whole-model
+  sessions), spinning off / stopped at the end of each run;
 - ``torch_path``: the PyTorch gathered path (the reference);
 - ``sliced_ort``: the physically sliced model of one sample's units exported to ORT.
 
@@ -30,10 +31,10 @@ from dynprune.eval.bench_cpu_models import load_models, make_inputs, prepare_lim
 from dynprune.eval.timing import paired_ratio, runtime_env, time_blocks
 
 GATED_VARIANTS = {
-    "ort_stop": dict(spinning="stop"),
-    "ort_spin": dict(spinning="on"),
-    "ort_nospin": dict(spinning="off"),
-    "ort_pieces": dict(spinning="stop", fuse_layers=False),
+    "ort_default": {},
+    "ort_model_spin": dict(spinning="on"),
+    "ort_layers_nospin": dict(max_model_sessions=0),
+    "ort_layers_stop": dict(spinning="stop", max_model_sessions=0),
 }
 
 

@@ -78,3 +78,23 @@ def ort_runner(session: Any, inputs: dict[str, torch.Tensor]) -> Any:
     if missing:
         raise ValueError(f"the ONNX model needs inputs {sorted(missing)} the benchmark does not provide")
     return lambda: session.run(None, feed)
+
+
+def ort_latency_ms(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    threads: int = 2,
+    repeats: int = 9,
+    block: int = 3,
+) -> float:
+    """Median latency (ms) of ``model`` exported to ONNX Runtime at its defaults, on ``inputs``.
+
+    For the sweep's ``latency_ms_bs1_ort``-style columns: each round is a block
+    of ``block`` calls after a pause (ORT's spinning threads settle first), as in
+    ``dynprune bench cpu``. When comparing several models, prefer timing them
+    together with :func:`dynprune.eval.timing.time_blocks` (interleaved rounds).
+    """
+    from dynprune.eval.timing import time_blocks
+
+    run = ort_runner(ort_session(export_onnx(model), threads), inputs)
+    return time_blocks({"ort": run}, warmup=1, repeats=repeats, block=block)["ort"].median_ms

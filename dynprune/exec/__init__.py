@@ -1,6 +1,7 @@
 """Fast execution engines for gated models (CPU): ``dynprune.exec``.
 
-Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``):
+Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``; opt-in with
+``GateConfig(backend="onnxruntime")``):
 
 - :func:`ort_available` — whether the optional extra ``dynprune[onnx]`` is installed;
 - :func:`engine_for` — the cached :class:`FastEncoder` of a gated model, or None
@@ -14,7 +15,6 @@ Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``):
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,19 +22,12 @@ import torch
 from torch import nn
 
 INSTALL_HINT = "pip install 'dynprune[onnx]'"
-_warned: set[str] = set()
 
 
 def ort_available() -> bool:
     return (
         importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
     )
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class FastEncoder(nn.Module):
@@ -48,9 +41,10 @@ class FastEncoder(nn.Module):
         self.layers = OrtLayers(gated, threads, **options)  # options: spinning, fuse_layers
         path = gated.parts.spec.layers.rsplit(".", 1)
         self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
-        self._owner = gated.parts.backbone
+        owner = gated.parts.backbone
         for part in filter(None, self._owner_path.split(".")):
-            self._owner = getattr(self._owner, part)
+            owner = getattr(owner, part)
+        object.__setattr__(self, "_owner", owner)  # not a submodule either
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
@@ -85,16 +79,16 @@ class FastEncoder(nn.Module):
 
 
 def engine_for(gated: Any, device: torch.device) -> FastEncoder | None:
-    """The fast encoder for ``gated`` on ``device`` (created once and cached), or None.
+    """The ORT encoder for ``gated`` on ``device`` (created once and cached), or None.
 
-    None (the PyTorch gathered path runs) when: not CPU, the backend is not
-    ``auto`` / ``onnxruntime``, masks are not nested, the model is outside what
-    the engine builds (non-BERT-family layers, an unknown activation), or the
-    extra is not installed (``auto``: a one-line warning; ``onnxruntime``: an error).
+    Opt-in: only ``GateConfig.backend="onnxruntime"`` on CPU uses it (with
+    ``auto`` the PyTorch gathered path runs: on the benchmark machine the engine
+    was measured *slower* than that path, see results/cpu_bench/ENGINES.md).
+    When it cannot run (extra not installed, nested=False masks, a model outside
+    what it builds) a RuntimeError says why.
     """
     cfg = gated.gate_config
-    wanted = cfg.backend
-    if device.type != "cpu" or wanted not in ("auto", "onnxruntime"):
+    if device.type != "cpu" or cfg.backend != "onnxruntime":
         return None
     cached = gated.__dict__.get("_fast_encoder")
     if cached is not None:
@@ -111,13 +105,8 @@ def engine_for(gated: Any, device: torch.device) -> FastEncoder | None:
         except ValueError as err:
             reason = str(err)
     if engine is None:
-        if wanted == "onnxruntime":
-            raise RuntimeError(f"GateConfig.backend='onnxruntime' cannot run this model: {reason}")
-        warn_once(
-            reason or "",
-            f"dynprune: gated CPU inference uses the slower PyTorch path: {reason}",
-        )
-    gated.__dict__["_fast_encoder"] = engine if engine is not None else False
+        raise RuntimeError(f"GateConfig.backend='onnxruntime' cannot run this model: {reason}")
+    gated.__dict__["_fast_encoder"] = engine
     return engine
 
 

@@ -8,7 +8,8 @@ prefix rows/columns, so ONNX Runtime pre-packs them like any dense model):
 - ``attention_piece``: ``y = LN1(x + b_O + Attention_k(x) @ W_O[:, :k*d]ᵀ)`` for x (n, T, H)
   and an int32 key mask (n, T) (1 = real token); ``k = 0`` gives ``LN1(x + b_O)``;
 - ``ffn_piece``: ``y = LN2(h + b_down + act(h @ W_up[:k*s]ᵀ + b_up) @ W_down[:, :k*s]ᵀ)``;
-- ``layer_piece``: both in one graph (one call instead of two).
+- ``layer_piece``: both in one graph (one call instead of two);
+- ``model_piece``: every gated layer with its own counts in one graph (one call per forward).
 
 Attention uses ONNX Runtime's fused ``com.microsoft.Attention`` operator (Q/K/V
 in one GEMM, softmax and context in one kernel), LayerNorm the standard
@@ -68,6 +69,7 @@ class _Graph:
 
     def __init__(self, prefix: str) -> None:
         self.prefix, self.nodes, self.inits, self._n = prefix, [], [], 0
+        # op outputs are numbered over the whole graph; initializer names carry the layer prefix
 
     def init(self, name: str, value: np.ndarray) -> str:
         full = f"{self.prefix}{name}"
@@ -76,7 +78,7 @@ class _Graph:
 
     def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         self._n += 1
-        out = f"{self.prefix}{op_type.lower()}_{self._n}"
+        out = f"{op_type.lower()}_{self._n}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
         return out
 
@@ -134,8 +136,8 @@ def _ffn(g: _Graph, h: str, lw: LayerWeights, cols: int) -> str:
 
 def _model(g: _Graph, inputs: list, out: str, hidden: int) -> onnx.ModelProto:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", hidden])
-    g.nodes.append(helper.make_node("Identity", [out], ["y"]))
-    graph = helper.make_graph(g.nodes, g.prefix or "piece", inputs, [y], g.inits)
+    nodes = [*g.nodes, helper.make_node("Identity", [out], ["y"])]
+    graph = helper.make_graph(nodes, "piece", inputs, [y], g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="dynprune")
 
@@ -167,3 +169,22 @@ def layer_piece(lw: LayerWeights, k_heads: int, k_slices: int, slice_size: int) 
     inputs = [_x_input("x", lw.hidden)] + ([_mask_input()] if k_heads else [])
     h = _attention(g, "x", "mask", lw, k_heads)
     return _model(g, inputs, _ffn(g, h, lw, k_slices * slice_size), lw.hidden)
+
+
+def model_piece(
+    lws: list[LayerWeights], counts: list[tuple[int, int] | None], slice_size: int
+) -> onnx.ModelProto:
+    """Graph (x, mask) -> all ``lws`` layers in a row, layer j keeping ``counts[j]`` = (heads, slices)
+    or skipped (None): one static graph of the kept units, like a physically sliced model."""
+    g = _Graph("")
+    y = "x"
+    for j, (lw, c) in enumerate(zip(lws, counts)):
+        if c is None:
+            continue
+        g.prefix = f"l{j}_"
+        h = _attention(g, y, "mask", lw, c[0])
+        y = _ffn(g, h, lw, c[1] * slice_size)
+    g.prefix = ""
+    uses_mask = any(c is not None and c[0] > 0 for c in counts)
+    inputs = [_x_input("x", lws[0].hidden)] + ([_mask_input()] if uses_mask else [])
+    return _model(g, inputs, y, lws[0].hidden)

@@ -9,16 +9,17 @@ planning are unchanged (the router's hook on the embeddings, then
   with slices ``0:k``, or the whole layer for a pair of counts. Sessions are
   built on first use and cached (``warm()`` builds them ahead);
 - batch 1 / a shared mask: one whole-layer call per layer, on the activations
-  in place (no gathers). Per-sample masks: the planner's blocks (samples that
+  in place (no gathers); the second time a forward's count vector is seen, one
+  session holding every gated layer with those counts is built (like a
+  physically sliced model; LRU-cached, ``max_model_sessions``) and used from then on. Per-sample masks: the planner's blocks (samples that
   keep the same count), one attention and one FFN call per block, rows
   gathered / scattered with numpy; samples whose layer is skipped pass through.
 
 Threads: every session gets its own intra-op pool of ``threads`` threads
-(default: ``torch.get_num_threads()``) with spinning *stopped at the end of each
-run* (``session.force_spinning_stop``): threads spin between the ops of a run
-(what makes ORT fast at batch 1) and never spin into the next session or into
-PyTorch. No environment variable is read or needed. See docs/cpu_engine.md
-for the measurements behind these choices.
+(default: ``torch.get_num_threads()``), spinning off by default (per-session
+pools that spin fight over the cores; see docs/cpu_engine.md and
+results/cpu_bench/ENGINES.md for the measurements). No environment variable is
+read or needed.
 
 Numerics: equal to the PyTorch gathered path to ~1e-5 (fp32, different
 kernels and summation order; tests/exec/test_ort_engine.py).
@@ -33,7 +34,14 @@ import onnxruntime as ort
 import torch
 
 from dynprune.arch import LayerParts
-from dynprune.exec.onnx_pieces import ACTIVATIONS, LayerWeights, attention_piece, ffn_piece, layer_piece
+from dynprune.exec.onnx_pieces import (
+    ACTIVATIONS,
+    LayerWeights,
+    attention_piece,
+    ffn_piece,
+    layer_piece,
+    model_piece,
+)
 from dynprune.plan import KindPlan, plan_forward
 
 Tensor = torch.Tensor
@@ -65,15 +73,16 @@ def activation_name(config: Any) -> str | None:
     return act if isinstance(act, str) and act in ACTIVATIONS else None
 
 
-#: intra-op spinning of the engine's sessions: "stop" = spin within a run, stop at its end (default);
-#: "on" = ORT's default (threads keep spinning after a run); "off" = never spin
+#: intra-op spinning of the engine's sessions: "off" = never spin (default: measured fastest of the
+#: three, results/cpu_bench/candidates.csv); "stop" = spin within a run, stop at its end;
+#: "on" = ORT's default (threads keep spinning after a run: sessions then fight over the cores)
 SPINNING = ("stop", "on", "off")
 
 
 class SessionFactory:
     """Builds ORT sessions with the engine's thread settings."""
 
-    def __init__(self, threads: int, spinning: str = "stop") -> None:
+    def __init__(self, threads: int, spinning: str = "off") -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if spinning not in SPINNING:
@@ -96,7 +105,12 @@ class OrtLayers:
     """The gated layers of one GatedModel on ONNX Runtime (see the module docstring)."""
 
     def __init__(
-        self, gated: Any, threads: int | None = None, spinning: str = "stop", fuse_layers: bool = True
+        self,
+        gated: Any,
+        threads: int | None = None,
+        spinning: str = "off",
+        fuse_layers: bool = True,
+        max_model_sessions: int = 8,
     ) -> None:
         cfg, parts = gated.gate_config, gated.parts
         act = activation_name(gated.model.config)
@@ -114,6 +128,11 @@ class OrtLayers:
             threads if threads is not None else torch.get_num_threads(), spinning
         )
         self.fuse_layers = fuse_layers  # one whole-layer session where every sample shares the counts
+        #: whole-model sessions per count vector (batch 1 / shared masks), built the second time a
+        #: vector is seen; at most ``max_model_sessions`` kept (least recently used dropped)
+        self.max_model_sessions = max_model_sessions
+        self._seen: dict[tuple, int] = {}
+        self._model_sessions: dict[tuple, ort.InferenceSession] = {}
         self._params = [p for lp in parts.parts for p in lp.layer.parameters()]
         self._key: tuple | None = None
         self._weights: list[LayerWeights] = []
@@ -127,6 +146,8 @@ class OrtLayers:
                 layer_weights(lp, self.n_heads, self.head_dim, self.act) for lp in self.gated.parts.parts
             ]
             self._sessions.clear()
+            self._model_sessions.clear()
+            self._seen.clear()
             self._key = key
 
     def session(self, layer: int, kind: str, k: int, k2: int = 0) -> ort.InferenceSession:
@@ -141,7 +162,9 @@ class OrtLayers:
                 model = ffn_piece(lw, k, self.slice_size)
             else:
                 model = layer_piece(lw, k, k2, self.slice_size)
-            sess = self._sessions[key] = self.make_session(model)
+            sess = self.make_session(model)
+            sess.needs_mask = len(sess.get_inputs()) > 1  # read once (get_inputs() costs µs per call)
+            self._sessions[key] = sess
         return sess
 
     def warm(self, per_piece: bool = True) -> int:
@@ -158,7 +181,7 @@ class OrtLayers:
 
     # -- execution ----------------------------------------------------------------------
     def _run(self, sess: ort.InferenceSession, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        feed = {"x": x} if mask is None or len(sess.get_inputs()) == 1 else {"x": x, "mask": mask}
+        feed = {"x": x, "mask": mask} if sess.needs_mask and mask is not None else {"x": x}
         return sess.run(None, feed)[0]
 
     def _inputs(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
@@ -191,6 +214,9 @@ class OrtLayers:
                 x = self._run(self.session(first + j, "l", self.n_heads, self.n_slices), x, mask)
             return torch.from_numpy(x)
         plans = plan_forward(masks.head, masks.ffn, masks.layer, overhead=0.0)
+        whole = self._model_session(plans, batch) if self.max_model_sessions > 0 else None
+        if whole is not None:  # one call for every gated layer
+            return torch.from_numpy(self._run(whole, x, mask))
         for j, lp in enumerate(plans):
             if lp.n_kept == 0:
                 continue
@@ -201,6 +227,33 @@ class OrtLayers:
                 continue
             x = self._per_sample_layer(first + j, x, mask, att, ffn)
         return torch.from_numpy(x)
+
+    def _model_session(self, plans: list, batch: int) -> ort.InferenceSession | None:
+        """The whole-model session of this forward's count vector when every layer has one count for
+        the whole batch and the vector was seen before (built then), else None."""
+        counts: list[tuple[int, int] | None] = []
+        for lp in plans:
+            if lp.n_kept == 0:
+                counts.append(None)
+            elif lp.n_kept == batch and _single(lp.attention, batch) and _single(lp.ffn, batch):
+                counts.append((_count(lp.attention), _count(lp.ffn)))
+            else:
+                return None
+        key = tuple(counts)
+        sess = self._model_sessions.pop(key, None)
+        if sess is None:
+            if len(self._seen) > 4096:  # many distinct vectors: forget the sightings
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < 2:
+                return None
+            first = len(self.prefix)
+            sess = self.make_session(model_piece(self._weights[first:], counts, self.slice_size))
+            sess.needs_mask = len(sess.get_inputs()) > 1
+            if len(self._model_sessions) >= self.max_model_sessions:
+                self._model_sessions.pop(next(iter(self._model_sessions)))  # least recently used
+        self._model_sessions[key] = sess  # (re)inserted last = most recently used
+        return sess
 
     def _per_sample_layer(
         self, layer: int, x: np.ndarray, mask: np.ndarray, att: KindPlan, ffn: KindPlan

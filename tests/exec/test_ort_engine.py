@@ -97,24 +97,17 @@ def test_training_mode_does_not_use_engine(gated):
 def _without_onnxruntime(monkeypatch):
     import importlib.util
 
-    import dynprune.exec
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
     )
-    monkeypatch.setattr(dynprune.exec, "_warned", set())
 
 
-def test_missing_extra_warns_once_and_runs_torch_path(monkeypatch):
-    _without_onnxruntime(monkeypatch)
+def test_auto_backend_runs_torch_path():
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
-    batch = tiny_batch(batch=2, seq=7)
-    with pytest.warns(RuntimeWarning, match=r"dynprune\[onnx\]"), torch.inference_mode():
-        out = gated(**batch, budget=0.5).logits
-    with torch.inference_mode(), dynprune.exec.reference_path(gated):
-        ref = gated(**batch, budget=0.5).logits
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    with torch.inference_mode():
+        gated(**tiny_batch(batch=2, seq=7), budget=0.5)
+    assert "_fast_encoder" not in gated.__dict__
 
 
 def test_explicit_backend_without_extra_is_an_error(monkeypatch):
@@ -122,3 +115,13 @@ def test_explicit_backend_without_extra_is_an_error(monkeypatch):
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16, backend="onnxruntime"))
     with pytest.raises(RuntimeError, match=r"dynprune\[onnx\]"), torch.inference_mode():
         gated.eval()(**tiny_batch(batch=1, seq=5), budget=0.5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_whole_model_session_on_repeated_masks(gated, batch_size):
+    batch = tiny_batch(batch=batch_size, seq=9, padded=False)
+    masks = _shared(random_masks(gated, batch_size, 0.5, seed=5, nested=True, skip_layers=True), batch_size)
+    for _ in range(2):  # the second sighting of the count vector builds the whole-model session
+        ref, _, fast, _ = _both(gated, batch, masks=masks)
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    assert len(gated.__dict__["_fast_encoder"].layers._model_sessions) == 1
