@@ -189,3 +189,25 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path):
     long = TrainConfig(stages=["dense"], model=ModelConfig(path=str(model)), data=DataConfig(max_length=256))
     with pytest.raises(PreflightError, match=r"max_position_embeddings=128.*--data\.max_length=128"):
         check_model(long, num_labels=3)
+
+
+def test_sweep_config_matches_its_training_recipes():
+    import math
+
+    from dynprune.eval.sweep import parse_args
+
+    for quick, recipe in ((False, "configs/news20.yaml"), (True, "configs/news20_quick.yaml")):
+        argv = ["--config", str(ROOT / "configs/sweep_news20.yaml"), *(["--quick"] if quick else [])]
+        sweep, _ = parse_args(argv)
+        train = parse_config(["--config", str(ROOT / recipe)])
+        assert sweep.training_dir == train.output_dir
+        # the sweep evaluates the same test subsample the training report did
+        assert sweep.evaluation.max_examples == train.data.max_eval_examples
+        assert sweep.finetune.batch_size == train.optim.batch_size
+        if quick:  # each baseline's fine-tuning over the grid = the gated stage's steps
+            gated_steps = (
+                math.floor(train.data.max_train_examples / train.optim.batch_size) * train.optim.gated_epochs
+            )
+            assert abs(sweep.finetune.steps * len(sweep.budgets) - gated_steps) <= len(sweep.budgets)
+        else:
+            assert "static_gates" in sweep.methods and "static" in train.stages
