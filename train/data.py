@@ -1,7 +1,8 @@
 """Sequence-classification data: load, split, tokenize, batch (with dynamic padding).
 
 Sources: the packaged Rotten Tomatoes corpus (the one split of
-:func:`dynprune.assets.rotten_tomatoes_split`), or any local CSV / TSV /
+:func:`dynprune.assets.rotten_tomatoes_split`), the packaged 20 Newsgroups
+(``data.dataset: news20``, :mod:`dynprune.train.news20`), or any local CSV / TSV /
 JSON-lines / parquet file with a text and a label column, read through
 ``datasets``. Labels may be strings or integers, any number of classes
 (at least two). Local files are de-duplicated on stripped text (first
@@ -59,7 +60,11 @@ def load_task_data(config: DataConfig | None = None, label_names: Sequence[str] 
 
     datasets.disable_progress_bars()
     cfg = config or DataConfig()
-    if cfg.path is None:
+    if cfg.path is None and cfg.dataset == "news20":
+        from dynprune.train.news20 import news20_columns
+
+        columns, names, source = news20_columns(cfg, label_names)
+    elif cfg.path is None:
         from dynprune.assets import RT_LABELS, rotten_tomatoes_split
 
         if (cfg.validation_fraction, cfg.test_fraction) != (0.1, 0.1):

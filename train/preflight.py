@@ -6,7 +6,8 @@
   seed, stages), and the checkpoints are for this stage layout;
 - the model directory and tokenizer load, the architecture is supported, the
   gate settings fit the model (slice size, router layer), and the smallest
-  training budget is above the fixed cost (router + task head + dense layers);
+  training budget is above the fixed cost (router + task head + dense layers),
+  and data.max_length fits the model's position embeddings (MiniLM: 512);
 - the data loads (files, columns, classes, labels) — see :mod:`dynprune.train.data`.
 """
 
@@ -103,6 +104,12 @@ def check_model(cfg: TrainConfig, num_labels: int) -> str:
         raise PreflightError(f"model.path={path!r} has no usable tokenizer: {err}") from err
     config = transformers.AutoConfig.from_pretrained(cfg.model.teacher_path or path, num_labels=num_labels)
     seq = cfg.data.max_length
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq > positions:
+        raise PreflightError(
+            f"data.max_length={seq} is longer than model {path!r} can read "
+            f"(max_position_embeddings={positions}); set --data.max_length={positions} or less"
+        )
     for stage, router in (("gated", "dynamic"), ("static", "static")):
         if stage not in cfg.stages:
             continue
