@@ -185,7 +185,7 @@ def test_generate_refuses_empty_and_too_long_prompts_and_foreign_caches():
     with pytest.raises(TypeError, match=r"needs a dynprune\.GatedKVCache"):
         gated(torch.tensor([[5, 6]]), budget=0.5, cache=DynamicCache())
     gated.train()
-    with pytest.raises(ValueError, match="gated.eval"):
+    with pytest.raises(ValueError, match=r"gated\.eval\(\)"):
         gated.generate(torch.tensor([[5, 6]]), max_new_tokens=2, budget=0.5)
 
 
