@@ -116,7 +116,8 @@ def engine_env(args: Any) -> dict[str, str]:
         "threads": f"{args.threads} (torch.set_num_threads; ORT intra_op_num_threads for every session)",
         "ort_dense_spinning": "on (ORT default); each variant runs in its own block of "
         f"{args.block} timed calls after a {args.pause_ms:g} ms pause and one untimed call",
-        "gated_engine_spinning": "on within a run, stopped at the end of each run (session.force_spinning_stop)",
+        "gated_path": "GatedModel's default CPU path (the PyTorch gathered path unless "
+        "GateConfig.backend='onnxruntime'; the ORT engine's sessions do not spin: dynprune bench candidates)",
     }
     try:
         import onnxruntime
