@@ -5,9 +5,10 @@ Every dense engine runs the same unwrapped HF model: ``eager`` (PyTorch),
 recompile) and ``ort`` (the model exported by :func:`dynprune.eval.onnx_export.export_onnx`,
 ONNX Runtime at its defaults: its own intra-op pool of ``--threads`` threads, spinning on).
 The physically sliced *limit* model is exported the same way (``limit_ort``).
-The gated model runs its default CPU path (``gated``: the ORT engine of
-:mod:`dynprune.exec` when ``dynprune[onnx]`` is installed) and the PyTorch
-gathered path (``gated_torch``, the reference).
+The gated model runs its default CPU path (``gated``: whatever
+``GateConfig.backend`` selects; the PyTorch gathered path under ``auto``) and the
+PyTorch gathered path explicitly (``gated_torch``, the reference). The ORT
+engine's settings are compared in ``dynprune bench candidates``.
 """
 
 from __future__ import annotations
