@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     seconds = time.perf_counter() - start
     env["loadavg_1min_start_end"] = f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"
+    print(format_table(rows))
     print(format_table(rows, columns=ENGINE_TABLE))
     for line in [*ort_goal_lines(rows), *goal_lines(rows)]:
         print(line)

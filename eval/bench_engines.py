@@ -5,9 +5,10 @@ Every dense engine runs the same unwrapped HF model: ``eager`` (PyTorch),
 recompile) and ``ort`` (the model exported by :func:`dynprune.eval.onnx_export.export_onnx`,
 ONNX Runtime at its defaults: its own intra-op pool of ``--threads`` threads, spinning on).
 The physically sliced *limit* model is exported the same way (``limit_ort``).
-The gated model runs its default CPU path (``gated``: the ORT engine of
-:mod:`dynprune.exec` when ``dynprune[onnx]`` is installed) and the PyTorch
-gathered path (``gated_torch``, the reference).
+The gated model runs its default CPU path (``gated``: whatever
+``GateConfig.backend`` selects; the PyTorch gathered path under ``auto``) and the
+PyTorch gathered path explicitly (``gated_torch``, the reference). The ORT
+engine's settings are compared in ``dynprune bench candidates``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def engine_env(args: Any) -> dict[str, str]:
         "threads": f"{args.threads} (torch.set_num_threads; ORT intra_op_num_threads for every session)",
         "ort_dense_spinning": "on (ORT default); each variant runs in its own block of "
         f"{args.block} timed calls after a {args.pause_ms:g} ms pause and one untimed call",
-        "gated_engine_spinning": "on within a run, stopped at the end of each run (session.force_spinning_stop)",
+        "gated_path": "GatedModel's default CPU path (the PyTorch gathered path unless "
+        "GateConfig.backend='onnxruntime'; the ORT engine's sessions do not spin: dynprune bench candidates)",
     }
     try:
         import onnxruntime

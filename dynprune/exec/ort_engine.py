@@ -167,7 +167,7 @@ class OrtLayers:
             self._sessions[key] = sess
         return sess
 
-    def warm(self, per_piece: bool = True) -> int:
+    def warm(self) -> int:
         """Build every attention / FFN piece session ahead of time (else built on first use); returns count."""
         self._check_weights()
         first = len(self.prefix)
