@@ -158,7 +158,7 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     for b in cfg.budgets:
         check_budget_value(b, "budget")
         if "dynamic" in cfg.methods:
-            from dynprune.eval.sweep_methods import dynamic_budget
+            from dynprune.eval.sweep_context import dynamic_budget
 
             dynamic_budget(cfg, b)  # a mean-budget mode this dynprune cannot serve fails here
     out = Path(cfg.output_dir)

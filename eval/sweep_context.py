@@ -88,6 +88,22 @@ def seed_run(cfg: SweepConfig, base: TrainingRun, seed: int) -> TrainingRun:
     return TrainingRun.open(root)
 
 
+def dynamic_budget(cfg: Any, budget: float) -> Any:
+    """What the dynamic model is given for a swept budget: the float (a per-input cap) or, with
+    budget_mode=mean, ``dynprune.parse_budget("mean:B")`` (a mean over inputs, calibrated)."""
+    if cfg.budget_mode == "cap":
+        return budget
+    import dynprune
+
+    parse = getattr(dynprune, "parse_budget", None)
+    if parse is None:
+        raise SweepError(
+            "budget_mode=mean needs mean budgets (dynprune.parse_budget / dynprune.MeanBudget), which this "
+            "dynprune does not have; use budget_mode=cap"
+        )
+    return parse(f"mean:{budget:g}")
+
+
 @dataclass
 class SweepContext:
     cfg: SweepConfig

@@ -43,7 +43,7 @@ from dynprune.eval.physical import physically_prune
 from dynprune.eval.runners import DenseRunner, GatedRunner, Runner, StructureRunner, model_inputs
 from dynprune.eval.sparse_io import load_sparse, save_sparse, weights_bytes
 from dynprune.eval.structure import Structure
-from dynprune.eval.sweep_context import SweepContext, SweepError, finetune
+from dynprune.eval.sweep_context import SweepContext, dynamic_budget, finetune
 from dynprune.eval.sweep_stats import encode_correct
 from dynprune.eval.timing import materialize
 from dynprune.train.evaluation import collect, summarize
@@ -177,20 +177,6 @@ def _uniform(ctx: SweepContext, budget: float) -> tuple[int, int]:
 
 
 # -- methods -------------------------------------------------------------------------------------
-def dynamic_budget(cfg: Any, budget: float) -> Any:
-    """What the dynamic model is given for a swept budget: the float (a per-input cap) or, with
-    budget_mode=mean, ``dynprune.parse_budget("mean:B")`` (a mean over inputs, calibrated)."""
-    if cfg.budget_mode == "cap":
-        return budget
-    parse = getattr(dynprune, "parse_budget", None)
-    if parse is None:
-        raise SweepError(
-            "budget_mode=mean needs mean budgets (dynprune.parse_budget / dynprune.MeanBudget), which this "
-            "dynprune does not have; use budget_mode=cap"
-        )
-    return parse(f"mean:{budget:g}")
-
-
 def point_dense(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     row = measure_point(ctx, ctx.dense_runner)  # dense against itself: an A/A check of the timing
     aa = {k: row[f"speedup_{k}"] for k in ("bs1", "bs16") if f"speedup_{k}" in row}
