@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 def _git_commit() -> str:
+    """The commit of the code that ran (LADDER_COMMIT when running from an exported snapshot)."""
+    if os.environ.get("LADDER_COMMIT"):
+        return os.environ["LADDER_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dynprune", "train"], cwd=ROOT).returncode
     return out.stdout.strip() + ("+dirty" if dirty else "")
@@ -284,13 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                     w.writeheader()
                 w.writerows(new)
             write_table(read_rows(csv_path), out / "ladder.md", order)
-            if a.commit:
-                subprocess.run(["git", "add", str(out)], cwd=ROOT, check=True)
-                subprocess.run(
-                    ["git", "commit", "-q", "-m", f"ablation ladder: seed {seed} {variant}", "--", str(out)],
-                    cwd=ROOT,
-                    check=True,
-                )
+            if a.commit:  # only OUT is committed; a failure (e.g. a busy index) waits for the next run
+                msg = f"ablation ladder: seed {seed} {variant} ({commit})"
+                subprocess.run(["git", "-C", str(out), "add", "."], check=False)
+                subprocess.run(["git", "-C", str(out), "commit", "-q", "-m", msg, "--", "."], check=False)
     return 0
 
 
