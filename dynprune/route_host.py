@@ -130,25 +130,24 @@ def _router_raw(router: Any, hidden: Tensor, mask: Tensor | None, budget: np.nda
 
     Torch for the pooling and the two Linear layers (numpy's BLAS would start
     its own threads next to torch's); the budget features [b, log b] enter the
-    output layer as a rank-2 term in numpy instead of a concatenation.
+    hidden and the output layer as rank-2 terms in numpy instead of Linear layers
+    and a concatenation.
     """
     if mask is None:
         pooled = hidden.mean(dim=1)  # (n, H)
     else:
         m = mask.to(hidden.dtype)[..., None]  # (n, T, 1)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    norm, out = router.norm, router.out
-    h = F.linear(F.layer_norm(pooled, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
-                 router.inp.weight, router.inp.bias)  # fmt: skip
+    norm, out, budget_inp = router.norm, router.out, router.budget_inp
+    h = F.linear(
+        F.layer_norm(pooled, norm.normalized_shape, norm.weight, norm.bias, norm.eps), router.inp.weight
+    ).numpy()  # (n, r) fmt: skip
+    wb, bb = budget_inp.weight.detach().numpy(), budget_inp.bias.detach().numpy()  # (r, 2) or (r, 1), (r,)
     b = budget.astype(np.float32)[:, None]  # (n, 1)
-    budget_inp = getattr(router, "budget_inp", None)  # GateConfig.budget_to_hidden (added by training)
-    if budget_inp is not None:  # + Linear([b, log b]) into the hidden layer, as a rank-2 term
-        wb = budget_inp.weight.detach().numpy()  # (r, 2)
-        h = torch.from_numpy(
-            h.numpy() + (b * wb[:, 0] + np.log(b) * wb[:, 1] + budget_inp.bias.detach().numpy())
-        )
-    z = router.act(h)
-    if not router.cfg.budget_conditioned:
+    conditioned = router.cfg.budget_conditioned
+    h = h + ((b * wb[:, 0] + np.log(b) * wb[:, 1]) if conditioned else wb[:, 0]) + bb
+    z = router.act(torch.from_numpy(h))
+    if not conditioned:
         return F.linear(z, out.weight, out.bias).numpy()
     r = z.shape[1]
     raw = F.linear(z, out.weight[:, :r], out.bias).numpy()  # (n, n_out)

@@ -6,7 +6,7 @@
 One dense teacher per seed (``RUNS/seed<S>/dense``) is shared by every variant of that
 seed (``--model.teacher_path``); each variant is a gated-only run in ``RUNS/seed<S>/<variant>``.
 Every run is one child process; the parent holds the shared CPU lock (as ``flock LOCK``
-does) while one seed's runs execute, and releases it between seeds. Resumable: a run whose rows are already in the CSV is skipped, an
+does) while the pending runs execute (order: seed by seed, the dense teacher first). Resumable: a run whose rows are already in the CSV is skipped, an
 unfinished run continues from its checkpoint (``--resume``). After each run the rows
 (test split, budgets of the recipe) are appended to ``OUT/ladder.csv`` and ``OUT/ladder.md``
 is rewritten (mean +- std over seeds); ``--commit`` commits OUT after each run.
@@ -289,32 +289,32 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "ladder.csv"
     order = list(VARIANTS)
-    for seed in a.seeds:
-        todo = [
-            v for v in ["dense", *[v for v in a.variants if v != "dense"]] if not _done(csv_path, seed, v)
-        ]
-        if not todo:
-            continue
-        with _cpu_lock(a.lock):  # one seed's runs under one hold of the shared CPU lock
-            for variant in todo:
-                print(f"== seed {seed} {variant}", flush=True)
-                cmd = [sys.executable, __file__, "--config", a.config, "--runs", str(runs)]
-                subprocess.run(
-                    [*cmd, "--one", str(seed), variant, *[f"--set={x}" for x in a.set]], check=True
-                )
-                commit = _git_commit()
-                rows = read_rows(csv_path)
-                new = _rows_of_run(_run_dir(runs, seed, variant), seed, variant, commit)
-                with csv_path.open("a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS)
-                    if not rows:
-                        w.writeheader()
-                    w.writerows(new)
-                write_table(read_rows(csv_path), out / "ladder.md", order)
-                if a.commit:  # only OUT is committed; a failure (e.g. a busy index) waits for the next run
-                    msg = f"ablation ladder: seed {seed} {variant} ({commit})"
-                    subprocess.run(["git", "-C", str(out), "add", "."], check=False)
-                    subprocess.run(["git", "-C", str(out), "commit", "-q", "-m", msg, "--", "."], check=False)
+    todo = [
+        (seed, v)
+        for seed in a.seeds
+        for v in ["dense", *[v for v in a.variants if v != "dense"]]
+        if not _done(csv_path, seed, v)
+    ]
+    if not todo:
+        return 0
+    with _cpu_lock(a.lock):  # every pending run under one hold of the shared CPU lock
+        for seed, variant in todo:
+            print(f"== seed {seed} {variant}", flush=True)
+            cmd = [sys.executable, __file__, "--config", a.config, "--runs", str(runs)]
+            subprocess.run([*cmd, "--one", str(seed), variant, *[f"--set={x}" for x in a.set]], check=True)
+            commit = _git_commit()
+            rows = read_rows(csv_path)
+            new = _rows_of_run(_run_dir(runs, seed, variant), seed, variant, commit)
+            with csv_path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                if not rows:
+                    w.writeheader()
+                w.writerows(new)
+            write_table(read_rows(csv_path), out / "ladder.md", order)
+            if a.commit:  # only OUT is committed; a failure (e.g. a busy index) waits for the next run
+                msg = f"ablation ladder: seed {seed} {variant} ({commit})"
+                subprocess.run(["git", "-C", str(out), "add", "."], check=False)
+                subprocess.run(["git", "-C", str(out), "commit", "-q", "-m", msg, "--", "."], check=False)
     return 0
 
 

@@ -16,7 +16,6 @@ CONFIGS = [
     GateConfig(ffn_slice_size=16, ffn=False, budget_conditioned=False),
     GateConfig(ffn_slice_size=16, router_layer=1),
     GateConfig(ffn_slice_size=16, heads=False, ffn=False),
-    GateConfig(ffn_slice_size=16, budget_to_hidden=True),
 ]
 
 
@@ -52,17 +51,16 @@ def _routes(gated, batch, budget, monkeypatch):
 def _diverse(gated, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for lin in (gated.router.out, getattr(gated.router, "budget_inp", None)):
-            if lin is not None:
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 3.0)
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
+        for lin in (gated.router.out, gated.router.budget_inp):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 3.0)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
     return gated
 
 
 @pytest.mark.parametrize(
     "cfg",
     CONFIGS,
-    ids=lambda c: f"n{c.nested}h{c.heads}f{c.ffn}l{c.layers}r{c.router_layer}b{c.budget_to_hidden}",
+    ids=lambda c: f"n{c.nested}h{c.heads}f{c.ffn}l{c.layers}r{c.router_layer}b{c.budget_conditioned}",
 )
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
