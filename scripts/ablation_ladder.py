@@ -6,7 +6,9 @@
 One dense teacher per seed (``RUNS/seed<S>/dense``) is shared by every variant of that
 seed (``--model.teacher_path``); each variant is a gated-only run in ``RUNS/seed<S>/<variant>``.
 Every run is one child process; the parent holds the shared CPU lock (as ``flock LOCK``
-does) while the pending runs execute (order: seed by seed, the dense teacher first). Resumable: a run whose rows are already in the CSV is skipped, an
+does) while the pending runs execute, variant by variant (every seed of one variant, the
+dense teachers first), so that a ladder cut short still has whole variants.
+``--collect`` adds runs that finished (e.g. under an interrupted parent) to the table. Resumable: a run whose rows are already in the CSV is skipped, an
 unfinished run continues from its checkpoint (``--resume``). After each run the rows
 (test split, budgets of the recipe) are appended to ``OUT/ladder.csv`` and ``OUT/ladder.md``
 is rewritten (mean +- std over seeds); ``--commit`` commits OUT after each run.
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lock", default="/tmp/dynprune-cpu.lock")
     p.add_argument("--commit", action="store_true", help="git-commit OUT after each run")
     p.add_argument(
+        "--collect", action="store_true", help="only add finished runs to the table (no training, no lock)"
+    )
+    p.add_argument(
         "--set", action="append", default=[], help="extra override for every run: --set=--optim.max_steps=2"
     )
     p.add_argument("--one", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
@@ -289,19 +294,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "ladder.csv"
     order = list(VARIANTS)
+    # variant-major (all seeds of one variant before the next): cut short, it leaves whole variants
     todo = [
         (seed, v)
-        for seed in a.seeds
         for v in ["dense", *[v for v in a.variants if v != "dense"]]
+        for seed in a.seeds
         if not _done(csv_path, seed, v)
     ]
     if not todo:
         return 0
-    with _cpu_lock(a.lock):  # every pending run under one hold of the shared CPU lock
+    lock = contextlib.nullcontext() if a.collect else _cpu_lock(a.lock)
+    with lock:  # every pending run under one hold of the shared CPU lock
         for seed, variant in todo:
-            print(f"== seed {seed} {variant}", flush=True)
-            cmd = [sys.executable, __file__, "--config", a.config, "--runs", str(runs)]
-            subprocess.run([*cmd, "--one", str(seed), variant, *[f"--set={x}" for x in a.set]], check=True)
+            finished = (_run_dir(runs, seed, variant) / "report" / "results.csv").is_file()
+            if a.collect and not finished:
+                continue
+            if not finished:
+                print(f"== seed {seed} {variant}", flush=True)
+                cmd = [sys.executable, __file__, "--config", a.config, "--runs", str(runs)]
+                subprocess.run(
+                    [*cmd, "--one", str(seed), variant, *[f"--set={x}" for x in a.set]], check=True
+                )
             commit = _git_commit()
             rows = read_rows(csv_path)
             new = _rows_of_run(_run_dir(runs, seed, variant), seed, variant, commit)
