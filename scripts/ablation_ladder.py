@@ -214,7 +214,14 @@ def _done(csv_path: Path, seed: int, variant: str) -> bool:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return list(csv.DictReader(path.open())) if path.is_file() else []
+    """The CSV's rows, the first of any duplicate (variant, seed, budget) only."""
+    rows, seen = [], set()
+    for r in csv.DictReader(path.open()) if path.is_file() else []:
+        key = (r["variant"], r["seed"], r["budget"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+    return rows
 
 
 def write_table(rows: list[dict], path: Path, order: list[str]) -> None:
