@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _done(csv_path, seed, v)
     ]
     if not todo:
+        write_table(read_rows(csv_path), out / "ladder.md", order)
         return 0
     lock = contextlib.nullcontext() if a.collect else _cpu_lock(a.lock)
     with lock:  # every pending run under one hold of the shared CPU lock
