@@ -24,6 +24,9 @@ class GateConfig:
     ``unit_order``): samples differ in how far down the order they go. This
     makes every kept weight slice a view, which is what makes skipped work cost
     no time (docs/architecture.md). ``nested=False`` allows any subset.
+
+    How gates are sampled in training (temperature, hard) is not configuration
+    but training state: ``GatedModel.relaxation``, set by the training objective.
     """
 
     heads: bool = True
@@ -37,13 +40,7 @@ class GateConfig:
     router_hidden: int = 128
     router_layer: int = 0  # the router reads the output of this many (always dense) layers
     budget_conditioned: bool = True
-    # dynamic router: the budget also enters its hidden layer (not only the output layer), so
-    # that expected FLOPs can follow the budget closely (added for training; off = original router)
-    budget_to_hidden: bool = False
     init_keep_logit: float = 4.0
-    # Training-time relaxation (binary concrete / Gumbel-sigmoid)
-    temperature: float = 0.5
-    hard: bool = False  # straight-through hard gates (chosen under the budget) in training
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
@@ -60,8 +57,6 @@ class GateConfig:
             raise ValueError(f"GateConfig.router_hidden must be > 0, got {self.router_hidden}")
         if self.router_layer < 0:
             raise ValueError(f"GateConfig.router_layer must be >= 0, got {self.router_layer}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"GateConfig.temperature must be a finite number > 0, got {self.temperature}")
         _check_choice("router", self.router, ("dynamic", "static", "random"))
         _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
         _check_choice("backend", self.backend, ("auto", "torch", "triton", "onnxruntime"))
@@ -74,10 +69,22 @@ class GateConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateConfig:
         known = {f.name for f in fields(cls)}
+        removed = sorted(set(data) & set(REMOVED_KEYS))
+        if removed:
+            notes = "; ".join(f"{k}: {REMOVED_KEYS[k]}" for k in removed)
+            raise ValueError(f"GateConfig: keys {removed} were removed ({notes})")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"GateConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
+
+
+# Keys older versions wrote, and what became of them (dynprune.io drops them from old saved gates)
+REMOVED_KEYS = {
+    "budget_to_hidden": "every learned router now reads the budget in its hidden layer",
+    "temperature": "training state, GatedModel.relaxation (set by the training objective)",
+    "hard": "training state, GatedModel.relaxation (set by the training objective)",
+}
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynprune.arch import resolve
-from dynprune.config import GateConfig
+from dynprune.config import REMOVED_KEYS, GateConfig
 from dynprune.model import GatedModel, unwrap, wrap
 
 GATES_JSON = "gates.json"
@@ -87,7 +87,35 @@ def save_gates(gated: GatedModel, directory: str | os.PathLike) -> Path:
 
 def read_gate_config(directory: str | os.PathLike) -> GateConfig:
     meta = _read_meta(Path(directory))
-    return GateConfig.from_dict(meta["gate_config"])
+    return GateConfig.from_dict({k: v for k, v in meta["gate_config"].items() if k not in REMOVED_KEYS})
+
+
+def upgrade_legacy(gate_config: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Gates saved before the static and dynamic routers shared one hidden layer -> today's form.
+
+    The same function, re-expressed (``tensors`` is updated in place; returns the config dict
+    without the removed keys): the static router's ``inp_static`` is ``budget_inp``; the dynamic
+    router's input-layer bias moves into ``budget_inp``'s bias (a dynamic router saved without a
+    budget hidden layer gets zero budget weights). Training state (temperature, hard) is dropped.
+    """
+    import torch
+
+    cfg = {k: v for k, v in gate_config.items() if k not in REMOVED_KEYS}
+    for part in ("weight", "bias"):
+        old = tensors.pop(f"router.inp_static.{part}", None)
+        if old is not None:
+            tensors[f"router.budget_inp.{part}"] = old
+    inp_bias = tensors.pop("router.inp.bias", None)
+    if inp_bias is not None:
+        if "router.budget_inp.bias" in tensors:
+            tensors["router.budget_inp.bias"] = tensors["router.budget_inp.bias"] + inp_bias
+        else:
+            n_budget = 2 if cfg.get("budget_conditioned", True) else 1
+            tensors["router.budget_inp.weight"] = torch.zeros(
+                inp_bias.shape[0], n_budget, dtype=inp_bias.dtype
+            )
+            tensors["router.budget_inp.bias"] = inp_bias
+    return cfg
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -115,8 +143,8 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> GatedModel:
         raise IncompatibleGatesError(
             f"gates in {directory} were saved for a different model ({detail}); load them onto the model they were trained with"
         )
-    cfg = GateConfig.from_dict(meta["gate_config"])
     tensors = load_file(str(directory / GATES_WEIGHTS))
+    cfg = GateConfig.from_dict(upgrade_legacy(meta["gate_config"], tensors))
     gated = wrap(model, cfg, orders=(tensors.pop("head_perm"), tensors.pop("ffn_perm")))
     router_state = {k.removeprefix("router."): v for k, v in tensors.items()}
     try:

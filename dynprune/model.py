@@ -28,7 +28,7 @@ from dynprune.layers import LayerBinding, gate_layer, ungate_layer
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
 from dynprune.qkv_layout import PackedWeights
 from dynprune.router import Router
-from dynprune.state import ForwardInfo, GateState
+from dynprune.state import ForwardInfo, GateState, Relaxation
 
 Tensor = torch.Tensor
 _MARK = "_dynprune_wrapped"
@@ -40,7 +40,8 @@ class GatedModel(nn.Module):
     ``budget``: float or (B,) tensor of fractions of dense FLOPs in (0, 1]
     (default ``GateConfig.default_budget``); ``masks``: explicit
     :class:`UnitMasks` instead of the router (for tests and baselines).
-    After each call, ``self.last`` is a :class:`ForwardInfo`.
+    After each call, ``self.last`` is a :class:`ForwardInfo`. In train mode gates
+    are sampled as ``self.relaxation`` says (a :class:`Relaxation`, training state).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class GatedModel(nn.Module):
         self.register_buffer("head_perm", head_perm.clone(), persistent=False)
         self.register_buffer("ffn_perm", ffn_perm.clone(), persistent=False)
         self._state = GateState()
+        self.relaxation = Relaxation()
         self.last: ForwardInfo | None = None
         self._handles = []
         for i, lp in enumerate(gated_parts):
@@ -230,8 +232,8 @@ class GatedModel(nn.Module):
         masks = None
         if self.training:
             noisy = add_noise(scores, cfg.nested)
-            soft = fill_ungated(relaxed(noisy, cfg.temperature), n, *dims, like=hidden)
-            if cfg.hard:
+            soft = fill_ungated(relaxed(noisy, self.relaxation.temperature), n, *dims, like=hidden)
+            if self.relaxation.hard:
                 masks = select_under_budget(noisy, available, fm, seq)
                 gates_sub = straight_through(masks, soft)
             else:

@@ -22,7 +22,13 @@ from dynprune.gates import GateScores, nested_logits
 
 
 class Router(nn.Module):
-    """Maps pooled hidden states (+ budget) to :class:`GateScores`."""
+    """Maps pooled hidden states (+ budget) to :class:`GateScores`.
+
+    Every learned router has the same hidden layer ``budget_inp`` of the budget
+    features (a learned constant when not budget-conditioned); the dynamic one adds
+    an input term ``inp(norm(pooled))`` to it. So the static router *is* the dynamic
+    one with its input path removed, and the two train along one code path.
+    """
 
     def __init__(self, hidden: int, n_layers: int, n_heads: int, n_slices: int, cfg: GateConfig) -> None:
         super().__init__()
@@ -36,29 +42,25 @@ class Router(nn.Module):
         n_out = sum(self.sizes.values())
         n_budget = 2 if cfg.budget_conditioned else 0
         r = cfg.router_hidden
-        if cfg.router == "dynamic":
-            self.norm = nn.LayerNorm(hidden)
-            self.inp = nn.Linear(hidden, r)
-        else:
-            self.norm, self.inp = None, None
-        if cfg.router == "dynamic" and n_budget and cfg.budget_to_hidden:
-            self.budget_inp = nn.Linear(n_budget, r)
-        if cfg.router == "static":
-            # a learned vector per budget: an MLP of the budget alone (or a constant)
-            self.inp_static = nn.Linear(max(n_budget, 1), r)
-        self.act = nn.GELU()
-        self.out = nn.Linear(r + n_budget, n_out) if cfg.router != "random" else None
-        if self.out is not None:
+        self.norm: nn.LayerNorm | None = None
+        self.inp: nn.Linear | None = None
+        self.budget_inp: nn.Linear | None = None
+        self.out: nn.Linear | None = None
+        if cfg.router != "random":
+            self.budget_inp = nn.Linear(max(n_budget, 1), r)  # (B, 2) budget features (or a 1) -> (B, r)
+            self.out = nn.Linear(r + n_budget, n_out)
             nn.init.normal_(self.out.weight, std=0.02)
             nn.init.zeros_(self.out.bias)
+        if cfg.router == "dynamic":
+            self.norm = nn.LayerNorm(hidden)
+            self.inp = nn.Linear(hidden, r, bias=False)  # (B, H) pooled input -> (B, r), added to budget_inp
+        self.act = nn.GELU()
         self._generator: torch.Generator | None = None
 
     def flops_per_sample(self) -> int:
         """Matmul FLOPs of one forward for one sample (counted by the FLOPs module)."""
-        if self.cfg.router == "random":
-            return 0
         total = 0
-        for lin in (self.inp, getattr(self, "inp_static", None), getattr(self, "budget_inp", None), self.out):
+        for lin in (self.inp, self.budget_inp, self.out):
             if lin is not None:
                 total += 2 * lin.in_features * lin.out_features
         return total
@@ -79,24 +81,20 @@ class Router(nn.Module):
                 batch, sum(self.sizes.values()), generator=self._generator, device=hidden.device
             )
             return self._split(flat.to(hidden.dtype), raw=False)
+        assert self.budget_inp is not None and self.out is not None
         feats = self._budget_features(budget, hidden.dtype) if self.cfg.budget_conditioned else None
-        if self.cfg.router == "dynamic":
-            assert self.norm is not None and self.inp is not None
+        z = self.budget_inp(feats if feats is not None else hidden.new_ones(batch, 1))  # (B, r)
+        if self.inp is not None:
+            assert self.norm is not None
             if attention_mask is None:
                 pooled = hidden.mean(dim=1)  # (B, H)
             else:
                 m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            z = self.inp(self.norm(pooled))  # (B, r)
-            if feats is not None and hasattr(self, "budget_inp"):
-                z = z + self.budget_inp(feats)
-            z = self.act(z)
-        else:
-            static_in = feats if feats is not None else hidden.new_ones(batch, 1)
-            z = self.act(self.inp_static(static_in))
+            z = z + self.inp(self.norm(pooled))
+        z = self.act(z)
         if feats is not None:
             z = torch.cat([z, feats], dim=-1)  # (B, r + 2)
-        assert self.out is not None
         return self._split(self.out(z), raw=True)
 
     def _split(self, flat: torch.Tensor, raw: bool) -> GateScores:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,25 @@ class ForwardInfo:
     @property
     def flops_ratio(self) -> Tensor:
         return self.flops / self.dense_flops
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """How train-mode forwards sample gates (``GatedModel.relaxation``; the training objective
+    sets a new one every step). Eval mode ignores it: hard gates on the clean logits.
+
+    temperature: of the binary-concrete (Gumbel-sigmoid) sample; hard: straight-through
+    hard gates (chosen under the budget, on the noisy logits) instead of the soft sample.
+    """
+
+    temperature: float = 0.5
+    hard: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            raise ValueError(f"Relaxation.temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"Relaxation.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 @dataclass

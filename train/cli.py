@@ -94,6 +94,12 @@ def parse_config(argv: list[str]) -> TrainConfig:
             args.append(a)
     if config_path is not None and not Path(config_path).is_file():
         raise ConfigError(f"config file {config_path!r} does not exist")
+    from dynprune.train.config import removed_key_note
+
+    for a in args:
+        note = removed_key_note(a.removeprefix("--").split("=", 1)[0])
+        if note:
+            raise ConfigError(note)
     bad = [a for a in args if a.startswith("-") and not a.startswith("--")]
     if bad:
         raise ConfigError(f"unknown option {bad[0]!r}: options look like --section.key=value")
@@ -103,7 +109,10 @@ def parse_config(argv: list[str]) -> TrainConfig:
         raise
     except Exception as err:
         where = f" (config {config_path})" if config_path else ""
-        raise ConfigError(f"{_suggest(_explain(err))}{where}") from err
+        message = _explain(err)
+        section = re.match(r"`(\w+)`: The fields? `(\w+)`", message)
+        note = section and removed_key_note(f"{section.group(1)}.{section.group(2)}")
+        raise ConfigError(f"{note or _suggest(message)}{where}") from err
 
 
 def dump_config(cfg: TrainConfig) -> str:

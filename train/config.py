@@ -9,7 +9,7 @@ overrides are done by draccus (see docs/training.md for why draccus).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,28 +98,16 @@ class DataConfig:
 
 
 @dataclass
-class GateSection:
-    """Gates (mapped onto dynprune.GateConfig) and their training schedule."""
+class GateSection(GateConfig):
+    """The core dynprune.GateConfig (every field of it, same names and meaning) plus its
+    training schedule. Differences from the core: ``router`` is dynamic or static, and
+    ``unit_order`` adds taylor (data-driven importance, computed before gated training)."""
 
-    heads: bool = True
-    ffn: bool = True
-    layers: bool = True
-    ffn_slice_size: int = 128
-    nested: bool = True
     # dynamic: input-adaptive router; static: budget-only router (the CoFi-like control)
     router: Literal["dynamic", "static"] = "dynamic"
-    router_hidden: int = 128
-    # The router reads the output of this many always-dense layers (0 = embeddings)
-    router_layer: int = 0
-    # Dynamic router: feed the budget to its hidden layer too (much closer per-budget FLOPs)
-    budget_to_hidden: bool = True
-    # Dynamic router: scale of its input weights at the start of gated training (0 = start
-    # input-independent, i.e. like the static router, and let input dependence grow where it helps)
-    router_input_init: float = 1.0
-    init_keep_logit: float = 4.0
     # Importance order of heads/neurons before gated training: taylor (data, |activation x gradient|),
     # weight_norm (data-free) or none
-    unit_order: Literal["taylor", "weight_norm", "none"] = "taylor"
+    unit_order: Literal["taylor", "weight_norm", "none"] = "taylor"  # type: ignore[assignment]
     importance_batches: int = 32
     # Gumbel (binary-concrete) temperature: annealed exponentially from `temperature` to `temperature_end`
     temperature: float = 1.0
@@ -136,8 +124,6 @@ class GateSection:
         _positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
         _positive("gate", importance_batches=self.importance_batches)
         _fraction("gate", "hard_from", self.hard_from)
-        if not (math.isfinite(self.router_input_init) and self.router_input_init >= 0):
-            raise ValueError(f"gate.router_input_init must be >= 0, got {self.router_input_init}")
         check_budget_value(self.budget_min, "gate.budget_min")
         check_budget_value(self.budget_max, "gate.budget_max")
         if self.budget_min > self.budget_max:
@@ -148,25 +134,24 @@ class GateSection:
             raise ValueError(
                 "gate.budget_min must be < 1 (budget 1.0 runs the dense model: nothing to train)"
             )
+        if not self.budget_conditioned:
+            raise ValueError(
+                "gate.budget_conditioned must be true: training draws a budget per example and the "
+                "router has to read it"
+            )
+        if self.execution != "auto":
+            raise ValueError(
+                f"gate.execution={self.execution!r}: training runs the masked path; choose how "
+                "evaluation runs with evaluation.execution"
+            )
         self.gate_config()  # the core validates the rest (slice size, router width, ...)
 
     def gate_config(self, router: str | None = None) -> GateConfig:
         """The core GateConfig these settings describe (``router`` overrides the kind)."""
-        return GateConfig(
-            heads=self.heads,
-            ffn=self.ffn,
-            layers=self.layers,
-            ffn_slice_size=self.ffn_slice_size,
-            nested=self.nested,
-            unit_order="none" if self.unit_order == "none" else "weight_norm",
-            router=router or self.router,  # type: ignore[arg-type]
-            router_hidden=self.router_hidden,
-            router_layer=self.router_layer,
-            budget_conditioned=True,
-            budget_to_hidden=self.budget_to_hidden,
-            init_keep_logit=self.init_keep_logit,
-            temperature=self.temperature,
-        )
+        core = {f.name: getattr(self, f.name) for f in fields(GateConfig)}
+        core["unit_order"] = "none" if self.unit_order == "none" else "weight_norm"  # taylor: orders given
+        core["router"] = router or self.router
+        return GateConfig(**core)
 
 
 @dataclass
@@ -348,6 +333,27 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Keys older versions had, the value whose behaviour is now built in (None: any value is
+# compatible), and what became of them. A config that sets one fails with this note; a
+# checkpoint that recorded one resumes if its value is compatible.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "gate.budget_to_hidden": (
+        True,
+        "removed: every learned router now reads the budget in its hidden layer (the old `true`)",
+    ),
+    "gate.router_input_init": (
+        None,
+        "removed: an ablation knob (docs/training.md, Finding); the dynamic router's init is built in",
+    ),
+}
+
+
+def removed_key_note(key: str) -> str | None:
+    """The note for a removed dotted key (``gate.budget_to_hidden``), or None."""
+    entry = REMOVED_KEYS.get(key)
+    return None if entry is None else f"{key} was {entry[1]}; delete it from the config"
+
+
 # Sections whose change makes a checkpoint incompatible with the config resuming it.
 RESUME_KEYS = ("model", "data", "gate", "optim", "regularizer", "distill", "seed", "stages")
 
@@ -365,11 +371,17 @@ def config_diff(
 
     A key absent from ``saved`` (a field added after the checkpoint was written) matches
     when the current value equals its entry in ``defaults``: new fields default to the old
-    behaviour, so such a checkpoint can still be resumed.
+    behaviour, so such a checkpoint can still be resumed. A key in ``saved`` that was
+    removed since (:data:`REMOVED_KEYS`) matches when its value is the built-in behaviour.
     """
     out: list[str] = []
 
     def walk(a: Any, b: Any, default: Any, prefix: str) -> None:
+        if prefix in REMOVED_KEYS and b is None and a is not _MISSING:
+            compatible, note = REMOVED_KEYS[prefix]
+            if compatible is not None and a != compatible:
+                out.append(f"{prefix} (checkpoint: {a!r}; this key was {note}, so the run cannot continue)")
+            return
         if isinstance(a, dict) and isinstance(b, dict):
             dflt = default if isinstance(default, dict) else {}
             for k in sorted(set(a) | set(b)):

@@ -18,6 +18,7 @@ from dynprune.train.data import model_inputs
 from dynprune.train.losses import Lagrangian, hidden_distillation, logits_distillation
 
 from dynprune.model import GatedModel
+from dynprune.state import Relaxation
 
 Tensor = torch.Tensor
 
@@ -102,8 +103,7 @@ class GatedObjective:
 
     def begin_step(self, step: int, total: int) -> dict[str, float]:
         temperature, hard, self.ramp = self.schedule(step, total)
-        self.core.gate_config.temperature = temperature
-        self.core.gate_config.hard = hard
+        self.core.relaxation = Relaxation(temperature, hard)
         return {"temperature": temperature, "hard": float(hard), "target_ramp": self.ramp}
 
     def sample_budgets(self, n: int, step: int, micro: int) -> Tensor:

@@ -263,7 +263,6 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
     else:
         orders = unit_orders(ctx, student, c.gate.router_layer)
     gated = dynprune.wrap(student, c.gate.gate_config(router=STAGE_ROUTER[stage]), orders=orders)
-    scale_router_input(gated, c.gate.router_input_init)  # (a resume loads the trained router over it)
     objective = GatedObjective(
         gated, c.gate, c.regularizer, c.distill, c.seed + offset, ctx.acc.process_index, teacher
     )
@@ -308,13 +307,6 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def scale_router_input(gated: dynprune.GatedModel, scale: float) -> None:
-    """Scale the dynamic router's input weights; 0 makes it input-independent (static-like) at the start."""
-    if gated.router.inp is not None and scale != 1.0:
-        with torch.no_grad():
-            gated.router.inp.weight.mul_(scale)
 
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -186,10 +186,17 @@ class Trainer:
                 f"checkpoint {path} belongs to a stage of {state['total_steps']} steps x {state['batches_per_epoch']} "
                 f"batches/epoch, this one has {self.total_steps} x {self.per_epoch}: data or schedule changed"
             )
-        load_model(self.core, str(path / "model.safetensors"), strict=True, device=str(self.acc.device))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        )
+        try:
+            load_model(self.core, str(path / "model.safetensors"), strict=True, device=str(self.acc.device))
+            self.optimizer.load_state_dict(
+                torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            )
+        except (RuntimeError, ValueError) as err:
+            raise ckpt.ResumeError(
+                f"checkpoint {path} does not fit this model's parameters (written by an older dynprune, "
+                f"whose router had other weights?): {str(err).splitlines()[0]}. Finished stages are "
+                f"unaffected; to restart this stage, delete {path.parent}"
+            ) from err
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self.objective.load_state_dict(state["objective"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]

@@ -73,7 +73,7 @@ def test_expected_flops_are_differentiable_and_match_exact_at_hard_probabilities
 def test_router_flops_are_counted():
     gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32, router_hidden=32))
     r = gated.router
-    want = 2 * (r.inp.in_features * r.inp.out_features + r.out.in_features * r.out.out_features)
+    want = 2 * sum(lin.in_features * lin.out_features for lin in (r.inp, r.budget_inp, r.out))
     assert gated.flops.router == want == r.flops_per_sample()
     assert gated.flops.fixed(10) - gated.flops.fixed(10, with_router=False) == want
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from dynprune.train.cli import ConfigError, dump_config, main, parse_config
-from dynprune.train.config import TrainConfig, config_diff
+from dynprune.train.config import GateSection, TrainConfig, config_diff
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ["configs/minilm_rt.yaml", "configs/minilm_rt_quick.yaml"]
@@ -104,11 +104,47 @@ def test_config_diff_names_changed_keys():
 def test_config_diff_field_added_after_checkpoint():
     defaults = TrainConfig().to_dict()
     saved, now = TrainConfig().to_dict(), TrainConfig().to_dict()
-    del saved["gate"]["router_input_init"]  # checkpoint written before the field existed
+    del saved["gate"]["backend"]  # checkpoint written before the field existed
     assert config_diff(saved, now, defaults=defaults) == []
-    now["gate"]["router_input_init"] = 0.0  # a non-default value changes behaviour
+    now["gate"]["backend"] = "torch"  # a non-default value changes behaviour
     diff = config_diff(saved, now, defaults=defaults)
-    assert len(diff) == 1 and diff[0].startswith("gate.router_input_init")
+    assert len(diff) == 1 and diff[0].startswith("gate.backend")
+
+
+def test_config_diff_removed_keys_resume_when_their_behaviour_is_built_in():
+    defaults, now = TrainConfig().to_dict(), TrainConfig().to_dict()
+    saved = TrainConfig().to_dict()
+    saved["gate"].update(budget_to_hidden=True, router_input_init=0.0)  # written before the removal
+    assert config_diff(saved, now, defaults=defaults) == []
+    saved["gate"]["budget_to_hidden"] = False  # a router this version cannot build
+    diff = config_diff(saved, now, defaults=defaults)
+    assert len(diff) == 1 and "gate.budget_to_hidden" in diff[0] and "cannot continue" in diff[0]
+
+
+@pytest.mark.parametrize("key", ["budget_to_hidden", "router_input_init"])
+def test_removed_keys_fail_with_a_note(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"gate.{key} was removed"):
+        parse_config([f"--gate.{key}=1"])
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text(f"gate:\n  {key}: true\n")
+    with pytest.raises(ConfigError, match=f"gate.{key} was removed.*delete it"):
+        parse_config(["--config", str(yaml_file)])
+
+
+def test_gate_section_is_the_core_config_plus_its_schedule():
+    from dataclasses import fields
+
+    from dynprune.config import GateConfig
+
+    core = {f.name for f in fields(GateConfig)}
+    assert core <= {f.name for f in fields(GateSection)}
+    cfg = parse_config(["--gate.router_hidden=32", "--gate.backend=torch", "--gate.unit_order=taylor"])
+    g = cfg.gate.gate_config(router="static")
+    assert (g.router_hidden, g.backend, g.router, g.unit_order) == (32, "torch", "static", "weight_norm")
+    with pytest.raises(ConfigError, match="budget_conditioned must be true"):
+        parse_config(["--gate.budget_conditioned=false"])
+    with pytest.raises(ConfigError, match=r"evaluation\.execution"):
+        parse_config(["--gate.execution=gathered"])
 
 
 def test_unknown_keys_get_a_suggestion():
