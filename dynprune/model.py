@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from dynprune.arch import ModelParts, resolve
+from dynprune.budget import MeanBudget, ThresholdRoute
+from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import GateConfig
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import (
@@ -36,7 +38,9 @@ class GatedModel(nn.Module):
     """A HF model with routers and gates. Call it like the model, plus ``budget=``.
 
     ``budget``: float or (B,) tensor of fractions of dense FLOPs in (0, 1]
-    (default ``GateConfig.default_budget``); ``masks``: explicit
+    (default ``GateConfig.default_budget``): a cap per sample; or a
+    :class:`~dynprune.budget.MeanBudget`: a mean over the inputs, spent by the
+    policy calibrated for it (``self.calibration``); ``masks``: explicit
     :class:`UnitMasks` instead of the router (for tests and baselines).
     After each call, ``self.last`` is a :class:`ForwardInfo`.
     """
@@ -58,6 +62,8 @@ class GatedModel(nn.Module):
         self.register_buffer("ffn_perm", ffn_perm.clone(), persistent=False)
         self._state = GateState()
         self.last: ForwardInfo | None = None
+        # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
+        self.calibration = Calibration()
         self._handles = []
         for i, lp in enumerate(gated_parts):
             binding = LayerBinding(
@@ -86,12 +92,25 @@ class GatedModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(
-        self, *args: Any, budget: float | Tensor | None = None, masks: UnitMasks | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        budget: float | Tensor | MeanBudget | ThresholdRoute | None = None,
+        masks: UnitMasks | None = None,
+        **kwargs: Any,
     ) -> Any:
+        if isinstance(budget, MeanBudget):
+            if masks is not None:
+                raise ValueError("masks= chooses the units itself; it cannot be combined with a MeanBudget")
+            return mean_budget_forward(self, budget, args, kwargs)
         batch, device = _batch_and_device(args, kwargs)
-        budgets = normalize_budget(
-            self.gate_config.default_budget if budget is None else budget, batch, device
-        )
+        router_budget, threshold = None, None
+        if isinstance(budget, ThresholdRoute):
+            full = lambda v: torch.full((batch,), float(v), dtype=torch.float64, device=device)  # noqa: E731
+            budgets, router_budget, threshold = full(budget.cap or 1.0), full(budget.target), budget.threshold
+        else:
+            budgets = normalize_budget(
+                self.gate_config.default_budget if budget is None else budget, batch, device
+            )
         if masks is not None:
             masks.check_shape(batch, self.n_gated, self.parts.n_heads, self.n_slices)
             masks = UnitMasks(masks.head.to(device), masks.ffn.to(device), masks.layer.to(device)).canonical()
@@ -99,12 +118,20 @@ class GatedModel(nn.Module):
         if attention_mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             attention_mask = args[1]
         self._state.begin(
-            budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
+            budgets,
+            attention_mask,
+            masks,
+            gathered=self._use_gathered(),
+            backend=self._backend(device),
+            router_budget=router_budget,
+            threshold=threshold,
         )
         try:
             out = self.model(*args, **kwargs)
         finally:
             self.last = self._state.end()
+        if self.last is not None and isinstance(budget, ThresholdRoute):
+            self.last.mean_target = budget.target
         return out
 
     def _use_gathered(self) -> bool:
@@ -135,8 +162,8 @@ class GatedModel(nn.Module):
         cfg, fm = self.gate_config, self.flops
         batch, seq = hidden.shape[:2]
         dense = fm.dense(seq)
-        assert state.budget is not None
-        budget = state.budget
+        assert state.budget is not None and state.router_budget is not None
+        budget, router_budget = state.budget, state.router_budget  # cap per sample, router's input
         dims = (self.n_gated, self.parts.n_heads, self.n_slices)
         if state.forced_masks is not None:
             m = state.forced_masks
@@ -144,7 +171,7 @@ class GatedModel(nn.Module):
                 m.head.double(), m.ffn.double(), m.layer.double(), seq
             )
             return ForwardInfo(budget, seq, dense, flops, gates=m.to_gates(hidden.dtype), masks=m)
-        routed = budget < 1.0
+        routed = router_budget < 1.0
         if not bool(routed.any()):
             return ForwardInfo(
                 budget, seq, dense, torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
@@ -152,7 +179,7 @@ class GatedModel(nn.Module):
         rows = None if bool(routed.all()) else routed.nonzero().squeeze(1)
         sub = lambda t: t if (rows is None or t is None) else t.index_select(0, rows)  # noqa: E731
         sub_budget = sub(budget)
-        available = sub_budget.double() * dense - fm.fixed(seq)
+        available = sub_budget.double() * dense - fm.fixed(seq)  # (n,) FLOPs the gated layers may spend
         if bool((available < 0).any()):
             least = fm.fixed(seq) / dense
             raise ValueError(
@@ -160,7 +187,7 @@ class GatedModel(nn.Module):
                 f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
                 f"{cfg.router_layer} dense layer(s) always run)"
             )
-        scores = self.router(sub(hidden), sub(state.attention_mask), sub_budget)
+        scores = self.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
         n = sub_budget.shape[0]
         probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
         expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
@@ -169,12 +196,12 @@ class GatedModel(nn.Module):
             noisy = add_noise(scores, cfg.nested)
             soft = fill_ungated(relaxed(noisy, cfg.temperature), n, *dims, like=hidden)
             if cfg.hard:
-                masks = select_under_budget(noisy, available, fm, seq)
+                masks = select_under_budget(noisy, available, fm, seq, state.threshold)
                 gates_sub = straight_through(masks, soft)
             else:
                 gates_sub = soft
         else:
-            masks = select_under_budget(scores, available, fm, seq)
+            masks = select_under_budget(scores, available, fm, seq, state.threshold)
             gates_sub = masks.to_gates(hidden.dtype)
         gates = _scatter_rows(gates_sub, rows, batch, dims, hidden)
         full_masks = None if masks is None else gates.masks()

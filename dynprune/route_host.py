@@ -93,17 +93,22 @@ def _layout(gm: Any, seq: int, dtype: torch.dtype) -> _Layout:
 
 
 def select_on_host(
-    units: np.ndarray, lay: _Layout, layer: np.ndarray | None, available: np.ndarray
+    units: np.ndarray,
+    lay: _Layout,
+    layer: np.ndarray | None,
+    available: np.ndarray,
+    threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """gates.select_under_budget on the host -> (unit masks (n, L, U), layer mask (n, L)), canonical.
 
     ``units`` (n, L, U): logits of the gated units of every layer (heads then
-    FFN slices); ``layer`` (n, L) layer logits or None.
+    FFN slices); ``layer`` (n, L) layer logits or None; ``threshold``: only
+    units / layers with logit > threshold are eligible (mean budgets).
     """
     n, n_layers, n_units = units.shape
     compulsory = lay.compulsory
     if layer is not None:
-        keep = layer > 0
+        keep = layer.astype(np.float64) > (0.0 if threshold is None else threshold)
         if compulsory > 0:  # keep the best-scored kept layers whose compulsory cost fits
             order = np.argsort(-layer.astype(np.float64), axis=1, kind="stable")
             kept_sorted = np.take_along_axis(keep, order, 1)
@@ -115,10 +120,14 @@ def select_on_host(
     remaining = available - keep.sum(1) * compulsory if compulsory else available  # (n,)
     if n_units == 0:
         return np.zeros((n, n_layers, 0), dtype=bool), keep
-    key = _log_sigmoid(units.astype(np.float64)) - lay.log_costs  # (n, L, U)
-    key = np.where(keep[..., None], key, -np.inf).reshape(n, -1)  # layer-major, heads before slices
-    order = np.argsort(-key, axis=1, kind="stable")  # the units of kept layers (finite keys) first
-    n_eligible = keep.sum(1) * n_units
+    logit = units.astype(np.float64)
+    key = _log_sigmoid(logit) - lay.log_costs  # (n, L, U)
+    eligible = np.broadcast_to(keep[..., None], key.shape)
+    if threshold is not None:
+        eligible = eligible & (logit > threshold)
+    key = np.where(eligible, key, -np.inf).reshape(n, -1)  # layer-major, heads before slices
+    order = np.argsort(-key, axis=1, kind="stable")  # the eligible units (finite keys) first
+    n_eligible = eligible.reshape(n, -1).sum(1)
     cum = np.cumsum(lay.tiled_costs[order], axis=1)  # nondecreasing: what fits is a prefix
     n_take = np.minimum((cum <= (remaining * (1 + 1e-12))[:, None]).sum(1), n_eligible)
     rank = np.argsort(order, axis=1)  # position of each unit in the greedy order
@@ -171,14 +180,15 @@ def route_on_host(gm: Any, hidden: Tensor, state: GateState) -> ForwardInfo | No
     batch, seq = hidden.shape[:2]
     lay = _layout(gm, seq, hidden.dtype)
     dense, fixed = lay.dense, lay.fixed
-    budget = state.budget.numpy()
-    routed = budget < 1.0
+    budget = state.budget.numpy()  # (B,) cap per sample
+    router_budget = budget if state.router_budget is None else state.router_budget.numpy()
+    routed = router_budget < 1.0
     if not routed.all():
         if not routed.any():
             return ForwardInfo(state.budget, seq, dense, torch.full((batch,), dense, dtype=torch.float64))
         rows = np.flatnonzero(routed)
         rows_t = torch.from_numpy(rows)
-        hidden, budget = hidden.index_select(0, rows_t), budget[rows]
+        hidden, budget, router_budget = hidden.index_select(0, rows_t), budget[rows], router_budget[rows]
     else:
         rows, rows_t = None, None
     available = budget * dense - fixed
@@ -192,7 +202,7 @@ def route_on_host(gm: Any, hidden: Tensor, state: GateState) -> ForwardInfo | No
     mask = None if state.valid is None else state.attention_mask
     if mask is not None and rows_t is not None:
         mask = mask.index_select(0, rows_t)
-    raw = _router_raw(router, hidden, mask, budget)  # (n, n_out)
+    raw = _router_raw(router, hidden, mask, router_budget)  # (n, n_out)
     n = raw.shape[0]
     keep_logit = np.float32(cfg.init_keep_logit)
     scores = {}
@@ -207,7 +217,7 @@ def route_on_host(gm: Any, hidden: Tensor, state: GateState) -> ForwardInfo | No
     if layer is not None:
         per_layer = np.exp(_log_sigmoid(layer)) * per_layer
     expected = per_layer.sum(-1) + np.float32(fixed)
-    take, keep = select_on_host(units, lay, layer, available)
+    take, keep = select_on_host(units, lay, layer, available, state.threshold)
     per_layer_flops = (take * lay.costs).sum(-1) + lay.compulsory  # (n, L), integer-valued: exact
     flops = fixed + (keep * per_layer_flops).sum(-1)
     per_kind, m = {}, 0

@@ -30,6 +30,8 @@ class ForwardInfo:
     scores: GateScores | None = None  # router logits for rows ``routed_rows``
     routed_rows: Tensor | None = None
     expected_flops: Tensor | None = None
+    mean_target: float | None = None
+    passes: Tensor | None = None
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -41,7 +43,9 @@ class GateState:
     """Set by GatedModel.forward, filled by the router hook, read by every gated layer."""
 
     active: bool = False
-    budget: Tensor | None = None
+    budget: Tensor | None = None  # (B,) cap per sample: the FLOPs a sample may spend
+    router_budget: Tensor | None = None  # (B,) what the router reads (= budget, or a mean target)
+    threshold: float | None = None  # mean budgets: only units with logit > threshold are eligible
     attention_mask: Tensor | None = None
     valid: Tensor | None = None  # (B, T) bool, or None when there is no padding
     forced_masks: UnitMasks | None = None
@@ -60,9 +64,13 @@ class GateState:
         forced_masks: UnitMasks | None,
         gathered: bool,
         backend: str,
+        router_budget: Tensor | None = None,
+        threshold: float | None = None,
     ) -> None:
         self.active = True
         self.budget, self.attention_mask, self.forced_masks = budget, attention_mask, forced_masks
+        self.router_budget = budget if router_budget is None else router_budget
+        self.threshold = threshold
         self.valid = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             self.valid = attention_mask.bool()
@@ -73,5 +81,6 @@ class GateState:
         info = self.info
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
+        self.router_budget, self.threshold = None, None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
         return info

@@ -124,6 +124,11 @@ class GateSection:
     budget_min: float = 0.2
     budget_max: float = 0.8
     budget_sampling: Literal["uniform", "log_uniform"] = "log_uniform"
+    # cap: every example gets its own budget, a cap (greedy fill to it). mean: one target per
+    # micro-batch, the Lagrangian acts on the batch-MEAN expected FLOPs and units are kept where
+    # logit > 0, so the router decides how much each input gets (serve with MeanBudget after
+    # `dynprune calibrate`; docs/budgets.md)
+    budget_mode: Literal["cap", "mean"] = "cap"
 
     def __post_init__(self) -> None:
         _positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
@@ -159,6 +164,7 @@ class GateSection:
             budget_to_hidden=self.budget_to_hidden,
             init_keep_logit=self.init_keep_logit,
             temperature=self.temperature,
+            budget_mode=self.budget_mode,
         )
 
 
