@@ -154,8 +154,10 @@ def fit_cascade(
 ) -> CalibrationEntry:
     """The (low, high, confidence) cascade with the best validation accuracy at mean FLOPs <= target."""
     lows, highs = cascade_candidates(budget, trained)
-    if budget.cap is not None:
-        highs = [h for h in highs if any(lo + h <= budget.cap + 1e-12 for lo in lows)]
+    if budget.cap is not None:  # both passes together stay under the cap: second passes up to cap - low
+        cap = budget.cap
+        highs = sorted({h for h in highs if h + min(lows, default=1.0) <= cap + 1e-12}
+                       | {round(cap - lo, 4) for lo in lows if cap - lo > budget.target})  # fmt: skip
     if not lows or not highs:
         raise ValueError(
             f"no cascade fits {budget.spec}: first-pass budgets {lows}, second-pass budgets {highs} "
