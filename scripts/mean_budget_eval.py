@@ -53,7 +53,8 @@ def main() -> None:
     cfg = yaml.safe_load((args.run / "config.yaml").read_text())
     gate = cfg.get("gate") or {}
     trained = (float(gate.get("budget_min", 0.2)), float(gate.get("budget_max", 0.8)))
-    tok = transformers.AutoTokenizer.from_pretrained(args.run / "dense")
+    dense_dir = Path((cfg.get("model") or {}).get("teacher_path") or args.run / "dense")
+    tok = transformers.AutoTokenizer.from_pretrained(dense_dir)
     data = load_task_data(DataConfig(**cfg["data"]))
     ex = encode(data, tok, cfg["data"]["max_length"])
     collate = Collator(tok.pad_token_id, getattr(tok, "padding_side", "right"))
@@ -63,7 +64,7 @@ def main() -> None:
         return [collate([e[i] for i in b]) for b in eval_batches(e, args.batch_size)]
 
     val, test = batches("validation"), batches("test")
-    dense = transformers.AutoModelForSequenceClassification.from_pretrained(args.run / "dense").eval()
+    dense = transformers.AutoModelForSequenceClassification.from_pretrained(dense_dir).eval()
     dense_rec = collect(dense, test)
     dense_conf = dense_rec.probs.max(-1)
     rows = []
@@ -90,6 +91,8 @@ def main() -> None:
     rows.append({"seed": args.seed, "method": "dense", "target": 1.0,
                  "accuracy": float((dense_rec.preds == dense_rec.labels).mean()), "flops_ratio_mean": 1.0})  # fmt: skip
     for name, sub in (("dynamic_cap", "gated"), ("static_cap", "static")):
+        if not (args.run / sub / "gates").is_dir():
+            continue
         gated, _ = dynprune.load_gated_model(args.run / sub)
         for t in TARGETS:
             record(name, t, collect(gated, test, budget=t))
