@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--parts", nargs="+", choices=("cap", "mean"), default=["cap", "mean"])
+    p.add_argument("--limit", type=int, default=None, help="first N examples per split (smoke test)")
     args = p.parse_args()
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
@@ -60,7 +62,7 @@ def main() -> None:
     collate = Collator(tok.pad_token_id, getattr(tok, "padding_side", "right"))
 
     def batches(split: str) -> list:
-        e = ex[split]
+        e = ex[split][: args.limit]
         return [collate([e[i] for i in b]) for b in eval_batches(e, args.batch_size)]
 
     val, test = batches("validation"), batches("test")
@@ -91,7 +93,7 @@ def main() -> None:
     rows.append({"seed": args.seed, "method": "dense", "target": 1.0,
                  "accuracy": float((dense_rec.preds == dense_rec.labels).mean()), "flops_ratio_mean": 1.0})  # fmt: skip
     for name, sub in (("dynamic_cap", "gated"), ("static_cap", "static")):
-        if not (args.run / sub / "gates").is_dir():
+        if "cap" not in args.parts or not (args.run / sub / "gates").is_dir():
             continue
         gated, _ = dynprune.load_gated_model(args.run / sub)
         for t in TARGETS:
@@ -104,7 +106,7 @@ def main() -> None:
                 record("cascade", t, collect(gated, test, budget=dynprune.MeanBudget(t)),
                        {"policy": json.dumps(pol.__dict__), "val_flops": entry.fitted["flops_ratio_mean"],
                         "val_accuracy": entry.fitted["accuracy"]})  # fmt: skip
-    if args.mean_run is not None:
+    if args.mean_run is not None and "mean" in args.parts:
         gated, _ = dynprune.load_gated_model(args.mean_run / "gated")
         for t in TARGETS:
             entry = fit(gated, val, dynprune.MeanBudget(t), policy="threshold")
@@ -120,7 +122,8 @@ def main() -> None:
     old = []
     if args.out.is_file():
         with args.out.open() as f:
-            old = [r for r in csv.DictReader(f) if int(r["seed"]) != args.seed]
+            mine = {(r["seed"], r["method"]) for r in rows}
+            old = [r for r in csv.DictReader(f) if (int(r["seed"]), r["method"]) not in mine]
             keys += [k for r in old for k in r if k not in keys]
     with args.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
