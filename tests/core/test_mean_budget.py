@@ -34,6 +34,7 @@ def _batches(n=4, batch=16, seed=0):
     for s in range(n):
         b = tiny_batch(batch=batch, seq=12 + 3 * s, seed=seed * 10 + s, padded=True)
         b["labels"] = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(s))
+        b["index"] = torch.arange(s * batch, (s + 1) * batch)
         out.append(b)
     return out
 
@@ -221,3 +222,18 @@ def test_state_defaults_keep_cap_semantics():
     caps = torch.tensor([0.5, 1.0], dtype=torch.float64)
     s.begin(caps, None, None, gathered=False, backend="torch")
     assert s.router_budget is caps and s.threshold is None
+
+
+@pytest.mark.parametrize("mode", ["mean", "cap"])
+def test_mean_budgets_give_the_same_outputs_on_the_masked_and_gathered_paths(mode):
+    from dynprune.train.evaluation import collect
+
+    gated = _gated(mode=mode)
+    batches = _batches(3)
+    budget = MeanBudget(0.4)
+    gated.calibration.add(fit(gated, batches, budget, trained=(0.2, 0.9)))
+    gathered = collect(gated, batches, budget=budget, execution="gathered", keep_masks=True)
+    masked = collect(gated, batches, budget=budget, execution="masked", keep_masks=True)
+    assert (gathered.flops == masked.flops).all() and (gathered.head == masked.head).all()
+    assert abs(gathered.probs - masked.probs).max() < 1e-5
+    assert gathered.budget == "mean:0.4"
