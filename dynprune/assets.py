@@ -126,7 +126,9 @@ def load_smollm2(dtype=None):
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("loading SmolLM2 needs the gguf package: pip install 'dynprune[lm]'")
     gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model.eval(), tokenizer
 

@@ -25,9 +25,10 @@ def prunable_linears(model: nn.Module) -> list[nn.Linear]:
     """Every attention and FFN projection of every layer (the weights magnitude pruning touches)."""
     out: list[nn.Linear] = []
     for p in resolve(model).parts:
-        out += [p.q, p.k, p.v, p.o, p.up, p.down]
-        if p.gate_proj is not None:
-            out.append(p.gate_proj)
+        for proj in (p.q, p.k, p.v, p.o, p.up, p.down, p.gate_proj):
+            module = getattr(proj, "module", proj)  # arch.Proj views -> the module holding the weights
+            if module is not None and all(module is not m for m in out):  # fused Q/K/V counted once
+                out.append(module)
     return out
 
 
