@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,34 +127,40 @@ def time_interleaved(
         sync = torch.cuda.synchronize
     names = list(fns)
     stats = {name: TimingStats(name) for name in names}
-    ctx = torch.inference_mode() if inference else nullcontext()
-    gc_was_enabled = gc.isenabled()
     limit = max(repeats, max_repeats or repeats)
+    with _warmed_up(fns, warmup, inference):
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < limit):
+            shift = rounds % len(names) if rotate else 0
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
+                if sync is not None:
+                    sync()
+                t0 = time.perf_counter()
+                fn()
+                if sync is not None:
+                    sync()
+                stats[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+    return stats
+
+
+@contextmanager
+def _warmed_up(fns: dict, warmup: int, inference: bool):
+    """Run every fn ``warmup`` times, then time with the GC off (and inference mode, if asked)."""
+    gc_was_enabled = gc.isenabled()
     try:
-        with ctx:
+        with torch.inference_mode() if inference else nullcontext():
             for _ in range(warmup):
-                for name in names:
-                    fns[name]()
+                for fn in fns.values():
+                    fn()
             gc.collect()
             gc.disable()
-            start = time.perf_counter()
-            rounds = 0
-            while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < limit):
-                shift = rounds % len(names) if rotate else 0
-                for name in names[shift:] + names[:shift]:
-                    fn = fns[name]
-                    if sync is not None:
-                        sync()
-                    t0 = time.perf_counter()
-                    fn()
-                    if sync is not None:
-                        sync()
-                    stats[name].times_ms.append((time.perf_counter() - t0) * 1e3)
-                rounds += 1
+            yield
     finally:
         if gc_was_enabled:
             gc.enable()
-    return stats
 
 
 def materialize(module: torch.nn.Module) -> torch.nn.Module:
@@ -246,28 +252,17 @@ def time_blocks(
         raise ValueError(f"need repeats >= 1, block >= 1, warmup >= 0; got {repeats}, {block}, {warmup}")
     names = list(fns)
     stats = {name: TimingStats(name) for name in names}
-    ctx = torch.inference_mode() if inference else nullcontext()
-    gc_was_enabled = gc.isenabled()
-    try:
-        with ctx:
-            for _ in range(warmup):
-                for name in names:
-                    fns[name]()
-            gc.collect()
-            gc.disable()
-            for r in range(repeats):
-                shift = r % len(names)
-                for name in names[shift:] + names[:shift]:
-                    fn = fns[name]
-                    time.sleep(pause_s)
-                    fn()  # first call after the pause: untimed (threads wake up)
-                    times = []
-                    for _ in range(block):
-                        t0 = time.perf_counter()
-                        fn()
-                        times.append((time.perf_counter() - t0) * 1e3)
-                    stats[name].times_ms.append(statistics.median(times))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    with _warmed_up(fns, warmup, inference):
+        for r in range(repeats):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
+                time.sleep(pause_s)
+                fn()  # first call after the pause: untimed (threads wake up)
+                times = []
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                stats[name].times_ms.append(statistics.median(times))
     return stats
