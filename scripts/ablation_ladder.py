@@ -110,9 +110,6 @@ VARIANTS: dict[str, Variant] = {
     ),
     "dynamic": Variant("dynamic router, as configured"),
     "dynamic_detached": Variant("dynamic router reading detached hidden states", patch=_detached_input),
-    "dynamic_zero_init": Variant(
-        "dynamic router, input weights start at zero", overrides=["--gate.router_input_init=0"]
-    ),
 }
 
 
