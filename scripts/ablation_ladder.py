@@ -110,6 +110,10 @@ VARIANTS: dict[str, Variant] = {
     ),
     "dynamic": Variant("dynamic router, as configured"),
     "dynamic_detached": Variant("dynamic router reading detached hidden states", patch=_detached_input),
+    "dynamic_layer1": Variant(
+        "dynamic router reading the output of layer 1 (always dense) instead of the embeddings",
+        overrides=["--gate.router_layer=1"],
+    ),
 }
 
 
