@@ -272,7 +272,42 @@ def write_table(rows: list[dict], path: Path, order: list[str]) -> None:
             + " | ".join(cells)
             + f" | {hcell} | {', '.join(sorted(commits[v]))} |"
         )
+    lines += _paired_lines(rows, variants, budgets)
     path.write_text("\n".join(lines) + "\n")
+
+
+#: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _paired_lines(rows: list[dict], variants: list[str], budgets: list[float]) -> list[str]:
+    """Per variant: accuracy minus the static control's on the same seed (same dense teacher,
+    same data split), mean and 95 % t-interval over seeds; no verdict when it contains 0."""
+    acc = {(r["variant"], int(r["seed"]), float(r["budget"])): 100 * float(r["accuracy"]) for r in rows}
+    out = [
+        "",
+        "## Paired with the static control (same seed, same teacher)",
+        "",
+        "Accuracy difference in points, mean [95 % t-interval] over the seeds both ran.",
+        "",
+        "| variant | " + " | ".join(f"Δ @ {b:g}" for b in budgets if b < 1) + " |",
+        "|---|" + "---|" * sum(b < 1 for b in budgets),
+    ]
+    for v in variants:
+        if v in ("static", "dense"):
+            continue
+        cells = []
+        for b in (b for b in budgets if b < 1):
+            seeds = sorted({k[1] for k in acc if k[0] == v and k[2] == b and ("static", k[1], b) in acc})
+            diffs = [acc[(v, s, b)] - acc[("static", s, b)] for s in seeds]
+            if len(diffs) < 2:
+                cells.append(f"{diffs[0]:+.2f} (1 seed)" if diffs else "")
+                continue
+            m = statistics.mean(diffs)
+            half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            cells.append(f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]")
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
