@@ -301,6 +301,16 @@ def _layer_parts(layer: nn.Module, spec: ArchSpec, hidden: int) -> LayerParts:
     )
 
 
+def layer_parts(model: nn.Module) -> list[LayerParts]:
+    """Every layer's modules through the arch table, *without* :func:`resolve`'s uniform-width
+    checks: also reads physically pruned models (per-layer widths)."""
+    spec = spec_for(model)
+    backbone = getattr(model, "base_model", model)
+    layers = get_attr_path(backbone, spec.layers)
+    hidden = int(model.config.hidden_size)  # type: ignore[union-attr]
+    return [_layer_parts(layer, spec, hidden) for layer in layers]  # type: ignore[union-attr]
+
+
 def resolve(model: nn.Module) -> ModelParts:
     """Resolve every module dynprune touches, checking shapes are consistent."""
     spec = spec_for(model)

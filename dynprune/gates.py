@@ -157,6 +157,10 @@ def fill_ungated(
     )
 
 
+#: added to the (negative) keys of dropped layers' units so they sort after every kept layer's
+_REFILL_OFFSET = 1e6
+
+
 def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
@@ -166,6 +170,10 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
     2. Gated units of kept layers are taken in order of
        ``log sigmoid(logit) - log(cost)`` (stable: ties go to the lower unit
        index, so nested logits give prefixes) while the running cost fits.
+    3. Budget left once the kept layers are full goes to the units of the
+       dropped layers, in the same order (a layer comes back when one of its
+       units is taken), so a budget above what the kept layers can hold is still
+       spent — only when every kind of unit is gated (no compulsory cost).
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
     """
     ref = next(t for t in (scores.head, scores.ffn, scores.layer) if t is not None)
@@ -200,6 +208,7 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
                 "gate more kinds of units (heads/ffn/layers) or raise the budget"
             )
     remaining = available - keep_layer.double().sum(1) * compulsory  # (B,)
+    refill = scores.layer is not None and compulsory == 0.0
 
     keys, costs, slots = [], [], []
     for kind, t, cost, n in (
@@ -208,8 +217,9 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
     ):
         if t is None:
             continue
-        key = F.logsigmoid(t.detach().double()) - math.log(cost)  # (B, L, n)
-        key = key.masked_fill(~keep_layer[..., None], float("-inf"))
+        key = F.logsigmoid(t.detach().double()) - math.log(cost)  # (B, L, n), < 0
+        # dropped layers: after every kept layer's unit (refill, step 3), or never
+        key = torch.where(keep_layer[..., None], key, key - _REFILL_OFFSET if refill else float("-inf"))
         keys.append(key)
         costs.append(torch.full((n_layers, n), cost, dtype=torch.float64, device=device))
         slots.append((kind, n))
@@ -237,6 +247,8 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
             else:
                 ffn_mask = part
             offset += n
+        if refill:
+            keep_layer = keep_layer | take.any(dim=-1)
     return UnitMasks(head_mask, ffn_mask, keep_layer).canonical()
 
 

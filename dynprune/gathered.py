@@ -46,10 +46,6 @@ from dynprune.qkv_layout import PackedWeights
 
 Tensor = torch.Tensor
 
-#: Per-sample (several blocks) layout of the expanding projections (Q/K/V, FFN up): True = by
-#: unit runs over the first rows (fewer, larger matmuls), False = one per block; see NOTES.md.
-UNIT_RUNS = True
-
 
 def _norm(norm: torch.nn.Module, t: Tensor) -> Tensor:
     """A LayerNorm module's function without the module-call overhead (other norms: called)."""
@@ -105,13 +101,13 @@ def gathered_layer(
     pre = norm_position == "pre"
     if plan.attention.blocks:
         attn_in = _norm(parts.attn_norm, xa) if pre else xa
-        attention(attn_in, acc, plan.attention, weights, _inputs_in_order(inputs, order), UNIT_RUNS)
+        attention(attn_in, acc, plan.attention, weights, _inputs_in_order(inputs, order))
     h = acc if pre else _norm(parts.attn_norm, acc)
     if plan.ffn_from_attention is not None:
         h = h.index_select(0, plan.ffn_from_attention)  # -> ffn order
     y = _with_bias(h, parts.down.bias)
     if plan.ffn.blocks:
-        ffn(_norm(parts.ffn_norm, h) if pre else h, y, plan.ffn, weights, slice_size, parts.act, UNIT_RUNS)
+        ffn(_norm(parts.ffn_norm, h) if pre else h, y, plan.ffn, weights, slice_size, parts.act)
     if not pre:
         y = _norm(parts.ffn_norm, y)
     return _back_in_batch_order(x, y, plan)

@@ -82,26 +82,19 @@ def _attend(qkv: Tensor, blk: Block, index: int, seq: int, w: PackedWeights, inp
         scale=inp.scale,
         enable_gqa=g > 1,
     )  # (n, k*G, T, d)
-    if blk.drop is not None:  # merged block: units a row does not keep contribute nothing
-        ctx = (
-            ctx.view(n, k, g, seq, d)
-            .masked_fill(blk.drop[:, :, None, None, None], 0.0)
-            .view(n, k * g, seq, d)
-        )
     return ctx.transpose(1, 2).reshape(n * seq, k * g * d)  # a view when SDPA returns (n, T, k*G, d)
 
 
-def attention(
-    x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: AttentionInputs, by_runs: bool = True
-) -> None:
+def attention(x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: AttentionInputs) -> None:
     """acc[rows] += attention of each block's units over x[rows], projected by their O columns.
 
-    ``by_runs``: project Q/K/V by the plan's unit runs (when it has them) instead of per block."""
+    Q/K/V are projected by the plan's unit runs when it has them (fewer, larger matmuls than
+    one per block; results/cpu_bench/NOTES.md), else per block."""
     if not plan.blocks:
         return
     _, seq, hidden = x.shape
     width = w.unit_width
-    if plan.unit_runs is not None and by_runs:  # Q/K/V by unit runs: the first rows × a run of units
+    if plan.unit_runs is not None:  # Q/K/V by unit runs: the first rows × a run of units
         buf = x.new_empty(plan.blocks[-1].stop * seq, plan.blocks[0].n_units * width)  # corners unread
         for n_rows, u0, u1 in plan.unit_runs:
             w_t, b, _ = w.attention(slice(u0, u1))

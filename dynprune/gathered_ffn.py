@@ -62,9 +62,6 @@ def _ffn_block(h: Tensor, acc: Tensor, blk: Block, w: PackedWeights, s: int, act
         inter = apply_activation(act, F.linear(hg, gate, b_gate)).mul_(pre)
     else:
         inter = apply_activation(act, pre)
-    if blk.drop is not None:  # merged block: slices a row does not keep contribute nothing
-        inter = inter.view(n, seq, blk.n_units, s).masked_fill_(blk.drop[:, None, :, None], 0.0)
-        inter = inter.view(n * seq, blk.n_units * s)
     dst = acc[rows].view(n * seq, hidden)
     torch.addmm(dst, inter, down_t, out=dst)
 
@@ -98,10 +95,9 @@ def ffn(
     w: PackedWeights,
     slice_size: int,
     act: Callable,
-    by_runs: bool = True,
 ) -> None:
-    """acc[rows] += FFN of each block's slices over h[rows] (``by_runs``: up by unit runs)."""
-    if plan.unit_runs is not None and by_runs and w.parts.gate_proj is None:
+    """acc[rows] += FFN of each block's slices over h[rows] (up by the plan's unit runs if any)."""
+    if plan.unit_runs is not None and w.parts.gate_proj is None:
         _ffn_by_runs(h, acc, plan, w, slice_size, act)
     else:
         for blk in plan.blocks:

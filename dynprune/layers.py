@@ -81,7 +81,7 @@ class GatedLayerMixin:
                 return triton_layer(hidden_states, state.valid, m.head[:, i], m.ffn[:, i], m.layer[:, i], b)
             if state.plans is None:
                 m = _hard_masks(state, gates)
-                state.plans = plan_forward(m.head, m.ffn, m.layer, b.flops, hidden_states.shape[1])
+                state.plans = plan_forward(m.head, m.ffn, m.layer)
             plan = state.plans[b.index]
             if not b.causal:
                 mask = None if state.valid is None else state.valid[:, None, None, :]  # (B, 1, 1, T)

@@ -10,18 +10,13 @@ index / mask tensors. Per gated layer and kind of unit (heads, FFN slices):
 - **Blocks**: a block is a contiguous run of plan-order rows that is computed
   as one matmul on a *view* of those rows and a *view* of the weights of a
   run of units. With nested gates (every kept set is a prefix of the
-  importance order) a block is "rows r0:r1 × units 0:c" — rows are the
-  samples that keep exactly c units, or, after *merging*, several count
-  levels computed at the largest one, the extra units being zeroed per row
-  (``drop``) so results equal the masked path. Arbitrary (non-nested) masks:
-  one block per distinct mask, with unit indices (weight copies; correct but
-  slower).
-- **Merging** (nested only; off by default, see :data:`BLOCK_OVERHEAD_FLOPS`):
-  each block costs a fixed overhead (a few ops)
-  plus its FLOPs; merging adjacent count levels trades wasted FLOPs for fewer,
-  larger ops. :func:`merge_levels` picks the partition of the sorted count
-  levels that minimises ``blocks × overhead + computed FLOPs`` exactly (dynamic
-  programming over the ≤ n_units + 1 distinct levels).
+  importance order) a block is "rows r0:r1 × units 0:c" — the samples that
+  keep exactly c units. Arbitrary (non-nested) masks: one block per distinct
+  mask, with unit indices (weight copies; correct but slower). Blocks are
+  exact: the gathered path executes exactly the FLOPs that
+  ``GatedModel.last.flops`` reports. (Merging count levels to save ops, at
+  the price of computing and discarding units, did not pay off on CPU:
+  results/cpu_bench/NOTES.md.)
 
 With one sample (or a shared mask) a layer is one block per kind: every op is
 a view, nothing is sorted or copied.
@@ -34,31 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynprune.flops import FlopsModel
-
 Tensor = torch.Tensor
-
-#: Fixed cost of one extra block in FLOPs, for block merging. 0 (default) = exact blocks:
-#: the gathered path then executes exactly the FLOPs that ``GatedModel.last.flops`` reports
-#: (≤ each sample's budget). > 0 (e.g. 6e6, about 3 ops of ~15 µs at ~150 GFLOP/s) lets the
-#: planner merge count levels, computing (and discarding) some units a sample does not keep;
-#: it did not pay off on the benchmark machine (results/cpu_bench/NOTES.md).
-BLOCK_OVERHEAD_FLOPS = 0.0
 
 
 @dataclass
 class Block:
-    """Rows ``start:stop`` (plan order) compute units ``units`` (a slice or an index tensor).
-
-    ``drop`` (merged nested blocks only): (n_rows, n_units) bool, True where a
-    row computes a unit it does not keep; its contribution is zeroed.
-    """
+    """Rows ``start:stop`` (plan order) compute units ``units`` (a slice or an index tensor)."""
 
     start: int
     stop: int
     units: slice | Tensor
     n_units: int
-    drop: Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -77,8 +58,8 @@ class KindPlan:
     rows: np.ndarray
     order: Tensor | None
     blocks: list[Block]
-    computed_units: int = 0  # sum over blocks of n_rows × n_units (≥ kept units when merged)
-    # nested, exact blocks only: the same work cut by units instead of rows, for the *expanding*
+    computed_units: int = 0  # sum over blocks of n_rows × n_units (= kept units)
+    # nested only: the same work cut by units instead of rows, for the *expanding*
     # projections (Q/K/V, FFN up): (n_rows, u0, u1) = the first n_rows rows compute units u0:u1
     unit_runs: list[tuple[int, int, int]] | None = None
 
@@ -99,31 +80,6 @@ class LayerPlan:
     extras: dict = field(default_factory=dict)
 
 
-def merge_levels(levels: np.ndarray, sizes: np.ndarray, unit_flops: float, overhead: float) -> list[int]:
-    """Optimal partition of count levels into blocks; returns the start index of each block.
-
-    ``levels`` strictly decreasing (> 0), ``sizes`` rows per level. A block of
-    levels i..j computes ``levels[i]`` units for all its rows and costs
-    ``overhead + unit_flops * levels[i] * rows``.
-    """
-    k = len(levels)
-    if k <= 1 or overhead <= 0:
-        return list(range(k))
-    cum = np.concatenate([[0], np.cumsum(sizes)])
-    best = [0.0] + [float("inf")] * k
-    start_of = [0] * (k + 1)
-    for j in range(1, k + 1):  # best cost of the first j levels
-        for i in range(j):  # last block = levels i..j-1
-            cost = best[i] + overhead + unit_flops * float(levels[i]) * float(cum[j] - cum[i])
-            if cost < best[j]:
-                best[j], start_of[j] = cost, i
-    starts, j = [], k
-    while j > 0:
-        starts.append(start_of[j])
-        j = start_of[j]
-    return starts[::-1]
-
-
 def _run_or_index(values: np.ndarray, device: torch.device) -> slice | Tensor:
     """A slice if ``values`` (sorted, unique) is a consecutive run, else an index tensor."""
     if values.size and int(values[-1]) - int(values[0]) + 1 == values.size:
@@ -135,9 +91,7 @@ _ONE_ROW = np.zeros(1, dtype=np.int64)
 _NO_ROW = np.zeros(0, dtype=np.int64)
 
 
-def _nested_kind(
-    counts: np.ndarray, kept: np.ndarray, unit_flops: float, overhead: float, device: torch.device
-) -> KindPlan:
+def _nested_kind(counts: np.ndarray, kept: np.ndarray, device: torch.device) -> KindPlan:
     """Plan from per-sample prefix lengths ``counts`` (B,) of the kept samples ``kept`` (B,) bool."""
     batch = counts.shape[0]
     if batch == 1:  # the common serving case: no sorting, at most one block
@@ -156,25 +110,12 @@ def _nested_kind(
     positive = [i for i, c in enumerate(levels) if c > 0]
     blocks = []
     computed = 0
-    if positive and overhead > 0 and len(positive) > 1:
-        lv = np.asarray([levels[i] for i in positive])
-        sizes = np.asarray([stops[i] - starts[i] for i in positive])
-        merged = merge_levels(lv, sizes, unit_flops, overhead)
-        for a, b in zip(merged, [*merged[1:], len(positive)]):
-            r0, r1, c = starts[positive[a]], stops[positive[b - 1]], levels[positive[a]]
-            drop = None
-            if b - a > 1:
-                row_counts = torch.as_tensor(sorted_counts[r0:r1], device=device)
-                drop = torch.arange(c, device=device)[None, :] >= row_counts[:, None]  # (n, c)
-            blocks.append(Block(r0, r1, slice(0, c), c, drop))
-            computed += (r1 - r0) * c
-    else:
-        for i in positive:
-            c = levels[i]
-            blocks.append(Block(starts[i], stops[i], slice(0, c), c))
-            computed += (stops[i] - starts[i]) * c
+    for i in positive:
+        c = levels[i]
+        blocks.append(Block(starts[i], stops[i], slice(0, c), c))
+        computed += (stops[i] - starts[i]) * c
     runs = None
-    if len(blocks) > 1 and all(b.drop is None for b in blocks):
+    if len(blocks) > 1:
         lower = [b.n_units for b in blocks[1:]] + [0]
         runs = [(b.stop, low, b.n_units) for b, low in zip(blocks, lower)]
     identity = n_kept == batch and bool((rows == np.arange(batch)).all())
@@ -215,23 +156,8 @@ def _prefix_counts(mask: np.ndarray) -> np.ndarray | None:
     return counts if bool((prefix == mask).all()) else None
 
 
-def plan_forward(
-    head: Tensor,
-    ffn: Tensor,
-    layer: Tensor,
-    flops: FlopsModel | None = None,
-    seq_len: int = 0,
-    overhead: float | None = None,
-) -> list[LayerPlan]:
-    """Plans for every gated layer from canonical masks head (B, L, nh), ffn (B, L, ns), layer (B, L).
-
-    ``flops`` (the gated model's :class:`FlopsModel`) and ``seq_len`` give the
-    cost of one head / FFN slice, which with ``overhead`` (FLOPs per extra
-    block, default :data:`BLOCK_OVERHEAD_FLOPS`) drives block merging; without
-    them (or with overhead 0) blocks are exact.
-    """
-    if overhead is None:
-        overhead = BLOCK_OVERHEAD_FLOPS
+def plan_forward(head: Tensor, ffn: Tensor, layer: Tensor) -> list[LayerPlan]:
+    """Plans for every gated layer from canonical masks head (B, L, nh), ffn (B, L, ns), layer (B, L)."""
     device = layer.device
     head_np = head.detach().cpu().numpy()
     ffn_np = ffn.detach().cpu().numpy()
@@ -239,18 +165,15 @@ def plan_forward(
     batch, n_layers = layer_np.shape
     head_counts = _prefix_counts(head_np)
     ffn_counts = _prefix_counts(ffn_np)
-    head_flops = flops.head_cost(seq_len) if flops is not None else 0.0
-    slice_flops = flops.slice_cost(seq_len) if flops is not None else 0.0
-    merge = overhead if (head_flops > 0 and slice_flops > 0) else 0.0
     plans = []
     for i in range(n_layers):
         kept = layer_np[:, i]
         if head_counts is not None:
-            attention = _nested_kind(head_counts[:, i], kept, head_flops, merge, device)
+            attention = _nested_kind(head_counts[:, i], kept, device)
         else:
             attention = _general_kind(head_np[:, i], kept, device)
         if ffn_counts is not None:
-            ffn_plan = _nested_kind(ffn_counts[:, i], kept, slice_flops, merge, device)
+            ffn_plan = _nested_kind(ffn_counts[:, i], kept, device)
         else:
             ffn_plan = _general_kind(ffn_np[:, i], kept, device)
         n_kept = int(attention.rows.size)

@@ -98,15 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", choices=["auto", "text", "random"], default="auto",
                    help="token ids: packed Rotten Tomatoes text (auto, when a tokenizer exists) or random")  # fmt: skip
     p.add_argument("--no-limit", action="store_true", help="skip the physically sliced model")
-    p.add_argument(
-        "--unit-runs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="per-sample batches: Q/K/V and FFN up by unit runs (default: dynprune.gathered.UNIT_RUNS)",
-    )
-    p.add_argument("--merge-overhead", type=float, default=None,
-                   help="FLOPs per extra block for the planner's block merging (default: "
-                        "dynprune.plan.BLOCK_OVERHEAD_FLOPS = 0, exact blocks)")  # fmt: skip
     p.add_argument("--env", choices=["bench", "keep"], default="bench",
                    help="bench (default): re-run itself with the timing environment BENCH_ENV set where unset "
                         "(OpenMP threads spin instead of sleeping, no malloc page faults); keep: the caller's")  # fmt: skip
@@ -162,7 +153,7 @@ def _computed_flops(gated: Any, masks: Any, seq: int) -> tuple[float, float]:
 
     fm = gated.flops
     m = masks.canonical()
-    plans = plan_forward(m.head, m.ffn, m.layer, fm, seq)
+    plans = plan_forward(m.head, m.ffn, m.layer)
     units = sum(
         p.attention.computed_units * fm.head_cost(seq) + p.ffn.computed_units * fm.slice_cost(seq)
         for p in plans
@@ -350,14 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.env == "bench":
         _reexec_with_bench_env(argv)
     torch.set_num_threads(args.threads)
-    if args.unit_runs is not None:
-        import dynprune.gathered
-
-        dynprune.gathered.UNIT_RUNS = args.unit_runs
-    if args.merge_overhead is not None:
-        import dynprune.plan
-
-        dynprune.plan.BLOCK_OVERHEAD_FLOPS = args.merge_overhead
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
     bm = load_models(args)

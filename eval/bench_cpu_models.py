@@ -47,13 +47,12 @@ class BenchModels:
         state = GateState()
         state.begin(budgets, inputs.get("attention_mask"), None, gathered=True, backend="torch")
         masks = gated.last.masks.canonical()
-        seq = ids.shape[1]
 
         def route() -> Any:
             return gated._route(hidden, state)
 
         def plan() -> Any:
-            return plan_forward(masks.head, masks.ffn, masks.layer, gated.flops, seq)
+            return plan_forward(masks.head, masks.ffn, masks.layer)
 
         return route, plan
 

@@ -44,11 +44,11 @@ from dynprune.eval.sparse_io import dir_bytes, weights_bytes
 from dynprune.eval.structure import Structure
 from torch import nn
 
-from dynprune.arch import spec_for
+from dynprune.arch import ArchSpec, spec_for
 
 PRUNING_KEY = "dynprune_pruning"
 REMOTE_MODULE = "modeling_dynprune_pruned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: module paths recorded from the arch table
 # model_type -> (config key of the layer count, config key of the FFN width)
 _CONFIG_KEYS = {
     "bert": ("num_hidden_layers", "intermediate_size"),
@@ -120,6 +120,7 @@ def save_pruned(
                 "format": FORMAT_VERSION,
                 "heads_per_layer": [len(structure.heads[i]) for i in kept],
                 "ffn_per_layer": [len(structure.neurons[i]) for i in kept],
+                "paths": _module_paths(spec_for(pruned)),
                 "why": reason,
                 "loader": "dynprune.eval.export.load_pruned, or from_pretrained(dir, trust_remote_code=True)",
             }
@@ -146,6 +147,13 @@ def save_pruned(
         params=sum(p.numel() for p in pruned.parameters()),
         reason=reason,
     )
+
+
+def _module_paths(spec: ArchSpec) -> dict[str, str]:
+    """The arch table's module paths that :mod:`dynprune.eval.hf_pruned` needs (one table)."""
+    if spec.fused_qkv or spec.conv1d or spec.gate_proj:
+        raise ValueError(f"per-layer-width export supports encoder families, not {spec.family!r}")
+    return {key: getattr(spec, key) for key in hf_pruned.PATH_KEYS}
 
 
 def load_pruned(directory: str | os.PathLike, device: str = "cpu") -> nn.Module:

@@ -7,10 +7,13 @@ points ``auto_map`` at it, so the export loads with plain Hugging Face, no dynpr
     AutoModelForSequenceClassification.from_pretrained(export_dir, trust_remote_code=True)
 
 The config keeps the original sizes (so the head size stays ``hidden / num_attention_heads``)
-plus ``dynprune_pruning = {"heads_per_layer": [...], "ffn_per_layer": [...]}`` for the kept
-layers (``num_hidden_layers`` / ``n_layers`` already counts only those). Each class builds the
-stock model, then replaces its Q/K/V/O and FFN projections by smaller ones; a layer with no
-head left runs no attention (its attention block adds only the output bias).
+plus ``dynprune_pruning = {"heads_per_layer": [...], "ffn_per_layer": [...], "paths": {...}}``
+for the kept layers (``num_hidden_layers`` / ``n_layers`` already counts only those). ``paths``
+are the module paths of :data:`dynprune.arch.ARCH_TABLE` (written at export, so this file keeps
+no architecture table of its own): ``layers`` relative to ``model.base_model``, the projections
+relative to a layer. Each class builds the stock model, then replaces its Q/K/V/O and FFN
+projections by smaller ones; a layer with no head left runs no attention (its attention block
+adds only the output bias).
 """
 
 from __future__ import annotations
@@ -26,15 +29,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-# per family: (layer list path from the model, Q, K, V, O, FFN up, FFN down, self-attention module)
-_PATHS = {
-    "bert": ("bert.encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
-             "attention.output.dense", "intermediate.dense", "output.dense", "attention.self"),
-    "roberta": ("roberta.encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
-                "attention.output.dense", "intermediate.dense", "output.dense", "attention.self"),
-    "distilbert": ("distilbert.transformer.layer", "attention.q_lin", "attention.k_lin", "attention.v_lin",
-                   "attention.out_lin", "ffn.lin1", "ffn.lin2", "attention"),
-}  # fmt: skip
+#: keys of ``dynprune_pruning["paths"]`` (see the module docstring)
+PATH_KEYS = ("layers", "q", "k", "v", "o", "up", "down")
 
 
 def _get(root: Any, path: str) -> Any:
@@ -63,14 +59,18 @@ def _no_heads(module: nn.Module, out_proj: nn.Module | None) -> None:
     module.__dict__["_pruned_out_proj"] = out_proj  # not a new submodule: state-dict keys unchanged
 
 
-def shrink(model: nn.Module, family: str, heads_per_layer: list[int], ffn_per_layer: list[int]) -> nn.Module:
+def shrink(
+    model: nn.Module, paths: dict[str, str], heads_per_layer: list[int], ffn_per_layer: list[int]
+) -> nn.Module:
     """Give every layer of a stock model the pruned widths (weights are loaded afterwards)."""
-    layers_path, q, k, v, o, up, down, attn = _PATHS[family]
+    missing = [k for k in PATH_KEYS if k not in paths]
+    if missing:
+        raise ValueError(f"dynprune_pruning.paths lacks {missing}: re-export the model")
     config = model.config
     n_heads = getattr(config, "num_attention_heads", None) or config.n_heads
     hidden = getattr(config, "hidden_size", None) or config.dim
     head_dim = hidden // n_heads
-    layers = _get(model, layers_path)
+    layers = _get(model.base_model, paths["layers"])
     if len(layers) != len(heads_per_layer) or len(layers) != len(ffn_per_layer):
         raise ValueError(
             f"{len(layers)} layers but {len(heads_per_layer)} head and {len(ffn_per_layer)} FFN widths"
@@ -78,42 +78,43 @@ def shrink(model: nn.Module, family: str, heads_per_layer: list[int], ffn_per_la
     with warnings.catch_warnings():  # zero-width projections (no head / no neuron left) are fine
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         for layer, heads, width in zip(layers, heads_per_layer, ffn_per_layer):
-            _shrink_layer(layer, heads * head_dim, width, hidden, (q, k, v, o, up, down, attn))
+            _shrink_layer(layer, heads * head_dim, width, hidden, paths)
     return model
 
 
-def _shrink_layer(layer: nn.Module, inner: int, width: int, hidden: int, paths: tuple[str, ...]) -> None:
-    q, k, v, o, up, down, attn = paths
-    for path in (q, k, v):
-        _set(layer, path, nn.Linear(hidden, inner))
-    _set(layer, o, nn.Linear(inner, hidden))
-    _set(layer, up, nn.Linear(hidden, width))
-    _set(layer, down, nn.Linear(width, hidden))
+def _shrink_layer(layer: nn.Module, inner: int, width: int, hidden: int, paths: dict[str, str]) -> None:
+    for key in ("q", "k", "v"):
+        _set(layer, paths[key], nn.Linear(hidden, inner))
+    _set(layer, paths["o"], nn.Linear(inner, hidden))
+    _set(layer, paths["up"], nn.Linear(hidden, width))
+    _set(layer, paths["down"], nn.Linear(width, hidden))
     if inner == 0:
-        _no_heads(_get(layer, attn), _get(layer, o) if o.startswith(attn + ".") else None)
+        attn = paths["q"].rpartition(".")[0]  # the self-attention module owns Q
+        owns_out = paths["o"].startswith(attn + ".")
+        _no_heads(_get(layer, attn), _get(layer, paths["o"]) if owns_out else None)
 
 
-def _init_pruned(self: nn.Module, family: str) -> None:
+def _init_pruned(self: nn.Module) -> None:
     info = self.config.dynprune_pruning
-    shrink(self, family, list(info["heads_per_layer"]), list(info["ffn_per_layer"]))
+    shrink(self, dict(info["paths"]), list(info["heads_per_layer"]), list(info["ffn_per_layer"]))
 
 
 class PrunedBertForSequenceClassification(BertForSequenceClassification):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        _init_pruned(self, "bert")
+        _init_pruned(self)
 
 
 class PrunedRobertaForSequenceClassification(RobertaForSequenceClassification):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        _init_pruned(self, "roberta")
+        _init_pruned(self)
 
 
 class PrunedDistilBertForSequenceClassification(DistilBertForSequenceClassification):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        _init_pruned(self, "distilbert")
+        _init_pruned(self)
 
 
 CLASSES = {

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from dynprune.eval.structure import Structure
+from dynprune.train.data import model_inputs
 from torch import nn
 
 from dynprune.flops import FlopsModel
@@ -22,11 +23,6 @@ from dynprune.model import GatedModel
 
 Tensor = torch.Tensor
 Batch = dict[str, Tensor]
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: Batch) -> Batch:
-    return {k: v for k, v in batch.items() if k in INPUT_KEYS}
 
 
 def _logits(out: Any) -> Tensor:

@@ -173,7 +173,7 @@ def mean_padded_length(batches: list[Batch]) -> int:
 
 @torch.no_grad()
 def _logits(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
-    from dynprune.eval.runners import model_inputs
+    from dynprune.train.data import model_inputs
 
     return [model(**model_inputs(b)).logits.float() for b in batches]
 

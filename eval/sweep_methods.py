@@ -40,12 +40,13 @@ from dynprune.eval.baselines.structured import (
 from dynprune.eval.export import frozen_structure, load_pruned
 from dynprune.eval.latency import measure
 from dynprune.eval.physical import physically_prune
-from dynprune.eval.runners import DenseRunner, GatedRunner, Runner, StructureRunner, model_inputs
+from dynprune.eval.runners import DenseRunner, GatedRunner, Runner, StructureRunner
 from dynprune.eval.sparse_io import load_sparse, save_sparse, weights_bytes
 from dynprune.eval.structure import Structure
 from dynprune.eval.sweep_context import SweepContext, dynamic_budget, finetune
 from dynprune.eval.sweep_stats import encode_correct
 from dynprune.eval.timing import materialize
+from dynprune.train.data import model_inputs
 from dynprune.train.evaluation import collect, summarize
 from torch import nn
 

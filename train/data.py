@@ -273,9 +273,13 @@ class Collator:
         return batch
 
 
+#: the keys of a batch that the model takes (the rest: labels, index, teacher logits)
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of a batch that the model takes."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    """The keys of a batch that the model takes (training and evaluation alike)."""
+    return {k: v for k, v in batch.items() if k in INPUT_KEYS}
 
 
 def eval_batches(examples: Sequence[dict[str, Any]], batch_size: int) -> list[list[int]]:

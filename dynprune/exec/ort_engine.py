@@ -213,7 +213,7 @@ class OrtLayers:
             for j in range(len(self.layers)):
                 x = self._run(self.session(first + j, "l", self.n_heads, self.n_slices), x, mask)
             return torch.from_numpy(x)
-        plans = plan_forward(masks.head, masks.ffn, masks.layer, overhead=0.0)
+        plans = plan_forward(masks.head, masks.ffn, masks.layer)
         whole = self._model_session(plans, batch) if self.max_model_sessions > 0 else None
         if whole is not None:  # one call for every gated layer
             return torch.from_numpy(self._run(whole, x, mask))
@@ -281,8 +281,8 @@ def _count(kp: KindPlan) -> int:
 
 def _groups(kp: KindPlan) -> list[tuple[np.ndarray, int]]:
     """(original sample indices, kept count) per block of the plan, plus the kept rows keeping 0 units."""
-    if any(b.drop is not None or not isinstance(b.units, slice) for b in kp.blocks):
-        raise ValueError("the ORT engine runs nested (prefix) masks with exact blocks only")
+    if any(not isinstance(b.units, slice) for b in kp.blocks):
+        raise ValueError("the ORT engine runs nested (prefix) masks only")
     out = [(kp.rows[b.start : b.stop], b.n_units) for b in kp.blocks]
     done = kp.blocks[-1].stop if kp.blocks else 0
     if done < kp.rows.size:

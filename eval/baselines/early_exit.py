@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from dynprune.eval.runners import Batch, Runner, model_inputs
+from dynprune.eval.runners import Batch, Runner
+from dynprune.train.data import model_inputs
 from safetensors.torch import load_model, save_model
 from torch import nn
 

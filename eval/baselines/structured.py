@@ -12,8 +12,8 @@ fraction), :func:`counts_from_ratios` turns per-layer keep ratios into counts
 that fit the budget (used by the sub-network search).
 
 Works on unpruned *and* physically pruned models (iterative pruning scores
-the current, smaller model), so layers are read through the arch table
-without the uniform-width check of :func:`dynprune.arch.resolve`.
+the current, smaller model): layers are read by :func:`dynprune.arch.layer_parts`,
+which skips the uniform-width check of :func:`dynprune.arch.resolve`.
 """
 
 from __future__ import annotations
@@ -24,30 +24,10 @@ import torch
 from dynprune.eval.structure import Structure
 from torch import nn
 
-from dynprune.arch import LayerParts, get_attr_path, spec_for
+from dynprune.arch import layer_parts
 from dynprune.flops import FlopsModel
 
 Tensor = torch.Tensor
-
-
-def layer_parts(model: nn.Module) -> list[LayerParts]:
-    """The layers' modules of a (possibly physically pruned) supported model."""
-    spec = spec_for(model)
-    backbone = getattr(model, "base_model", model)
-    layers = get_attr_path(backbone, spec.layers)
-    out = []
-    for layer in layers:  # type: ignore[attr-defined]
-        found = {
-            name: get_attr_path(layer, path)
-            for name, path in (
-                ("q", spec.q), ("k", spec.k), ("v", spec.v), ("o", spec.o), ("up", spec.up),
-                ("down", spec.down), ("act", spec.act), ("attn_norm", spec.attn_norm),
-                ("ffn_norm", spec.ffn_norm),
-            )
-        }  # fmt: skip
-        gate = get_attr_path(layer, spec.gate_proj) if spec.gate_proj else None
-        out.append(LayerParts(layer=layer, gate_proj=gate, **found))  # type: ignore[arg-type]
-    return out
 
 
 def _norm(t: Tensor, p: float, dim: int) -> Tensor:

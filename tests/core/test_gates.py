@@ -83,3 +83,30 @@ def test_static_router_ignores_the_input_and_random_router_differs_per_sample():
         rnd(**tiny_batch(batch=5), budget=0.5)
     assert len({tuple(r.flatten().tolist()) for r in rnd.last.masks.head}) > 1
     assert rnd.flops.router == 0
+
+
+def test_budget_beyond_the_kept_layers_is_spent_on_dropped_layers():
+    """Layers the router drops come back (best units first) when the kept layers cannot hold the
+    budget: executed FLOPs then reach the budget instead of stopping at the kept layers' size."""
+    gated = dynprune.wrap(tiny_model("bert", layers=4), GateConfig(ffn_slice_size=16))
+    fm, seq = gated.flops, 15
+    torch.manual_seed(0)
+    head, ffn = torch.randn(3, 4, 4), torch.randn(3, 4, 8)
+    layer = torch.tensor([[2.0, -1.0, -1.0, 2.0], [2.0, -3.0, 2.0, 2.0], [-1.0, -1.0, -1.0, -1.0]])
+    scores = GateScores(nested_logits(head, 1.0), nested_logits(ffn, 1.0), layer)
+    available = torch.full((3,), 0.8).double() * fm.dense(seq) - fm.fixed(seq)
+    masks = select_under_budget(scores, available, fm, seq)
+    used = fm.gated_units(masks.head.double(), masks.ffn.double(), masks.layer.double(), seq)
+    unit = max(fm.head_cost(seq), fm.slice_cost(seq))
+    assert bool((used <= available + 1e-6).all())
+    assert bool((used > available - 2 * unit).all())  # the budget is spent (to within two units)
+    # kept layers are filled before a dropped one gets anything
+    for b in range(2):
+        kept = layer[b] > 0
+        assert bool(masks.head[b, kept].all()) and bool(masks.ffn[b, kept].all())
+    for m in (masks.head, masks.ffn):  # refilled layers keep prefixes too
+        assert bool((m[..., 1:] <= m[..., :-1]).all())
+    # a budget the kept layers can hold leaves dropped layers dropped
+    small = torch.full((3,), 0.3).double() * fm.dense(seq) - fm.fixed(seq)
+    masks = select_under_budget(scores, small, fm, seq)
+    assert not bool(masks.layer[0, 1:3].any())

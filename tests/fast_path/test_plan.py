@@ -1,7 +1,5 @@
 """Planner: blocks cover exactly the kept units, merging is optimal, nested plans use views only."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynprune
 from dynprune import GateConfig
-from dynprune.plan import merge_levels, plan_forward
+from dynprune.plan import plan_forward
 from tests.helpers import random_masks, tiny_batch, tiny_model
 
 
@@ -22,18 +20,15 @@ def _coverage(plan, n_units, batch):
         for r in range(blk.start, blk.stop):
             sample = plan.rows[r]
             computed[sample, units] += 1
-            drop = np.zeros(len(units), bool) if blk.drop is None else blk.drop[r - blk.start].numpy()
-            kept[sample, units[~drop]] += 1
+            kept[sample, units] += 1
     return computed, kept
 
 
 @pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("overhead", [0.0, 1e7, 1e15])
-def test_blocks_cover_exactly_the_kept_units(nested, overhead):
+def test_blocks_cover_exactly_the_kept_units(nested):
     gated = dynprune.wrap(tiny_model("bert", layers=4), GateConfig(ffn_slice_size=16))
     masks = random_masks(gated, 11, 0.5, seed=4, nested=nested, skip_layers=True).canonical()
-    seq = 40
-    plans = plan_forward(masks.head, masks.ffn, masks.layer, gated.flops, seq, overhead=overhead)
+    plans = plan_forward(masks.head, masks.ffn, masks.layer)
     for i, p in enumerate(plans):
         assert p.n_kept == int(masks.layer[:, i].sum())
         for kind, m in ((p.attention, masks.head[:, i]), (p.ffn, masks.ffn[:, i])):
@@ -41,52 +36,16 @@ def test_blocks_cover_exactly_the_kept_units(nested, overhead):
             assert np.array_equal(kept, m.numpy().astype(int))  # each kept unit exactly once
             assert computed.max() <= 1
             assert kind.computed_units == computed.sum() >= m.sum()
-            if overhead == 0.0 or not nested:
-                assert kind.computed_units == int(m.sum())  # exact blocks: no wasted work
+            assert kind.computed_units == int(m.sum())  # exact blocks: no wasted work
             if nested:  # views only
                 assert all(isinstance(b.units, slice) and b.units.start == 0 for b in kind.blocks)
             assert sorted(kind.rows.tolist()) == masks.layer[:, i].nonzero().flatten().tolist()
 
 
-def test_merging_happens_when_blocks_are_expensive():
-    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16))
-    masks = random_masks(gated, 16, 0.5, seed=1, nested=True, skip_layers=False).canonical()
-    exact = plan_forward(masks.head, masks.ffn, masks.layer, gated.flops, 30, overhead=0.0)
-    merged = plan_forward(masks.head, masks.ffn, masks.layer, gated.flops, 30, overhead=1e15)
-    for e, m in zip(exact, merged):
-        assert e.ffn.n_blocks > 1 and m.ffn.n_blocks == 1
-        assert m.ffn.computed_units > e.ffn.computed_units
-
-
-def _brute_force(levels, sizes, unit, overhead):
-    k = len(levels)
-    best = None
-    for cuts in itertools.product([0, 1], repeat=k - 1):
-        starts = [0] + [i + 1 for i, c in enumerate(cuts) if c]
-        bounds = [*starts, k]
-        cost = sum(overhead + unit * levels[a] * sum(sizes[a:b]) for a, b in itertools.pairwise(bounds))
-        if best is None or cost < best[0] - 1e-9:
-            best = (cost, starts)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_merge_levels_is_optimal(seed):
-    rng = np.random.default_rng(seed)
-    k = int(rng.integers(1, 8))
-    levels = np.sort(rng.choice(np.arange(1, 20), size=k, replace=False))[::-1]
-    sizes = rng.integers(1, 6, size=k)
-    unit, overhead = 1.0, float(rng.uniform(0, 40))
-    starts = merge_levels(levels, sizes, unit, overhead)
-    bounds = [*starts, k]
-    cost = sum(overhead + unit * levels[a] * sizes[a:b].sum() for a, b in itertools.pairwise(bounds))
-    assert starts[0] == 0 and cost == pytest.approx(_brute_force(levels, sizes, unit, overhead)[0])
-
-
 def test_batch_of_one_plan_is_trivial():
     gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16))
     masks = random_masks(gated, 1, 0.5, seed=2, skip_layers=False).canonical()
-    for p in plan_forward(masks.head, masks.ffn, masks.layer, gated.flops, 20):
+    for p in plan_forward(masks.head, masks.ffn, masks.layer):
         assert p.attention.order is None and p.ffn.order is None and p.ffn_from_attention is None
         assert p.attention.n_blocks <= 1 and p.ffn.n_blocks <= 1
 
