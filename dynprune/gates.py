@@ -157,13 +157,20 @@ def fill_ungated(
     )
 
 
-def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int) -> UnitMasks:
+def select_under_budget(
+    scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int, threshold: float | None = None
+) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
-    1. Layers with logit > 0 are kept (all, if layers are not gated). If the
+    ``threshold`` None (a cap per input): every unit is eligible and the budget
+    is filled greedily. A number (mean budgets): only units and layers whose
+    logit exceeds it are eligible; they are taken greedily while they fit (all
+    of them when ``available`` is the whole model).
+
+    1. Layers with logit > 0 (> threshold) are kept (all, if layers are not gated). If the
        kept layers' compulsory cost (units of kinds that are not gated) does
        not fit, the lowest-scored kept layers are dropped until it does.
-    2. Gated units of kept layers are taken in order of
+    2. Eligible gated units of kept layers are taken in order of
        ``log sigmoid(logit) - log(cost)`` (stable: ties go to the lower unit
        index, so nested logits give prefixes) while the running cost fits.
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
@@ -183,7 +190,7 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
 
     if scores.layer is not None:
         layer_logit = scores.layer.detach().double()
-        keep_layer = layer_logit > 0
+        keep_layer = layer_logit > (0.0 if threshold is None else threshold)
         if compulsory > 0:
             # keep the best-scored kept layers whose compulsory cost fits
             order = torch.argsort(layer_logit, dim=1, descending=True, stable=True)  # (B, L)
@@ -208,8 +215,12 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
     ):
         if t is None:
             continue
-        key = F.logsigmoid(t.detach().double()) - math.log(cost)  # (B, L, n)
-        key = key.masked_fill(~keep_layer[..., None], float("-inf"))
+        logit = t.detach().double()
+        key = F.logsigmoid(logit) - math.log(cost)  # (B, L, n)
+        ineligible = (
+            ~keep_layer[..., None] if threshold is None else ~keep_layer[..., None] | (logit <= threshold)
+        )
+        key = key.masked_fill(ineligible, float("-inf"))
         keys.append(key)
         costs.append(torch.full((n_layers, n), cost, dtype=torch.float64, device=device))
         slots.append((kind, n))
