@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--limit", type=int, default=None, help="first N examples per split (smoke test)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -125,7 +126,8 @@ def main() -> None:
     rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_conf),
                  "accuracy": round(float(per_example[f"{args.seed}/dense/correct"].mean()), 6),
                  "flops_ratio_mean": 1.0})  # fmt: skip
-    for name, (run, stage) in MODELS.items():
+    for name in args.models:
+        run, stage = MODELS[name]
         ckpt = seed_dir / run / stage
         if not (ckpt / "gates" / "gates.json").is_file():
             print(f"seed {args.seed}: no {name} checkpoint at {ckpt}, skipped", flush=True)
@@ -144,13 +146,14 @@ def main() -> None:
 
 
 def _write(out: Path, seed: int, rows: list[dict], per_example: dict[str, np.ndarray]) -> None:
-    """Replace this seed's rows and arrays in OUT/rows.csv and OUT/per_example.npz."""
+    """Replace this seed's rows (per method) and arrays (per key) in OUT/rows.csv and OUT/per_example.npz."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, npz_path = out / "rows.csv", out / "per_example.npz"
     old: list[dict] = []
     if csv_path.is_file():
         with csv_path.open() as f:
-            old = [r for r in csv.DictReader(f) if int(r["seed"]) != seed]
+            mine = {str(r["method"]) for r in rows}
+            old = [r for r in csv.DictReader(f) if int(r["seed"]) != seed or r["method"] not in mine]
     keys: list[str] = []
     for r in old + rows:
         keys += [k for k in r if k not in keys]
@@ -163,7 +166,7 @@ def _write(out: Path, seed: int, rows: list[dict], per_example: dict[str, np.nda
     arrays = {}
     if npz_path.is_file():
         with np.load(npz_path) as z:
-            arrays = {k: z[k] for k in z.files if not k.startswith(f"{seed}/")}
+            arrays = {k: z[k] for k in z.files}
     arrays.update(per_example)
     tmp = out / "per_example.tmp.npz"
     np.savez_compressed(tmp, **arrays)
