@@ -151,8 +151,12 @@ def fit_cascade(
     batches: Sequence[dict[str, Any]],
     budget: MeanBudget,
     trained: tuple[float, float] | None = None,
+    passes: dict[float, _Pass] | None = None,
 ) -> CalibrationEntry:
-    """The (low, high, confidence) cascade with the best validation accuracy at mean FLOPs <= target."""
+    """The (low, high, confidence) cascade with the best validation accuracy at mean FLOPs <= target.
+
+    ``passes``: a cache of the per-budget passes over ``batches`` (filled here), so that fits
+    of several targets on the same batches run each candidate budget once."""
     lows, highs = cascade_candidates(budget, trained)
     if budget.cap is not None:  # both passes together stay under the cap: second passes up to cap - low
         cap = budget.cap
@@ -163,8 +167,10 @@ def fit_cascade(
             f"no cascade fits {budget.spec}: first-pass budgets {lows}, second-pass budgets {highs} "
             "(inside the trained budget range, low + high <= cap)"
         )
-    passes: dict[float, _Pass] = {}
+    passes = {} if passes is None else passes
     for b in sorted(set(lows) | set(highs)):
+        if b in passes:
+            continue
         try:
             passes[b] = _run(gated, batches, b)
         except ValueError:  # below what the model can run at some length: not a candidate
@@ -198,8 +204,10 @@ def fit(
     budget: MeanBudget,
     policy: str = "auto",
     trained: tuple[float, float] | None = None,
+    passes: dict[float, _Pass] | None = None,
 ) -> CalibrationEntry:
-    """Fit ``policy`` (auto: threshold for mean-mode checkpoints, else cascade) for ``budget``."""
+    """Fit ``policy`` (auto: threshold for mean-mode checkpoints, else cascade) for ``budget``
+    (``passes``: the cascade's cache of passes over these batches, see :func:`fit_cascade`)."""
     if policy == "auto":
         policy = "threshold" if gated.gate_config.budget_mode == "mean" else "cascade"
     if policy not in ("threshold", "cascade"):
@@ -209,6 +217,6 @@ def fit(
     try:
         if policy == "threshold":
             return fit_threshold(gated, batches, budget)
-        return fit_cascade(gated, batches, budget, trained)
+        return fit_cascade(gated, batches, budget, trained, passes)
     finally:
         gated.train(was_training)

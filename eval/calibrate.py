@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
+    passes: dict = {}  # cascade: each candidate budget runs once for every target
     for budget in tqdm(budgets, desc="calibrate", disable=len(budgets) == 1):
-        entry = fit(gated, batches, budget, policy=policy, trained=trained)
+        entry = fit(gated, batches, budget, policy=policy, trained=trained, passes=passes)
         gated.calibration.add(entry)
         f = entry.fitted
         print(

@@ -113,8 +113,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str) -> None:
-        entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained)
+    def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str, passes: dict) -> None:
+        entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained, passes=passes)
         gated.calibration.add(entry)
         extra = {
             "policy": json.dumps(entry.policy.__dict__),
@@ -133,14 +133,15 @@ def main() -> None:
             print(f"seed {args.seed}: no {name} checkpoint at {ckpt}, skipped", flush=True)
             continue
         gated, _ = dynprune.load_gated_model(ckpt)
+        passes: dict = {}  # validation passes per budget, shared by the targets' cascade fits
         for t in TARGETS:
             record(f"{name}_cap", t, collect(gated, test, budget=t))
-            calibrated(f"{name}_cascade", gated, t, "cascade")
+            calibrated(f"{name}_cascade", gated, t, "cascade", passes)
     mean_ckpt = None if args.mean_runs is None else args.mean_runs / f"seed{args.seed}" / "gated"
     if mean_ckpt is not None and (mean_ckpt / "gates" / "gates.json").is_file():
         gated, _ = dynprune.load_gated_model(mean_ckpt)
         for t in TARGETS:
-            calibrated("mean_threshold", gated, t, "threshold")
+            calibrated("mean_threshold", gated, t, "threshold", {})
             record("mean_ckpt_cap", t, collect(gated, test, budget=t))
     _write(args.out, args.seed, rows, per_example)
 
