@@ -175,6 +175,24 @@ def test_cascade_counts_both_passes_and_hits_the_mean():
     torch.testing.assert_close(out.logits, torch.where(rerun[:, None], hi_out.logits, lo_out.logits))
 
 
+def test_cascade_fits_sharing_a_pass_cache_equal_separate_fits():
+    from dynprune.calibration_fit import cascade_candidates
+
+    gated = _gated(mode="cap")
+    batches = _batches(4)
+    cache: dict = {}
+    targets = (0.3, 0.5)
+    shared = [fit(gated, batches, MeanBudget(t), trained=(0.2, 0.9), passes=cache) for t in targets]
+    alone = [fit(gated, batches, MeanBudget(t), trained=(0.2, 0.9)) for t in targets]
+    assert [e.policy for e in shared] == [e.policy for e in alone]
+    assert [e.fitted for e in shared] == [e.fitted for e in alone]
+    wanted = set()
+    for t in targets:
+        lows, highs = cascade_candidates(MeanBudget(t), (0.2, 0.9))
+        wanted |= set(lows) | set(highs)
+    assert set(cache) == wanted  # every candidate budget ran once, for both targets
+
+
 def test_cascade_with_a_cap_keeps_both_passes_under_it():
     gated = _gated(mode="cap")
     batches = _batches(4)
