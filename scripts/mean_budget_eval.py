@@ -14,8 +14,10 @@ the batches evaluation uses, so that padded lengths and FLOPs match):
 - ``<model>_cascade``: ``MeanBudget(t)`` with the cascade policy (run low, re-run the least
   confident inputs high; both passes counted)
 - ``mean_threshold``: the mean-trained router, ``MeanBudget(t)`` with the threshold policy
-Writes ``rows.csv`` (one row per seed x method x target, replaced on re-run) and
-``per_example.npz`` (correct / FLOPs ratio per test example, for paired intervals).
+Writes ``rows.csv`` (one row per seed x method x target) and ``per_example.npz`` (correct /
+FLOPs ratio per test example, for paired intervals) after every row; a re-run skips the rows
+that exist (resumable; delete them to redo). ``--calibration-examples N`` fits on the first N
+validation examples (the split is shuffled once, so they are a random subset).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    p.add_argument("--calibration-examples", type=int, default=None, help="first N validation examples")
     p.add_argument("--limit", type=int, default=None, help="first N examples per split (smoke test)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -74,20 +78,28 @@ def main() -> None:
     ex = encode(data, tok, cfg["data"]["max_length"])
     collate = Collator(tok.pad_token_id, getattr(tok, "padding_side", "right"))
 
-    def batches(split: str) -> list:
-        e = ex[split][: args.limit]
+    def batches(split: str, n: int | None) -> list:
+        e = ex[split][:n]
         return [collate([e[i] for i in b]) for b in eval_batches(e, args.batch_size)]
 
-    val, test = batches("validation"), batches("test")
-    dense = transformers.AutoModelForSequenceClassification.from_pretrained(dense_dir).eval()
-    dense_rec = collect(dense, test)
-    dense_conf = dense_rec.probs.max(-1)
+    n_cal = args.calibration_examples if args.limit is None else args.limit
+    val, test = batches("validation", n_cal), batches("test", args.limit)
+    done, per_example = _existing(args.out)
     rows: list[dict] = []
-    per_example: dict[str, np.ndarray] = {
-        f"{args.seed}/dense/correct": dense_rec.preds == dense_rec.labels,
-        f"{args.seed}/lengths": dense_rec.lengths,
-        f"{args.seed}/dense_confidence": dense_conf,
-    }
+    key = f"{args.seed}/dense_confidence"
+    if key not in per_example:
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(dense_dir).eval()
+        dense_rec = collect(dense, test)
+        per_example.update({
+            f"{args.seed}/dense/correct": dense_rec.preds == dense_rec.labels,
+            f"{args.seed}/lengths": dense_rec.lengths,
+            key: dense_rec.probs.max(-1),
+        })  # fmt: skip
+        rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_rec.labels),
+                     "accuracy": round(float((dense_rec.preds == dense_rec.labels).mean()), 6),
+                     "flops_ratio_mean": 1.0})  # fmt: skip
+        _write(args.out, rows, per_example)
+    dense_conf = per_example[key]
 
     def record(method: str, target: float, rec: Records, extra: dict | None = None) -> None:
         r = rec.flops_ratio
@@ -112,20 +124,22 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _write(args.out, rows, per_example)
+
+    def todo(method: str, target: float) -> bool:
+        return (args.seed, method, target) not in done
 
     def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str, passes: dict) -> None:
         entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained, passes=passes)
         gated.calibration.add(entry)
         extra = {
+            "calibration_examples": entry.fitted["n"],
             "policy": json.dumps(entry.policy.__dict__),
             "val_flops_ratio": round(entry.fitted["flops_ratio_mean"], 6),
             "val_accuracy": round(entry.fitted["accuracy"], 6),
         }
         record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
 
-    rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_conf),
-                 "accuracy": round(float(per_example[f"{args.seed}/dense/correct"].mean()), 6),
-                 "flops_ratio_mean": 1.0})  # fmt: skip
     for name in args.models:
         run, stage = MODELS[name]
         ckpt = seed_dir / run / stage
@@ -134,27 +148,46 @@ def main() -> None:
             continue
         gated, _ = dynprune.load_gated_model(ckpt)
         passes: dict = {}  # validation passes per budget, shared by the targets' cascade fits
-        for t in TARGETS:
-            record(f"{name}_cap", t, collect(gated, test, budget=t))
-            calibrated(f"{name}_cascade", gated, t, "cascade", passes)
+        for t in args.targets:
+            if todo(f"{name}_cap", t):
+                record(f"{name}_cap", t, collect(gated, test, budget=t))
+            if todo(f"{name}_cascade", t):
+                calibrated(f"{name}_cascade", gated, t, "cascade", passes)
     mean_ckpt = None if args.mean_runs is None else args.mean_runs / f"seed{args.seed}" / "gated"
     if mean_ckpt is not None and (mean_ckpt / "gates" / "gates.json").is_file():
         gated, _ = dynprune.load_gated_model(mean_ckpt)
-        for t in TARGETS:
-            calibrated("mean_threshold", gated, t, "threshold", {})
-            record("mean_ckpt_cap", t, collect(gated, test, budget=t))
-    _write(args.out, args.seed, rows, per_example)
+        for t in args.targets:
+            if todo("mean_threshold", t):
+                calibrated("mean_threshold", gated, t, "threshold", {})
+            if todo("mean_ckpt_cap", t):
+                record("mean_ckpt_cap", t, collect(gated, test, budget=t))
 
 
-def _write(out: Path, seed: int, rows: list[dict], per_example: dict[str, np.ndarray]) -> None:
-    """Replace this seed's rows (per method) and arrays (per key) in OUT/rows.csv and OUT/per_example.npz."""
+def _existing(out: Path) -> tuple[set[tuple[int, str, float]], dict[str, np.ndarray]]:
+    """(seed, method, target) of the rows in OUT/rows.csv, and the arrays of OUT/per_example.npz."""
+    done: set[tuple[int, str, float]] = set()
+    if (out / "rows.csv").is_file():
+        with (out / "rows.csv").open() as f:
+            done = {(int(r["seed"]), r["method"], float(r["target"])) for r in csv.DictReader(f)}
+    arrays: dict[str, np.ndarray] = {}
+    if (out / "per_example.npz").is_file():
+        with np.load(out / "per_example.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+    return done, arrays
+
+
+def _write(out: Path, rows: list[dict], per_example: dict[str, np.ndarray]) -> None:
+    """Add ``rows`` to OUT/rows.csv (replacing rows of the same seed, method and target) and
+    write OUT/per_example.npz (atomically, both)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, npz_path = out / "rows.csv", out / "per_example.npz"
     old: list[dict] = []
     if csv_path.is_file():
         with csv_path.open() as f:
-            mine = {str(r["method"]) for r in rows}
-            old = [r for r in csv.DictReader(f) if int(r["seed"]) != seed or r["method"] not in mine]
+            mine = {(int(r["seed"]), str(r["method"]), float(r["target"])) for r in rows}
+            old = [
+                r for r in csv.DictReader(f) if (int(r["seed"]), r["method"], float(r["target"])) not in mine
+            ]
     keys: list[str] = []
     for r in old + rows:
         keys += [k for k in r if k not in keys]
@@ -164,13 +197,8 @@ def _write(out: Path, seed: int, rows: list[dict], per_example: dict[str, np.nda
         w.writeheader()
         w.writerows(sorted(old + rows, key=lambda r: (int(r["seed"]), str(r["method"]), float(r["target"]))))
     tmp.replace(csv_path)
-    arrays = {}
-    if npz_path.is_file():
-        with np.load(npz_path) as z:
-            arrays = {k: z[k] for k in z.files}
-    arrays.update(per_example)
     tmp = out / "per_example.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, **per_example)
     tmp.replace(npz_path)
 
 
