@@ -6,6 +6,8 @@ gated.last.flops_ratio          # executed FLOPs / dense, per sample
 """
 
 from dynprune.arch import ARCH_TABLE, ArchSpec, UnsupportedModelError
+from dynprune.budget import MeanBudget, parse_budget
+from dynprune.calibration import BudgetModeError, Calibration, MissingCalibrationError
 from dynprune.config import GateConfig
 from dynprune.gates import Gates, GateScores, UnitMasks
 from dynprune.io import IncompatibleGatesError, load_gated_model, load_gates, save_gated_model, save_gates
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCH_TABLE",
     "ArchSpec",
+    "BudgetModeError",
+    "Calibration",
     "ForwardInfo",
     "GateConfig",
     "GateScores",
@@ -25,11 +29,14 @@ __all__ = [
     "GatedModel",
     "Gates",
     "IncompatibleGatesError",
+    "MeanBudget",
+    "MissingCalibrationError",
     "UnitMasks",
     "UnsupportedModelError",
     "__version__",
     "load_gated_model",
     "load_gates",
+    "parse_budget",
     "save_gated_model",
     "save_gates",
     "unwrap",

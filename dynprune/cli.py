@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dynprune.eval.cli",
         "evaluate a checkpoint: accuracy, FLOPs, latency vs dense, gate statistics",
     ),
+    "calibrate": (
+        "dynprune.eval.calibrate",
+        "fit a mean-budget policy (MeanBudget) on the validation split, saved with the gates",
+    ),
     "sweep": (
         "dynprune.eval.sweep",
         "accuracy-FLOPs-latency sweep of dynamic gates vs static pruning baselines",

@@ -10,6 +10,7 @@ RouterKind = Literal["dynamic", "static", "random"]
 Execution = Literal["auto", "masked", "gathered"]
 Backend = Literal["auto", "torch", "triton", "onnxruntime"]
 UnitOrder = Literal["weight_norm", "none"]
+BudgetMode = Literal["cap", "mean"]
 
 
 @dataclass
@@ -41,6 +42,9 @@ class GateConfig:
     router_layer: int = 0  # the router reads the output of this many (always dense) layers
     budget_conditioned: bool = True
     init_keep_logit: float = 4.0
+    # How the router was trained: "cap" (greedy fill to each sample's budget) or "mean" (the
+    # Lagrangian on the batch-mean FLOPs, units kept where logit > 0: MeanBudget's threshold policy)
+    budget_mode: BudgetMode = "cap"
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
@@ -61,6 +65,7 @@ class GateConfig:
         _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
         _check_choice("backend", self.backend, ("auto", "torch", "triton", "onnxruntime"))
         _check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
+        _check_choice("budget_mode", self.budget_mode, ("cap", "mean"))
         check_budget_value(self.default_budget, "GateConfig.default_budget")
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dynprune.config import check_budget_value
+from dynprune.budget import MeanBudget, parse_budget
 
 DEFAULT_BUDGETS = (1.0, 0.75, 0.5, 0.25)
 
@@ -33,10 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budgets",
-        type=float,
         nargs="+",
-        default=list(DEFAULT_BUDGETS),
-        help="fractions of dense FLOPs in (0, 1]",
+        default=[str(b) for b in DEFAULT_BUDGETS],
+        help="caps per input in (0, 1] (0.5), or mean budgets of a calibrated checkpoint (mean:0.25)",
     )
     p.add_argument(
         "--reviews", type=int, default=4, help="how many test-split reviews to show (shortest and longest)"
@@ -89,17 +88,30 @@ def _median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _label(budget: float | MeanBudget) -> str:
+    return budget.spec if isinstance(budget, MeanBudget) else f"{budget:.2f}"
+
+
 def _row(counts: torch.Tensor) -> str:
     return " ".join(f"{int(c):2d}" for c in counts)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    budgets = [check_budget_value(b, "--budgets") for b in args.budgets]
+    try:
+        budgets = [parse_budget(b) for b in args.budgets]
+    except ValueError as err:
+        raise SystemExit(f"dynprune demo: --budgets: {err}") from None
     if args.reviews < 1:
         raise SystemExit("dynprune demo: --reviews must be >= 1")
     torch.set_num_threads(args.threads)
     gated, tokenizer, trained = _load(args.checkpoint)
+    for b in budgets:  # a mean budget needs the checkpoint's calibration: say so before any work
+        if isinstance(b, MeanBudget) and b.target < 1.0:
+            try:
+                gated.calibration.lookup(b)
+            except ValueError as err:
+                raise SystemExit(f"dynprune demo: {err}") from None
     gated.eval()
     fm = gated.flops
     labels = ("rotten", "fresh")
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             else "UNTRAINED (gates open at init; per-input choices need `dynprune train`)"
         )
     )
-    summary: dict[float, list[tuple[float, float]]] = {b: [] for b in budgets}
+    summary: dict[float | MeanBudget, list[tuple[float, float]]] = {b: [] for b in budgets}
     with torch.inference_mode():
         for text, label in _pick_reviews(args.reviews):
             batch = dict(tokenizer([text], return_tensors="pt", truncation=True, max_length=128))
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     prob = torch.softmax(out.logits[0].float(), -1)
                     pred = f"  {labels[int(prob.argmax())] if prob.numel() == 2 else int(prob.argmax())} ({float(prob.max()):.2f})"
                 print(
-                    f"  {b:6.2f} {flops / 1e6:7.1f}M {flops / fm.dense(seq):8.1%} {ms['gated']:8.2f} {ms['dense']:8.2f} "
+                    f"  {_label(b):>6} {flops / 1e6:7.1f}M {flops / fm.dense(seq):8.1%} {ms['gated']:8.2f} {ms['dense']:8.2f} "
                     f"{ms['dense'] / ms['gated']:6.2f}×  {_row(heads):<{3 * gated.n_gated}} "
                     f"{_row(ffn):<{3 * gated.n_gated}} {layers}{pred}"
                 )
@@ -162,6 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.mean(r for r, _ in rows)
         speed = statistics.mean(s for _, s in rows)
         print(
-            f"  budget {b:4.2f}: executed FLOPs {ratio:6.1%} of dense, ideal speedup {1 / ratio:5.2f}×, measured {speed:5.2f}×"
+            f"  budget {_label(b):>4}: executed FLOPs {ratio:6.1%} of dense, ideal speedup {1 / ratio:5.2f}×, measured {speed:5.2f}×"
         )
     return 0

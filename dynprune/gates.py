@@ -161,19 +161,27 @@ def fill_ungated(
 _REFILL_OFFSET = 1e6
 
 
-def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int) -> UnitMasks:
+def select_under_budget(
+    scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int, threshold: float | None = None
+) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
-    1. Layers with logit > 0 are kept (all, if layers are not gated). If the
+    ``threshold`` None (a cap per input): every unit is eligible and the budget
+    is filled greedily. A number (mean budgets): only units and layers whose
+    logit exceeds it are eligible; they are taken greedily while they fit (all
+    of them when ``available`` is the whole model).
+
+    1. Layers with logit > 0 (> threshold) are kept (all, if layers are not gated). If the
        kept layers' compulsory cost (units of kinds that are not gated) does
        not fit, the lowest-scored kept layers are dropped until it does.
-    2. Gated units of kept layers are taken in order of
+    2. Eligible gated units of kept layers are taken in order of
        ``log sigmoid(logit) - log(cost)`` (stable: ties go to the lower unit
        index, so nested logits give prefixes) while the running cost fits.
     3. Budget left once the kept layers are full goes to the units of the
        dropped layers, in the same order (a layer comes back when one of its
        units is taken), so a budget above what the kept layers can hold is still
-       spent — only when every kind of unit is gated (no compulsory cost).
+       spent — in cap mode (no threshold) and only when every kind of unit is
+       gated (no compulsory cost).
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
     """
     ref = next(t for t in (scores.head, scores.ffn, scores.layer) if t is not None)
@@ -191,7 +199,7 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
 
     if scores.layer is not None:
         layer_logit = scores.layer.detach().double()
-        keep_layer = layer_logit > 0
+        keep_layer = layer_logit > (0.0 if threshold is None else threshold)
         if compulsory > 0:
             # keep the best-scored kept layers whose compulsory cost fits
             order = torch.argsort(layer_logit, dim=1, descending=True, stable=True)  # (B, L)
@@ -208,7 +216,7 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
                 "gate more kinds of units (heads/ffn/layers) or raise the budget"
             )
     remaining = available - keep_layer.double().sum(1) * compulsory  # (B,)
-    refill = scores.layer is not None and compulsory == 0.0
+    refill = threshold is None and scores.layer is not None and compulsory == 0.0
 
     keys, costs, slots = [], [], []
     for kind, t, cost, n in (
@@ -217,9 +225,12 @@ def select_under_budget(scores: GateScores, available: Tensor, flops: FlopsModel
     ):
         if t is None:
             continue
-        key = F.logsigmoid(t.detach().double()) - math.log(cost)  # (B, L, n), < 0
-        # dropped layers: after every kept layer's unit (refill, step 3), or never
-        key = torch.where(keep_layer[..., None], key, key - _REFILL_OFFSET if refill else float("-inf"))
+        logit = t.detach().double()
+        key = F.logsigmoid(logit) - math.log(cost)  # (B, L, n), < 0
+        if threshold is not None:  # mean budgets: units above the threshold in kept layers only
+            key = key.masked_fill(~keep_layer[..., None] | (logit <= threshold), float("-inf"))
+        else:  # dropped layers: after every kept layer's unit (refill, step 3), or never
+            key = torch.where(keep_layer[..., None], key, key - _REFILL_OFFSET if refill else float("-inf"))
         keys.append(key)
         costs.append(torch.full((n_layers, n), cost, dtype=torch.float64, device=device))
         slots.append((kind, n))

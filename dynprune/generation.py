@@ -97,8 +97,8 @@ def _check_request(gm: GatedModel, input_ids: Tensor, kwargs: dict) -> None:
 
 def gated_generate(gm: GatedModel, args: tuple, kwargs: dict, budget: float | Tensor | None) -> Tensor:
     """GatedModel.generate (see module docstring)."""
+    from dynprune.budget import normalize_budget
     from dynprune.kv_cache import GatedKVCache
-    from dynprune.model import normalize_budget
 
     if not gm.parts.spec.causal:
         raise ValueError(f"{gm.parts.spec.family} is not a causal LM: it cannot generate")

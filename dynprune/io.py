@@ -4,6 +4,7 @@ Layout of a gates directory::
 
     gates.json          {"format": 1, "gate_config": {...}, "model": {...sizes...}}
     gates.safetensors   router.* weights, head_perm, ffn_perm
+    calibration.json    (optional) mean-budget policies per target (dynprune.calibration)
 
 Loading wraps a freshly loaded base model (same architecture and sizes) with
 the saved config and unit orders, then loads the router weights. Nothing is
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynprune.arch import resolve
+from dynprune.calibration import Calibration
 from dynprune.config import REMOVED_KEYS, GateConfig
 from dynprune.model import GatedModel, unwrap, wrap
 
@@ -82,6 +84,8 @@ def save_gates(gated: GatedModel, directory: str | os.PathLike) -> Path:
         signature = _model_signature(gated.model)
     meta = {"format": FORMAT_VERSION, "gate_config": gated.gate_config.to_dict(), "model": signature}
     atomic_write_bytes(out / GATES_JSON, json.dumps(meta, indent=2).encode())
+    if gated.calibration:
+        gated.calibration.save(out)
     return out
 
 
@@ -154,6 +158,7 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> GatedModel:
         raise IncompatibleGatesError(
             f"router weights in {directory} do not fit this gate config: {err}"
         ) from err
+    gated.calibration = Calibration.load(directory)
     return gated
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from dynprune.arch import ModelParts, resolve
+from dynprune.budget import MeanBudget, ThresholdRoute, batch_and_device, route_budgets
+from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import GateConfig
 from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
@@ -38,7 +40,9 @@ class GatedModel(nn.Module):
     """A HF model with routers and gates. Call it like the model, plus ``budget=``.
 
     ``budget``: float or (B,) tensor of fractions of dense FLOPs in (0, 1]
-    (default ``GateConfig.default_budget``); ``masks``: explicit
+    (default ``GateConfig.default_budget``): a cap per sample; or a
+    :class:`~dynprune.budget.MeanBudget`: a mean over the inputs, spent by the
+    policy calibrated for it (``self.calibration``, saved with the gates); ``masks``: explicit
     :class:`UnitMasks` instead of the router (for tests and baselines).
     After each call, ``self.last`` is a :class:`ForwardInfo`. In train mode gates
     are sampled as ``self.relaxation`` says (a :class:`Relaxation`, training state).
@@ -62,6 +66,8 @@ class GatedModel(nn.Module):
         self._state = GateState()
         self.relaxation = Relaxation()
         self.last: ForwardInfo | None = None
+        # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
+        self.calibration = Calibration()
         self._handles = []
         for i, lp in enumerate(gated_parts):
             binding = LayerBinding(
@@ -92,10 +98,18 @@ class GatedModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(
-        self, *args: Any, budget: float | Tensor | None = None, masks: UnitMasks | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        budget: float | Tensor | MeanBudget | ThresholdRoute | None = None,
+        masks: UnitMasks | None = None,
+        **kwargs: Any,
     ) -> Any:
         """The HF model's forward under gates. Decoders: ``cache=`` a :class:`GatedKVCache` (or
         ``use_cache=True`` to get one back) holds the prefill's gates for later steps."""
+        if isinstance(budget, MeanBudget):
+            if masks is not None:
+                raise ValueError("masks= chooses the units itself; it cannot be combined with a MeanBudget")
+            return mean_budget_forward(self, budget, args, kwargs)
         return self._gated_call(self.model, args, kwargs, budget, masks)
 
     def _gated_call(
@@ -103,13 +117,17 @@ class GatedModel(nn.Module):
         run: ForwardLike,
         args: tuple,
         kwargs: dict,
-        budget: float | Tensor | None,
+        budget: float | Tensor | ThresholdRoute | None,
         masks: UnitMasks | None,
     ) -> Any:
-        batch, device = _batch_and_device(args, kwargs)
-        budgets = normalize_budget(
+        batch, device = batch_and_device(args, kwargs)
+        budgets, router_budgets, threshold = route_budgets(
             self.gate_config.default_budget if budget is None else budget, batch, device
         )
+        if threshold is not None and self.parts.spec.causal:
+            raise ValueError(
+                "mean budgets are implemented for encoders; a decoder takes a cap per sequence (a float)"
+            )
         if masks is not None:
             masks.check_shape(batch, self.n_gated, self.parts.n_heads, self.n_slices)
             masks = UnitMasks(masks.head.to(device), masks.ffn.to(device), masks.layer.to(device)).canonical()
@@ -121,7 +139,13 @@ class GatedModel(nn.Module):
         if attention_mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             attention_mask = args[1]
         self._state.begin(
-            budgets, attention_mask, masks, gathered=self._use_gathered(), backend=self._backend(device)
+            budgets,
+            attention_mask,
+            masks,
+            gathered=self._use_gathered(),
+            backend=self._backend(device),
+            router_budget=router_budgets,
+            threshold=threshold,
         )
         self._state.held = held
         fast = None if self.training or not self._use_gathered() else engine_for(self, device)
@@ -200,8 +224,8 @@ class GatedModel(nn.Module):
         cfg, fm = self.gate_config, self.flops
         batch, seq = hidden.shape[:2]
         dense = fm.dense(seq)
-        assert state.budget is not None
-        budget = state.budget
+        assert state.budget is not None and state.router_budget is not None
+        budget, router_budget = state.budget, state.router_budget  # (B,) cap per sample, router's input
         dims = (self.n_gated, self.parts.n_heads, self.n_slices)
         if state.forced_masks is not None:
             m = state.forced_masks
@@ -209,7 +233,7 @@ class GatedModel(nn.Module):
                 m.head.double(), m.ffn.double(), m.layer.double(), seq
             )
             return ForwardInfo(budget, seq, dense, flops, gates=m.to_gates(hidden.dtype), masks=m)
-        routed = budget < 1.0
+        routed = router_budget < 1.0
         if not bool(routed.any()):
             return ForwardInfo(
                 budget, seq, dense, torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
@@ -217,7 +241,7 @@ class GatedModel(nn.Module):
         rows = None if bool(routed.all()) else routed.nonzero().squeeze(1)
         sub = lambda t: t if (rows is None or t is None) else t.index_select(0, rows)  # noqa: E731
         sub_budget = sub(budget)
-        available = sub_budget.double() * dense - fm.fixed(seq)
+        available = sub_budget.double() * dense - fm.fixed(seq)  # (n,) FLOPs the gated layers may spend
         if bool((available < 0).any()):
             least = fm.fixed(seq) / dense
             raise ValueError(
@@ -225,7 +249,7 @@ class GatedModel(nn.Module):
                 f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
                 f"{cfg.router_layer} dense layer(s) always run)"
             )
-        scores = self.router(sub(hidden), sub(state.attention_mask), sub_budget)
+        scores = self.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
         n = sub_budget.shape[0]
         probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
         expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
@@ -234,12 +258,12 @@ class GatedModel(nn.Module):
             noisy = add_noise(scores, cfg.nested)
             soft = fill_ungated(relaxed(noisy, self.relaxation.temperature), n, *dims, like=hidden)
             if self.relaxation.hard:
-                masks = select_under_budget(noisy, available, fm, seq)
+                masks = select_under_budget(noisy, available, fm, seq, state.threshold)
                 gates_sub = straight_through(masks, soft)
             else:
                 gates_sub = soft
         else:
-            masks = select_under_budget(scores, available, fm, seq)
+            masks = select_under_budget(scores, available, fm, seq, state.threshold)
             gates_sub = masks.to_gates(hidden.dtype)
         gates = _scatter_rows(gates_sub, rows, batch, dims, hidden)
         if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
@@ -311,40 +335,6 @@ def _scatter_rows(
         full(gates.layer, n_layers),
         gates.hard,
     )
-
-
-def _batch_and_device(args: tuple, kwargs: dict) -> tuple[int, torch.device]:
-    for t in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(t, Tensor):
-            return t.shape[0], t.device
-    raise ValueError("GatedModel needs input_ids or inputs_embeds (as a tensor) to know the batch size")
-
-
-def normalize_budget(budget: float | Tensor, batch: int, device: torch.device) -> Tensor:
-    """float or (B,) tensor -> validated (B,) float64 tensor; nothing is clamped."""
-    if isinstance(budget, Tensor):
-        if budget.dim() == 0:
-            budget = budget.reshape(1).expand(batch)
-        elif budget.shape != (batch,):
-            raise ValueError(
-                f"per-sample budget must have shape ({batch},) for a batch of {batch}, got {tuple(budget.shape)}"
-            )
-        b = budget.detach().to(device=device, dtype=torch.float64)
-    else:
-        try:
-            value = float(budget)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"budget must be a float or a tensor, got {type(budget).__name__}") from err
-        b = torch.full((batch,), value, dtype=torch.float64, device=device)
-        if 0.0 < value <= 1.0:  # valid (NaN fails the test): skip the tensor checks (batch-1 latency)
-            return b
-    bad = ~(torch.isfinite(b) & (b > 0) & (b <= 1))
-    if bool(bad.any()):
-        raise ValueError(
-            f"budget must be a fraction of dense FLOPs in (0, 1] (1.0 = dense); got {b[bad][0].item()!r}"
-            + (f" at sample {int(bad.nonzero()[0])}" if batch > 1 else "")
-        )
-    return b
 
 
 def wrap(

@@ -108,15 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         threads,
     ]
+    eval_json, eval_csv = eval_cli.result_paths(eval_dir, list(BUDGETS))
     steps = [
-        ("1/4 train a dense teacher and a gated MiniLM (quick config)", "train", train_cli.main, train_argv),
-        (
-            "2/4 evaluate the gated model at several budgets, next to dense",
-            "eval",
-            eval_cli.main,
-            eval_argv,
-        ),
+        ("1/4 train a dense teacher and a gated MiniLM (quick config)", "train", train_cli.main, train_argv)
     ]
+    if not eval_json.is_file():  # a finished evaluation is kept (re-running resumes)
+        steps.append(
+            (
+                "2/4 evaluate the gated model at several budgets, next to dense",
+                "eval",
+                eval_cli.main,
+                eval_argv,
+            )
+        )
     if not args.skip_sweep:
         sweep_argv = ["--config", str(configs / SWEEP_CONFIG), "--quick"]
         sweep_argv += [f"--quick.training_dir={train_dir}", f"--quick.output_dir={sweep_dir}"]
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nquickstart finished in {(time.perf_counter() - started) / 60:.1f} min. Results:")
     print(f"  training report   {train_dir / 'report' / 'summary.md'}")
-    print(f"  evaluation        {eval_dir / 'eval.csv'}")
+    print(f"  evaluation        {eval_csv}")
     if not args.skip_sweep:
         print(f"  sweep             {sweep_dir / 'summary.md'}, {sweep_dir / 'pareto.png'}")
     print("  full recipe       docs/training.md, docs/evaluation.md")

@@ -32,6 +32,7 @@ class ForwardInfo:
     scores: GateScores | None = None  # router logits for rows ``routed_rows``
     routed_rows: Tensor | None = None
     expected_flops: Tensor | None = None
+    passes: Tensor | None = None  # cascade (mean budgets): forwards each sample ran, 1 or 2
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -62,7 +63,9 @@ class GateState:
     """Set by GatedModel.forward, filled by the router hook, read by every gated layer."""
 
     active: bool = False
-    budget: Tensor | None = None
+    budget: Tensor | None = None  # (B,) cap per sample: the FLOPs a sample may spend
+    router_budget: Tensor | None = None  # (B,) what the router reads (= budget, or a mean target)
+    threshold: float | None = None  # mean budgets: only units with logit > threshold are eligible
     attention_mask: Tensor | None = None
     valid: Tensor | None = None  # (B, T) bool, or None when there is no padding
     forced_masks: UnitMasks | None = None
@@ -82,9 +85,13 @@ class GateState:
         forced_masks: UnitMasks | None,
         gathered: bool,
         backend: str,
+        router_budget: Tensor | None = None,
+        threshold: float | None = None,
     ) -> None:
         self.active = True
         self.budget, self.attention_mask, self.forced_masks = budget, attention_mask, forced_masks
+        self.router_budget = budget if router_budget is None else router_budget
+        self.threshold = threshold
         self.valid = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             self.valid = attention_mask.bool()
@@ -95,6 +102,7 @@ class GateState:
         info = self.info
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
+        self.router_budget, self.threshold = None, None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
         self.held = None
         return info

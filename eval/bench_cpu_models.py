@@ -23,7 +23,7 @@ class BenchModels:
 
     def route_and_plan_fns(self, inputs: dict[str, torch.Tensor], budget: float) -> tuple[Callable, Callable]:
         """Callables running (router + gate selection) and (planning) exactly as a forward does."""
-        from dynprune.model import normalize_budget
+        from dynprune.budget import normalize_budget
         from dynprune.plan import plan_forward
         from dynprune.state import GateState
 

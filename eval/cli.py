@@ -5,7 +5,14 @@ directory written by ``dynprune.save_gated_model``) at one or more budgets:
 accuracy and loss, executed FLOPs per sample (mean, p5, p95), latency at
 batch 1 and 16 next to the dense model in the same process (speedup and ideal
 speedup), and gate statistics (keep rates, distinct masks, Hamming distance).
-Prints a table and writes eval.json + eval.csv (default: DIR/eval/).
+Budgets: a cap per input (``0.5``) or a mean over inputs (``mean:0.25``,
+``mean:0.25,cap:0.6``; needs a calibration: ``dynprune calibrate``). Per budget
+the output has the per-input FLOPs distribution (p5/p50/p95) and where the
+compute goes: mean FLOPs per quartile of input length and of the dense model's
+confidence.
+
+Prints a table and writes eval-<budgets>.json + .csv (default dir: DIR/eval/),
+one pair per set of budgets; an existing pair is kept unless --overwrite.
 
 Data: the checkpoint's training split (packaged Rotten Tomatoes or its
 data.path) by default, ``--split test``; ``--data FILE`` evaluates every row
@@ -22,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dynprune.config import check_budget_value
+from dynprune.budget import MeanBudget, budget_spec, parse_budget
 
 
 class EvalError(ValueError):
@@ -41,10 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget",
-        type=float,
         nargs="+",
         default=None,
-        help="fractions of dense FLOPs (default: the run's evaluation budgets)",
+        help="caps per input (0.5) or mean budgets (mean:0.25, mean:0.25,cap:0.6); "
+        "default: the run's evaluation budgets",
     )
     p.add_argument(
         "--data", type=Path, default=None, help="local CSV/TSV/JSONL/parquet file to evaluate (all rows)"
@@ -60,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--out", type=Path, default=None, help="output dir for eval.json / eval.csv (default CHECKPOINT/eval)"
+        "--out", type=Path, default=None, help="output dir for eval-*.json / .csv (default CHECKPOINT/eval)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result for the same budgets")
     p.add_argument(
         "--no-latency", action="store_true", help="skip the timing (accuracy, FLOPs and gates only)"
     )
@@ -109,26 +117,57 @@ def _training_config(ckpt: Path) -> dict[str, Any]:
     return {}
 
 
-def check_budgets(budgets: list[float] | None, train_cfg: dict[str, Any], allow: bool) -> list[float]:
+def check_budgets(
+    budgets: list[str] | list[float] | None, train_cfg: dict[str, Any], allow: bool
+) -> list[float | MeanBudget]:
     if budgets is None:
         budgets = list((train_cfg.get("evaluation") or {}).get("budgets") or [0.25, 0.5, 0.75])
     if not budgets:
         raise EvalError("--budget needs at least one value (fractions of dense FLOPs in (0, 1])")
+    parsed: list[float | MeanBudget] = []
     for b in budgets:
         try:
-            check_budget_value(b)
+            parsed.append(parse_budget(b))
         except ValueError as err:
             raise EvalError(str(err)) from None
     gate = train_cfg.get("gate") or {}
     low, high = gate.get("budget_min"), gate.get("budget_max")
     if low is not None and high is not None and not allow:
-        bad = [b for b in budgets if b < 1.0 and not (low - 1e-9 <= b <= high + 1e-9)]
+        caps = [b for b in parsed if not isinstance(b, MeanBudget)]
+        bad = [b for b in caps if b < 1.0 and not (low - 1e-9 <= b <= high + 1e-9)]
         if bad:
             raise EvalError(
                 f"budget(s) {bad} outside the range this checkpoint was trained for [{low}, {high}]; "
                 "choose budgets inside it (or pass --allow-untrained-budgets)"
             )
-    return sorted(set(budgets), reverse=True)
+    unique = {budget_spec(b): b for b in parsed}
+    return sorted(unique.values(), key=_budget_order, reverse=True)
+
+
+def _budget_order(b: float | MeanBudget) -> tuple[float, int, float]:
+    if isinstance(b, MeanBudget):
+        return (b.target, 0, b.cap or 1.0)
+    return (float(b), 1, 0.0)
+
+
+def result_paths(out: Path, budgets: list[float | MeanBudget] | list[str]) -> tuple[Path, Path]:
+    """eval-<budgets>.json / .csv in ``out`` (budgets in evaluation order: highest first)."""
+    ordered = sorted(
+        {budget_spec(parse_budget(b)): parse_budget(b) for b in budgets}.values(), key=_budget_order
+    )
+    name = "eval-" + "_".join(budget_spec(b).replace(":", "").replace(",", "-") for b in reversed(ordered))
+    return out / f"{name}.json", out / f"{name}.csv"
+
+
+def output_paths(out: Path, budgets: list[float | MeanBudget], overwrite: bool) -> tuple[Path, Path]:
+    """:func:`result_paths`; an existing result is an error unless ``overwrite``."""
+    paths = result_paths(out, budgets)
+    if not overwrite and any(p.exists() for p in paths):
+        raise EvalError(
+            f"{paths[0]} already holds a result for these budgets; pass --overwrite to replace it "
+            "or --out DIR to write elsewhere"
+        )
+    return paths
 
 
 def load_examples(
@@ -184,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     import dynprune
-    from dynprune.io import IncompatibleGatesError
+    from dynprune.io import IncompatibleGatesError, atomic_write_bytes
 
     ckpt = resolve_checkpoint(args.checkpoint)
     train_cfg = _training_config(ckpt)
@@ -201,14 +240,23 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError(f"checkpoint {str(ckpt)!r} does not fit: {err}") from None
     except (OSError, RuntimeError) as err:
         raise EvalError(f"could not load the checkpoint {str(ckpt)!r}: {err}") from None
+    from dynprune.calibration import check_policy_fits
+
+    for b in budgets:  # every mean budget needs its calibration: say so before any long work
+        if isinstance(b, MeanBudget) and b.target < 1.0:
+            try:
+                check_policy_fits(gated, gated.calibration.lookup(b).policy)
+            except ValueError as err:
+                raise EvalError(str(err).replace("DIR", str(ckpt))) from None
+    out = args.out or ckpt / "eval"
+    json_path, csv_path = output_paths(out, budgets, args.overwrite)
     examples = load_examples(args, train_cfg, label_names, tokenizer)
     torch.set_num_threads(args.threads)
     from dynprune.eval.evaluate import evaluate_checkpoint, print_table
 
     results = evaluate_checkpoint(gated, ckpt, tokenizer, examples, budgets, args)
-    out = args.out or ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    atomic_write_bytes(json_path, json.dumps(results, indent=1).encode())
     buf = io.StringIO()
     rows = results["rows"]
     keys: list[str] = []
@@ -217,9 +265,9 @@ def run(args: argparse.Namespace) -> int:
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    (out / "eval.csv").write_text(buf.getvalue())
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
     print(print_table(results))
-    print(f"\nwrote {out / 'eval.json'} and {out / 'eval.csv'}")
+    print(f"\nwrote {json_path} and {csv_path}")
     return 0
 
 

@@ -19,6 +19,7 @@ from dynprune.eval.latency import TimingInputs, measure
 from dynprune.eval.runners import DenseRunner, GatedRunner
 from dynprune.eval.timing import materialize
 
+from dynprune.budget import MeanBudget, budget_spec
 from dynprune.model import GatedModel
 
 
@@ -32,7 +33,7 @@ def _load_dense(ckpt: Path) -> torch.nn.Module:
 
 
 def evaluate_checkpoint(
-    gated: GatedModel, ckpt: Path, tokenizer: Any, examples: list[dict[str, Any]], budgets: list[float],
+    gated: GatedModel, ckpt: Path, tokenizer: Any, examples: list[dict[str, Any]], budgets: list,
     args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
     from dynprune.train.adaptivity import mask_stats
@@ -49,12 +50,18 @@ def evaluate_checkpoint(
         timing = TimingInputs.draw(examples, collate, args.bs1_inputs, args.bs16_batches, seed=0)
     rows: list[dict[str, Any]] = []
     dense_rec = collect(dense_model, batches)
-    rows.append({"budget": 1.0, **_stats(summarize(dense_rec))})
+    rows.append({"budget": 1.0, "budget_spec": "1", **_stats(summarize(dense_rec))})
+    dense_conf = dense_rec.probs.max(-1)
     for b in budgets:
-        if b >= 1.0:
+        if (b.target if isinstance(b, MeanBudget) else b) >= 1.0:
             continue
         rec = collect(gated, batches, budget=b, keep_masks=True)
-        row: dict[str, Any] = {"budget": b, **_stats(summarize(rec))}
+        row: dict[str, Any] = {
+            "budget": b.target if isinstance(b, MeanBudget) else b,
+            "budget_spec": budget_spec(b),
+            **_stats(summarize(rec)),
+            "compute": where_compute_goes(rec.flops_ratio, rec.lengths, dense_conf),
+        }
         if rec.head is not None:
             row["gates"] = mask_stats(rec)
             row["keep_rate_per_layer"] = {
@@ -81,8 +88,31 @@ def evaluate_checkpoint(
 
 
 def _stats(s: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", "loss", "flops_ratio_mean", "flops_ratio_p5", "flops_ratio_p95", "flops_mean")
-    return {k: s.get(k) for k in keys}
+    keys = ("accuracy", "loss", "flops_ratio_mean", "flops_ratio_p5", "flops_ratio_p50", "flops_ratio_p95")
+    return {k: s.get(k) for k in (*keys, "flops_mean")}
+
+
+def where_compute_goes(ratio: np.ndarray, lengths: np.ndarray, dense_conf: np.ndarray) -> dict[str, Any]:
+    """Mean executed FLOPs ratio per quartile of input length and of the dense model's confidence
+    (lowest quartile first), and the rank correlations with both."""
+
+    def by_quartile(key: np.ndarray) -> list[float]:
+        edges = np.quantile(key, [0.25, 0.5, 0.75])
+        q = np.searchsorted(edges, key, side="right")  # (N,) in 0..3
+        return [round(float(ratio[q == i].mean()), 4) if (q == i).any() else float("nan") for i in range(4)]
+
+    def spearman(key: np.ndarray) -> float:
+        a, b = np.argsort(np.argsort(key)), np.argsort(np.argsort(ratio))
+        if a.std() == 0 or b.std() == 0:
+            return 0.0
+        return round(float(np.corrcoef(a, b)[0, 1]), 4)
+
+    return {
+        "flops_by_length_quartile": by_quartile(lengths),
+        "flops_by_dense_confidence_quartile": by_quartile(dense_conf),
+        "spearman_flops_length": spearman(lengths),
+        "spearman_flops_dense_confidence": spearman(dense_conf),
+    }
 
 
 def _export_frozen(
@@ -97,7 +127,7 @@ def _export_frozen(
         gated.gate_config.ffn_slice_size, p.n_layers, p.n_heads, p.ffn_dim,
     )  # fmt: skip
     plain = _load_dense(ckpt)  # original unit order: the structure is in original indices
-    info = export_static(plain, structure, root / f"budget_{budget:g}", tokenizer)
+    info = export_static(plain, structure, root / f"budget_{budget_spec(budget)}", tokenizer)
     model = load_pruned(info.directory)
     correct = n = 0
     with torch.inference_mode():
@@ -123,12 +153,15 @@ def _export_frozen(
 
 def print_table(results: dict[str, Any]) -> str:
     head = (
-        f"{'budget':>6} {'acc%':>6} {'loss':>6} {'flops mean [p5,p95]':>22} "
+        f"{'budget':>17} {'acc%':>6} {'loss':>6} {'flops mean [p5,p50,p95]':>28} "
         f"{'bs1 ms (dense)':>15} {'x (ideal)':>12} {'bs16 ms (dense)':>16} {'x (ideal)':>12}  gates"
     )
     lines = [f"{results['checkpoint']}: {results['n_examples']} examples", head, "-" * len(head)]
     for r in results["rows"]:
-        f = f"{r['flops_ratio_mean']:.3f} [{r['flops_ratio_p5']:.3f},{r['flops_ratio_p95']:.3f}]"
+        f = (
+            f"{r['flops_ratio_mean']:.3f} [{r['flops_ratio_p5']:.3f},"
+            f"{r.get('flops_ratio_p50') or r['flops_ratio_mean']:.3f},{r['flops_ratio_p95']:.3f}]"
+        )
         lat = []
         for key in ("bs1", "bs16"):
             if f"latency_ms_{key}" in r:
@@ -144,9 +177,15 @@ def print_table(results: dict[str, Any]) -> str:
             else "dense"
         )
         lines.append(
-            f"{r['budget']:>6.3g} {100 * r['accuracy']:>6.2f} {r['loss']:>6.3f} {f:>22} "
+            f"{r.get('budget_spec', r['budget']):>17} {100 * r['accuracy']:>6.2f} {r['loss']:>6.3f} {f:>28} "
             f"{lat[0]:>15} {lat[1]:>12} {lat[2]:>16} {lat[3]:>12}  {gates}"
         )
+        c = r.get("compute")
+        if c:
+            lines.append(
+                f"{'':>17} FLOPs by length quartile {c['flops_by_length_quartile']}, by dense confidence "
+                f"quartile {c['flops_by_dense_confidence_quartile']}"
+            )
         if "frozen_export" in r:
             e = r["frozen_export"]
             lines.append(

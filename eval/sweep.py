@@ -32,7 +32,7 @@ from typing import Any
 
 from dynprune.eval.report import COLUMNS, machine_description, plot_pareto, write_summary
 from dynprune.eval.sweep_config import POINT_KEYS, SweepConfig, from_dict
-from dynprune.eval.sweep_context import SweepError, TrainingRun, seed_run
+from dynprune.eval.sweep_context import SweepError, TrainingRun, dynamic_budget, seed_run
 from dynprune.eval.sweep_stats import (
     CONTENDERS,
     aggregate,
@@ -43,6 +43,7 @@ from dynprune.eval.sweep_stats import (
     speed_lines,
 )
 
+from dynprune.calibration import Calibration
 from dynprune.config import check_budget_value
 from dynprune.io import atomic_write_bytes
 
@@ -128,6 +129,17 @@ def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
     return {k: d[k] for k in POINT_KEYS}
 
 
+def _check_calibrations(cfg: SweepConfig, gated_dir: Path) -> None:
+    """budget_mode=mean: the dynamic checkpoint has a calibrated policy for every swept budget."""
+    have = Calibration.load(gated_dir / "gates")
+    for b in cfg.budgets:
+        if b < 1.0:
+            try:
+                have.lookup(dynamic_budget(cfg, b))
+            except ValueError as err:
+                raise SweepError(str(err).replace("DIR", str(gated_dir))) from None
+
+
 def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     """Every check that can fail before the long work starts."""
     run = TrainingRun.open(cfg.training_dir)
@@ -139,6 +151,8 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
         if "static_gates" in gated_methods:
             need["static"] = r.static_dir
         _check_stages(r, need)
+        if "dynamic" in gated_methods and cfg.budget_mode == "mean":
+            _check_calibrations(cfg, r.gated_dir)
         low, high = r.budget_range()
         for b in cfg.budgets:
             if not (low - 1e-9 <= b <= high + 1e-9):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from dynprune.train.data import DataError, model_inputs
 
+from dynprune.budget import MeanBudget
 from dynprune.model import GatedModel
 
 
@@ -29,7 +30,7 @@ class Records:
     flops: np.ndarray  # (N,) float64, executed (nan if unknown)
     dense_flops: np.ndarray  # (N,) float64, at the same padded length (nan if unknown)
     lengths: np.ndarray  # (N,) int, real tokens
-    budget: float | None
+    budget: float | str | None  # a cap, or a mean budget's spec ("mean:0.25")
     head: np.ndarray | None = None  # (N, L, n_heads) bool masks, gated hard runs only
     ffn: np.ndarray | None = None  # (N, L, n_slices)
     layer: np.ndarray | None = None  # (N, L)
@@ -56,7 +57,7 @@ def _dense_flops_fn(model: torch.nn.Module):
 def collect(
     model: torch.nn.Module,
     dataloader,
-    budget: float | None = None,
+    budget: float | MeanBudget | None = None,
     keep_masks: bool = False,
     progress: bool = False,
     execution: str | None = None,
@@ -68,7 +69,7 @@ def collect(
     the same hard masks; None: the model's own setting).
     """
     gated = isinstance(model, GatedModel)
-    if budget is not None and not gated and float(budget) != 1.0:
+    if budget is not None and not gated and (isinstance(budget, MeanBudget) or float(budget) != 1.0):
         raise ValueError(
             f"budget={budget} needs a GatedModel (dynprune.wrap); a plain model runs dense (1.0)"
         )
@@ -132,7 +133,7 @@ def collect(
         flops=cat["flops"],
         dense_flops=cat["dense"],
         lengths=cat["len"],
-        budget=None if budget is None else float(budget),
+        budget=None if budget is None else (budget.spec if isinstance(budget, MeanBudget) else float(budget)),
     )
     if keep_masks and masks["layer"]:
         rec.head, rec.ffn, rec.layer = (torch.cat(masks[k])[order].numpy() for k in ("head", "ffn", "layer"))

@@ -17,6 +17,7 @@ from dynprune.train.config import DistillConfig, GateSection, RegularizerConfig
 from dynprune.train.data import model_inputs
 from dynprune.train.losses import Lagrangian, hidden_distillation, logits_distillation
 
+from dynprune.budget import ThresholdRoute
 from dynprune.model import GatedModel
 from dynprune.state import Relaxation
 
@@ -64,6 +65,11 @@ class GatedObjective:
     exponentially from ``temperature`` to ``temperature_end`` over the soft
     phase; from ``hard_from`` on, gates are hard (straight-through), chosen by
     the same greedy selection under the budget that inference uses.
+
+    ``gate.budget_mode=mean``: one budget per micro-batch is the target of the
+    batch-MEAN expected FLOPs ratio (one Lagrangian gap per micro-batch); the
+    router reads it, and hard gates keep the units whose noisy logit > 0
+    (:class:`~dynprune.budget.ThresholdRoute`), so inputs may spend different amounts.
     """
 
     name = "gated"
@@ -118,9 +124,16 @@ class GatedObjective:
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor], step: int, micro: int):
         inputs = model_inputs(batch)
         labels = batch["labels"]
-        budgets = self.sample_budgets(labels.shape[0], step, micro).to(labels.device)
+        mean_mode = self.gate.budget_mode == "mean"
+        if mean_mode:  # one target per micro-batch, spent as a mean over its examples
+            target = float(self.sample_budgets(1, step, micro)[0])
+            budgets = torch.full((labels.shape[0],), target, dtype=torch.float64, device=labels.device)
+            budget_arg: Any = ThresholdRoute(target, threshold=0.0)
+        else:
+            budgets = self.sample_budgets(labels.shape[0], step, micro).to(labels.device)
+            budget_arg = budgets
         want_hidden = self.distill.hidden_weight > 0
-        out = model(**inputs, budget=budgets, output_hidden_states=want_hidden)
+        out = model(**inputs, budget=budget_arg, output_hidden_states=want_hidden)
         info = self.core.last
         d = self.distill
         task = F.cross_entropy(out.logits.float(), labels)
@@ -150,6 +163,8 @@ class GatedObjective:
             b = budgets if rows is None else budgets.index_select(0, rows)
             expected = info.expected_flops.double() / info.dense_flops  # (B_routed,)
             target = 1.0 - (1.0 - b) * self.ramp
+            if mean_mode:  # (1,): the batch mean is what must meet the target
+                expected, target = expected.mean(0, keepdim=True), target[:1]
             gap = expected - target
             reg = self.lagrangian.penalty(gap)
             loss = loss + reg

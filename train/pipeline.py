@@ -272,7 +272,10 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
     def evaluate_fn(m: torch.nn.Module) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for b in budgets:
-            s = summarize(collect(m, val, budget=b, execution=c.evaluation.execution))
+            spend: Any = b
+            if c.gate.budget_mode == "mean" and b < 1.0:  # calibrate the threshold on validation first
+                spend = calibrate_mean(gated, val, b)
+            s = summarize(collect(m, val, budget=spend, execution=c.evaluation.execution))
             out[f"accuracy@{b}"], out[f"flops_ratio@{b}"] = s["accuracy"], s["flops_ratio_mean"]
         return out
 
@@ -307,6 +310,15 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def calibrate_mean(gated: dynprune.GatedModel, val: list, target: float) -> dynprune.MeanBudget:
+    """Fit (and keep in ``gated.calibration``) the threshold for mean ``target`` on validation."""
+    from dynprune.calibration_fit import fit
+
+    budget = dynprune.MeanBudget(target)
+    gated.calibration.add(fit(gated, val, budget, policy="threshold"))
+    return budget
 
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:

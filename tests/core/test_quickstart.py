@@ -28,7 +28,9 @@ def test_quickstart_trains_and_evaluates_end_to_end(tmp_path):
     out = tmp_path / "qs"
     assert quickstart.main(["--output-dir", str(out), "--skip-sweep"]) == 0
     assert (out / "train" / "report" / "summary.md").is_file()
-    rows = {r["budget"]: r for r in json.loads((out / "eval" / "eval.json").read_text())["rows"]}
+    rows = {
+        r["budget"]: r for r in json.loads((out / "eval" / "eval-0.75_0.5_0.25.json").read_text())["rows"]
+    }
     assert set(rows) == {1.0, 0.25, 0.5, 0.75}
     for budget in (0.25, 0.5, 0.75):
         assert rows[budget]["flops_ratio_p95"] <= budget + 1e-9  # p95 (every sample: tests/core)

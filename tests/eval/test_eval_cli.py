@@ -23,7 +23,7 @@ def test_eval_table_json_csv_and_frozen_export(tiny_run, tmp_path, capsys):
     assert (
         "budget" in printed and "bs16 ms (dense)" in printed and "frozen to its most common mask" in printed
     )
-    res = json.loads((out / "eval.json").read_text())
+    res = json.loads((out / "eval-0.5_0.3.json").read_text())
     rows = {r["budget"]: r for r in res["rows"]}
     assert set(rows) == {1.0, 0.5, 0.3}
     assert rows[1.0]["flops_ratio_mean"] == pytest.approx(1.0)
@@ -37,7 +37,7 @@ def test_eval_table_json_csv_and_frozen_export(tiny_run, tmp_path, capsys):
         )  # tests/eval/tiny_run.py: 4 layers
         assert (tmp_path / "frozen" / f"budget_{b:g}" / "config.json").is_file()
     assert rows[0.3]["flops_ratio_mean"] < rows[0.5]["flops_ratio_mean"]
-    header = (out / "eval.csv").read_text().splitlines()[0]
+    header = (out / "eval-0.5_0.3.csv").read_text().splitlines()[0]
     assert "accuracy" in header and "speedup_bs1" in header
 
 
@@ -46,7 +46,7 @@ def test_eval_on_a_local_file_and_the_training_run_dir(tiny_run, tmp_path):
     rc = eval_main(["--checkpoint", str(tiny_run), "--data", str(data), "--budget", "0.5", "--no-latency",
                     "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 0
-    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    res = json.loads((tmp_path / "o" / "eval-0.5.json").read_text())
     assert res["n_examples"] == 6 and res["checkpoint"].endswith("gated")
 
 

@@ -1,0 +1,206 @@
+"""Mean-budget comparison on quick-recipe checkpoints, one seed per call (accuracy, not timing).
+
+    nice -n 10 python scripts/mean_budget_eval.py --runs ../ladder/runs/ablation \
+        --mean-runs runs/mean_budget --seed 0 --out results/minilm_rt/mean_budget
+
+Checkpoints (read only; calibrations are fitted in memory, never written there):
+``RUNS/seed<S>/static/static`` (static control), ``RUNS/seed<S>/dynamic/gated`` (cap-trained
+dynamic router), ``MEAN_RUNS/seed<S>/gated`` (router trained with ``gate.budget_mode=mean``);
+the dense teacher is the runs' ``model.teacher_path``. Whatever exists is evaluated.
+
+Per target t in (0.25, 0.5), on the test split, calibrated on the validation split (batch 64,
+the batches evaluation uses, so that padded lengths and FLOPs match):
+- ``<model>_cap``: a cap per input = t (greedy fill; every input costs about t)
+- ``<model>_cascade``: ``MeanBudget(t)`` with the cascade policy (run low, re-run the least
+  confident inputs high; both passes counted)
+- ``mean_threshold``: the mean-trained router, ``MeanBudget(t)`` with the threshold policy
+Writes ``rows.csv`` (one row per seed x method x target) and ``per_example.npz`` (correct /
+FLOPs ratio per test example, for paired intervals) after every row; a re-run skips the rows
+that exist (resumable; delete them to redo). ``--calibration-examples N`` fits on the first N
+validation examples (the split is shuffled once, so they are a random subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from dynprune.train.config import DataConfig
+from dynprune.train.data import Collator, encode, eval_batches, load_task_data
+from dynprune.train.evaluation import Records, collect
+
+import dynprune
+from dynprune.calibration_fit import fit
+
+TARGETS = (0.25, 0.5)
+MODELS = {"static": ("static", "static"), "dynamic": ("dynamic", "gated")}  # name -> (run, stage dir)
+
+
+def quartile_means(key: np.ndarray, value: np.ndarray) -> list[float]:
+    """Mean of ``value`` in each quartile of ``key`` (lowest first)."""
+    edges = np.quantile(key, [0.25, 0.5, 0.75])
+    bins = np.searchsorted(edges, key, side="right")  # (N,) in 0..3
+    return [round(float(value[bins == q].mean()), 4) if (bins == q).any() else float("nan") for q in range(4)]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return 0.0 if ra.std() == 0 or rb.std() == 0 else round(float(np.corrcoef(ra, rb)[0, 1]), 4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=Path, required=True, help="ladder root with seed<S>/{static,dynamic}")
+    p.add_argument("--mean-runs", type=Path, default=None, help="root with seed<S>/gated (budget_mode=mean)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    p.add_argument("--calibration-examples", type=int, default=None, help="first N validation examples")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per split (smoke test)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    transformers.logging.set_verbosity_error()
+    seed_dir = args.runs / f"seed{args.seed}"
+    cfg = yaml.safe_load((seed_dir / "static" / "config.yaml").read_text())
+    gate = cfg.get("gate") or {}
+    trained = (float(gate.get("budget_min", 0.2)), float(gate.get("budget_max", 0.8)))
+    dense_dir = Path(cfg["model"]["teacher_path"])
+    tok = transformers.AutoTokenizer.from_pretrained(dense_dir)
+    data = load_task_data(DataConfig(**cfg["data"]))
+    ex = encode(data, tok, cfg["data"]["max_length"])
+    collate = Collator(tok.pad_token_id, getattr(tok, "padding_side", "right"))
+
+    def batches(split: str, n: int | None) -> list:
+        e = ex[split][:n]
+        return [collate([e[i] for i in b]) for b in eval_batches(e, args.batch_size)]
+
+    n_cal = args.calibration_examples if args.limit is None else args.limit
+    val, test = batches("validation", n_cal), batches("test", args.limit)
+    done, per_example = _existing(args.out)
+    rows: list[dict] = []
+    key = f"{args.seed}/dense_confidence"
+    if key not in per_example:
+        dense = transformers.AutoModelForSequenceClassification.from_pretrained(dense_dir).eval()
+        dense_rec = collect(dense, test)
+        per_example.update({
+            f"{args.seed}/dense/correct": dense_rec.preds == dense_rec.labels,
+            f"{args.seed}/lengths": dense_rec.lengths,
+            key: dense_rec.probs.max(-1),
+        })  # fmt: skip
+        rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_rec.labels),
+                     "accuracy": round(float((dense_rec.preds == dense_rec.labels).mean()), 6),
+                     "flops_ratio_mean": 1.0})  # fmt: skip
+        _write(args.out, rows, per_example)
+    dense_conf = per_example[key]
+
+    def record(method: str, target: float, rec: Records, extra: dict | None = None) -> None:
+        r = rec.flops_ratio
+        correct = rec.preds == rec.labels
+        per_example[f"{args.seed}/{method}/{target:g}/correct"] = correct
+        per_example[f"{args.seed}/{method}/{target:g}/ratio"] = r.astype(np.float32)
+        row = {
+            "seed": args.seed,
+            "method": method,
+            "target": target,
+            "accuracy": round(float(correct.mean()), 6),
+            "flops_ratio_mean": round(float(r.mean()), 6),
+            "flops_ratio_p5": round(float(np.percentile(r, 5)), 4),
+            "flops_ratio_p50": round(float(np.percentile(r, 50)), 4),
+            "flops_ratio_p95": round(float(np.percentile(r, 95)), 4),
+            "flops_by_length_q1_q4": json.dumps(quartile_means(rec.lengths, r)),
+            "flops_by_dense_conf_q1_q4": json.dumps(quartile_means(dense_conf, r)),
+            "spearman_flops_length": _spearman(rec.lengths, r),
+            "spearman_flops_dense_conf": _spearman(dense_conf, r),
+            "n_test": len(r),
+            **(extra or {}),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _write(args.out, rows, per_example)
+
+    def todo(method: str, target: float) -> bool:
+        return (args.seed, method, target) not in done
+
+    def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str, passes: dict) -> None:
+        entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained, passes=passes)
+        gated.calibration.add(entry)
+        extra = {
+            "calibration_examples": entry.fitted["n"],
+            "policy": json.dumps(entry.policy.__dict__),
+            "val_flops_ratio": round(entry.fitted["flops_ratio_mean"], 6),
+            "val_accuracy": round(entry.fitted["accuracy"], 6),
+        }
+        record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
+
+    for name in args.models:
+        run, stage = MODELS[name]
+        ckpt = seed_dir / run / stage
+        if not (ckpt / "gates" / "gates.json").is_file():
+            print(f"seed {args.seed}: no {name} checkpoint at {ckpt}, skipped", flush=True)
+            continue
+        gated, _ = dynprune.load_gated_model(ckpt)
+        passes: dict = {}  # validation passes per budget, shared by the targets' cascade fits
+        for t in args.targets:
+            if todo(f"{name}_cap", t):
+                record(f"{name}_cap", t, collect(gated, test, budget=t))
+            if todo(f"{name}_cascade", t):
+                calibrated(f"{name}_cascade", gated, t, "cascade", passes)
+    mean_ckpt = None if args.mean_runs is None else args.mean_runs / f"seed{args.seed}" / "gated"
+    if mean_ckpt is not None and (mean_ckpt / "gates" / "gates.json").is_file():
+        gated, _ = dynprune.load_gated_model(mean_ckpt)
+        for t in args.targets:
+            if todo("mean_threshold", t):
+                calibrated("mean_threshold", gated, t, "threshold", {})
+            if todo("mean_ckpt_cap", t):
+                record("mean_ckpt_cap", t, collect(gated, test, budget=t))
+
+
+def _existing(out: Path) -> tuple[set[tuple[int, str, float]], dict[str, np.ndarray]]:
+    """(seed, method, target) of the rows in OUT/rows.csv, and the arrays of OUT/per_example.npz."""
+    done: set[tuple[int, str, float]] = set()
+    if (out / "rows.csv").is_file():
+        with (out / "rows.csv").open() as f:
+            done = {(int(r["seed"]), r["method"], float(r["target"])) for r in csv.DictReader(f)}
+    arrays: dict[str, np.ndarray] = {}
+    if (out / "per_example.npz").is_file():
+        with np.load(out / "per_example.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+    return done, arrays
+
+
+def _write(out: Path, rows: list[dict], per_example: dict[str, np.ndarray]) -> None:
+    """Add ``rows`` to OUT/rows.csv (replacing rows of the same seed, method and target) and
+    write OUT/per_example.npz (atomically, both)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, npz_path = out / "rows.csv", out / "per_example.npz"
+    old: list[dict] = []
+    if csv_path.is_file():
+        with csv_path.open() as f:
+            mine = {(int(r["seed"]), str(r["method"]), float(r["target"])) for r in rows}
+            old = [
+                r for r in csv.DictReader(f) if (int(r["seed"]), r["method"], float(r["target"])) not in mine
+            ]
+    keys: list[str] = []
+    for r in old + rows:
+        keys += [k for k in r if k not in keys]
+    tmp = csv_path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(sorted(old + rows, key=lambda r: (int(r["seed"]), str(r["method"]), float(r["target"]))))
+    tmp.replace(csv_path)
+    tmp = out / "per_example.tmp.npz"
+    np.savez_compressed(tmp, **per_example)
+    tmp.replace(npz_path)
+
+
+if __name__ == "__main__":
+    main()
