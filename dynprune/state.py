@@ -32,6 +32,9 @@ class ForwardInfo:
     scores: GateScores | None = None  # router logits for rows ``routed_rows``
     routed_rows: Tensor | None = None
     expected_flops: Tensor | None = None
+    # training-free router (GateConfig.griffin): this forward ran dense; ``decided`` holds the gates
+    # its activations chose for the tokens after it (budget enforced at this forward's length)
+    decided: ForwardInfo | None = None
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -73,6 +76,8 @@ class GateState:
     hard_masks: UnitMasks | None = None  # cached by the gathered layers, once per forward
     info: ForwardInfo | None = None
     held: Any = None  # dynprune.kv_cache.HeldDecision of a generation's prefill, reused at later steps
+    recorder: Any = None  # dynprune.magnitude.ActivationRecorder: a training-free prefill, run dense
+    route_input: Tensor | None = None  # what the router hook saw (the training-free prefill routes later)
     extras: dict = field(default_factory=dict)
 
     def begin(
@@ -96,5 +101,5 @@ class GateState:
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
-        self.held = None
+        self.held = self.recorder = self.route_input = None
         return info
