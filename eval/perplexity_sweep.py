@@ -1,0 +1,246 @@
+"""The perplexity sweep of a causal LM: methods × budgets on held-out King James books.
+
+Methods (one row each per budget < 1; ``dense`` once at 1.0):
+
+- ``dense``: the model itself (a wrapped model at budget 1.0 runs HF's forward untouched);
+- ``griffin``: dynprune's training-free router (``GateConfig.griffin``): prompt dense, the
+  continuation under the gates chosen from the prompt's activations, via the GatedKVCache;
+  FLOPs ratio = the FLOPs module's for the chosen gates at the prompt's length (the budget is
+  enforced there, as for every router), the prompt's own FLOPs being dense;
+- ``teal``: per-token activation sparsity at calibrated thresholds (eval/baselines/teal.py);
+  FLOPs ratio = ideal sparse-kernel FLOPs from the measured densities (dense hardware saves none);
+- ``shortgpt``: static layer removal by block influence (eval/baselines/shortgpt.py), executed
+  through the gated model's layer masks; FLOPs ratio = the FLOPs module's at ``seq_len``.
+
+Rows land one by one in ``OUT/rows.jsonl`` (with per-chunk NLL, so a rerun resumes and the
+paired intervals can be recomputed); ``OUT/perplexity.csv`` / ``.md`` / ``meta.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynprune.eval.perplexity import ChunkScores, book_windows, bootstrap, score_chunks, token_stream, windows
+
+METHODS = ("dense", "griffin", "teal", "shortgpt")
+COLUMNS = (
+    "method,budget,flops_ratio,perplexity,ppl_lo,ppl_hi,ppl_ratio_to_dense,ratio_lo,ratio_hi,"
+    "nll_per_token,tokens,chunks,seconds,notes"
+).split(",")
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    model: str = "smollm2"  # "smollm2" (packaged) or a local HF causal-LM directory
+    budgets: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
+    methods: tuple[str, ...] = METHODS
+    seq_len: int = 256
+    prompt_len: int = 128
+    chunks: int = 24
+    calibration_chunks: int = 16
+    batch_size: int = 4
+    ffn_slice_size: int = 64
+    resamples: int = 2000
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        from dynprune.config import check_budget_value
+
+        for b in self.budgets:
+            check_budget_value(b)
+        bad = sorted(set(self.methods) - set(METHODS))
+        if bad:
+            raise ValueError(f"unknown perplexity methods {bad}; choose from {METHODS}")
+        if not 0 < self.prompt_len < self.seq_len - 1:
+            raise ValueError(f"prompt_len must be in (0, seq_len - 1), got {self.prompt_len} / {self.seq_len}")
+        for name in ("chunks", "calibration_chunks", "batch_size", "ffn_slice_size", "resamples", "threads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def _load(cfg: PerplexityConfig):
+    import transformers
+
+    from dynprune.assets import load_smollm2
+
+    transformers.logging.set_verbosity_error()
+    if cfg.model == "smollm2":
+        return load_smollm2()
+    path = Path(cfg.model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model must be 'smollm2' or a local HF model directory, got {cfg.model!r}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "fingerprint.json"
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old != fingerprint:
+            raise ValueError(
+                f"{out} holds a sweep with other settings ({meta}); choose another --out or remove it"
+            )
+    else:
+        meta.write_text(json.dumps(fingerprint, indent=1))
+    return _read_rows(out / "rows.jsonl")
+
+
+def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; returns the finished rows (see module docstring)."""
+    import dynprune
+    from dynprune import GateConfig, UnitMasks
+    from dynprune.assets import KJV_SPLIT_BOOKS, kjv_books
+    from dynprune.eval.baselines import shortgpt, teal
+
+    fingerprint = {**asdict(cfg), "split": {k: list(v) for k, v in KJV_SPLIT_BOOKS.items()}}
+    done = _prepare_out(out, fingerprint)
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer = _load(cfg)
+    test = windows(token_stream(tokenizer, kjv_books("test")), cfg.seq_len, cfg.chunks)
+    calib = book_windows(tokenizer, kjv_books("train"), cfg.seq_len, cfg.calibration_chunks)
+    gated = dynprune.wrap(model, GateConfig.griffin(ffn_slice_size=cfg.ffn_slice_size)).eval()
+    fm, p = gated.flops, cfg.prompt_len
+    todo = [("dense", 1.0)] if "dense" in cfg.methods else []
+    todo += [(m, b) for m in cfg.methods if m != "dense" for b in sorted(cfg.budgets, reverse=True) if b < 1.0]
+    rows = {(r["method"], r["budget"]): r for r in done}
+    sparsifier = block_influence = None
+    for method, budget in todo:
+        if (method, budget) in rows:
+            continue
+        started, notes, ratios = time.time(), "", []
+        if method == "dense":
+
+            def scorer(ids):
+                return gated(ids, use_cache=False).logits[:, p:]
+
+            flops = lambda: 1.0  # noqa: E731
+        elif method == "griffin":
+
+            def scorer(ids, budget=budget):
+                cache = gated.new_cache()
+                gated(ids[:, :p], budget=budget, cache=cache, use_cache=True)
+                ratios.append(cache.decision.info.flops_ratio)
+                return gated(ids[:, p:], cache=cache, use_cache=True).logits
+
+            flops = lambda: float(torch.cat(ratios).mean())  # noqa: E731
+            notes = "prompt (prefill) dense; continuation under the prompt's held gates"
+        elif method == "teal":
+            if sparsifier is None:
+                sparsifier = teal.ActivationSparsifier(gated.parts)
+                with torch.no_grad(), sparsifier.active(start=0):
+                    for i in range(0, calib.shape[0], cfg.batch_size):
+                        gated(calib[i : i + cfg.batch_size], use_cache=False)
+            sparsity = teal.sparsity_for_budget(fm, budget, p)
+            sparsifier.calibrate(sparsity)
+
+            def scorer(ids, sp=sparsifier):
+                with sp.active(start=p):
+                    return gated(ids, use_cache=False).logits[:, p:]
+
+            flops = lambda sp=sparsifier: teal.flops_ratio(fm, sp.density(), p)  # noqa: E731
+            notes = f"uniform sparsity {sparsity:.3f} per site; ideal sparse-kernel FLOPs; prompt dense"
+        else:
+            if block_influence is None:
+                block_influence = shortgpt.block_influence(gated.model, calib, cfg.batch_size)
+            keep = shortgpt.layers_to_keep(block_influence, fm, budget, cfg.seq_len)
+            n = gated.n_gated
+
+            def scorer(ids, keep=keep):
+                b = ids.shape[0]
+                masks = UnitMasks(
+                    torch.ones(b, n, fm.n_heads, dtype=torch.bool),
+                    torch.ones(b, n, fm.n_slices, dtype=torch.bool),
+                    keep[None].expand(b, n).clone(),
+                )
+                out = gated(ids, masks=masks, use_cache=False).logits[:, p:]
+                ratios.append(gated.last.flops_ratio)
+                return out
+
+            flops = lambda: float(torch.cat(ratios).mean())  # noqa: E731
+            removed = [i for i in range(n) if not bool(keep[i])]
+            notes = f"removed layers {removed} (lowest block influence on train books)"
+        scores = score_chunks(scorer, test, p, cfg.batch_size, progress=f"{method} {budget}")
+        row = {
+            "method": method,
+            "budget": budget,
+            "flops_ratio": flops(),
+            "perplexity": scores.perplexity,
+            "nll_per_token": float(scores.nll.sum() / scores.tokens.sum()),
+            "tokens": int(scores.tokens.sum()),
+            "chunks": int(scores.nll.shape[0]),
+            "seconds": round(time.time() - started, 1),
+            "notes": notes,
+            "chunk_nll": scores.nll.tolist(),
+            "chunk_tokens": scores.tokens.tolist(),
+        }
+        rows[(method, budget)] = row
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{method:9s} budget {budget:.2f}: ppl {row['perplexity']:.3f} at FLOPs {row['flops_ratio']:.3f}")
+    dynprune.unwrap(gated)
+    finished = _with_intervals([rows[k] for k in todo], cfg.resamples)
+    _write_tables(finished, out, cfg, test)
+    return finished
+
+
+def _scores(row: dict[str, Any]) -> ChunkScores:
+    return ChunkScores(np.asarray(row["chunk_nll"]), np.asarray(row["chunk_tokens"]))
+
+
+def _with_intervals(rows: list[dict[str, Any]], resamples: int) -> list[dict[str, Any]]:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    ref = None if dense is None else _scores(dense)
+    out = []
+    for r in rows:
+        stats = bootstrap(_scores(r), ref, resamples)
+        row = {k: v for k, v in r.items() if not k.startswith("chunk_")} | stats
+        if ref is not None:
+            row["ppl_ratio_to_dense"] = r["perplexity"] / ref.perplexity
+        out.append(row)
+    return out
+
+
+def _write_tables(rows: list[dict[str, Any]], out: Path, cfg: PerplexityConfig, test: torch.Tensor) -> None:
+    import csv
+
+    from dynprune.eval.report import machine_description
+
+    with open(out / "perplexity.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "| method | budget | FLOPs ratio | perplexity [95% CI] | × dense [95% CI] | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r.get("ppl_ratio_to_dense")
+        rtxt = "" if ratio is None else f"{ratio:.3f} [{r['ratio_lo']:.3f}, {r['ratio_hi']:.3f}]"
+        lines.append(
+            f"| {r['method']} | {r['budget']:.2f} | {r['flops_ratio']:.3f} | {r['perplexity']:.2f} "
+            f"[{r['ppl_lo']:.2f}, {r['ppl_hi']:.2f}] | {rtxt} | {r['notes']} |"
+        )
+    (out / "perplexity.md").write_text("\n".join(lines) + "\n")
+    meta = {
+        "config": asdict(cfg),
+        "machine": machine_description(),
+        "scored_tokens_per_row": int(test.shape[0] * (cfg.seq_len - cfg.prompt_len - 1)),
+        "protocol": "docs/training_free.md; dynprune/eval/perplexity.py",
+        "interval": f"bootstrap over {cfg.chunks} chunks, {cfg.resamples} resamples, percentile 95%",
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
