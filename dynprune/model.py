@@ -27,8 +27,8 @@ from dynprune.generation import ForwardLike, gated_generate, reject_forward_like
 from dynprune.kv_cache import GatedKVCache
 from dynprune.layers import LayerBinding, gate_layer, ungate_layer
 from dynprune.magnitude import ActivationRecorder
-from dynprune.plan import plan_forward
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
+from dynprune.plan import plan_forward
 from dynprune.qkv_layout import PackedWeights
 from dynprune.router import Router
 from dynprune.state import ForwardInfo, GateState, Relaxation
@@ -155,7 +155,9 @@ class GatedModel(nn.Module):
         if bool((budgets >= 1.0).all()):
             return None
         if self.training:
-            raise ValueError("the griffin router is training-free and chooses gates in eval mode: call gated.eval()")
+            raise ValueError(
+                "the griffin router is training-free and chooses gates in eval mode: call gated.eval()"
+            )
         gated = self.parts.parts[self.gate_config.router_layer :]
         return ActivationRecorder(gated, self.parts.n_heads, self.n_slices)
 

@@ -72,7 +72,11 @@ def score_chunks(
 
 
 def bootstrap(
-    scores: ChunkScores, reference: ChunkScores | None, resamples: int, seed: int = 0, confidence: float = 0.95
+    scores: ChunkScores,
+    reference: ChunkScores | None,
+    resamples: int,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> dict[str, float]:
     """Percentile intervals over resampled chunks: perplexity, and its ratio to ``reference``
     (paired: the same chunks)."""

@@ -22,21 +22,29 @@ from dynprune.eval.perplexity_sweep import METHODS, PerplexityConfig
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dynprune eval perplexity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="dynprune eval perplexity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = PerplexityConfig()
     p.add_argument("--model", default=d.model, help="'smollm2' (packaged) or a local HF causal-LM directory")
-    p.add_argument("--budget", type=float, nargs="+", default=list(d.budgets), help="fractions of dense FLOPs")
+    p.add_argument(
+        "--budget", type=float, nargs="+", default=list(d.budgets), help="fractions of dense FLOPs"
+    )
     p.add_argument("--method", nargs="+", default=list(d.methods), choices=METHODS)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--chunks", type=int, default=d.chunks, help="evaluation windows (test books)")
-    p.add_argument("--calibration-chunks", type=int, default=d.calibration_chunks, help="windows of train books")
+    p.add_argument(
+        "--calibration-chunks", type=int, default=d.calibration_chunks, help="windows of train books"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--ffn-slice-size", type=int, default=d.ffn_slice_size)
     p.add_argument("--resamples", type=int, default=d.resamples, help="bootstrap resamples")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
-    p.add_argument("--out", type=Path, required=True, help="output directory (resumes a run with the same settings)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output directory (resumes a run with the same settings)"
+    )
     return p  # fmt: skip
 
 

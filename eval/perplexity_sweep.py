@@ -20,20 +20,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from dynprune.eval.perplexity import ChunkScores, book_windows, bootstrap, score_chunks, token_stream, windows
+from dynprune.eval.perplexity import (
+    ChunkScores,
+    Scorer,
+    book_windows,
+    bootstrap,
+    score_chunks,
+    token_stream,
+    windows,
+)
 
 METHODS = ("dense", "griffin", "teal", "shortgpt")
-COLUMNS = (
-    "method,budget,flops_ratio,perplexity,ppl_lo,ppl_hi,ppl_ratio_to_dense,ratio_lo,ratio_hi,"
-    "nll_per_token,tokens,chunks,seconds,notes"
-).split(",")
+COLUMNS = [
+    *("method", "budget", "flops_ratio", "perplexity", "ppl_lo", "ppl_hi", "ppl_ratio_to_dense"),
+    *("ratio_lo", "ratio_hi", "nll_per_token", "tokens", "chunks", "seconds", "notes"),
+]
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,9 @@ class PerplexityConfig:
         if bad:
             raise ValueError(f"unknown perplexity methods {bad}; choose from {METHODS}")
         if not 0 < self.prompt_len < self.seq_len - 1:
-            raise ValueError(f"prompt_len must be in (0, seq_len - 1), got {self.prompt_len} / {self.seq_len}")
+            raise ValueError(
+                f"prompt_len must be in (0, seq_len - 1), got {self.prompt_len} / {self.seq_len}"
+            )
         for name in ("chunks", "calibration_chunks", "batch_size", "ffn_slice_size", "resamples", "threads"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -103,9 +113,8 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]
 def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; returns the finished rows (see module docstring)."""
     import dynprune
-    from dynprune import GateConfig, UnitMasks
+    from dynprune import GateConfig
     from dynprune.assets import KJV_SPLIT_BOOKS, kjv_books
-    from dynprune.eval.baselines import shortgpt, teal
 
     fingerprint = {**asdict(cfg), "split": {k: list(v) for k, v in KJV_SPLIT_BOOKS.items()}}
     done = _prepare_out(out, fingerprint)
@@ -114,66 +123,18 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
     test = windows(token_stream(tokenizer, kjv_books("test")), cfg.seq_len, cfg.chunks)
     calib = book_windows(tokenizer, kjv_books("train"), cfg.seq_len, cfg.calibration_chunks)
     gated = dynprune.wrap(model, GateConfig.griffin(ffn_slice_size=cfg.ffn_slice_size)).eval()
-    fm, p = gated.flops, cfg.prompt_len
+    p = cfg.prompt_len
     todo = [("dense", 1.0)] if "dense" in cfg.methods else []
-    todo += [(m, b) for m in cfg.methods if m != "dense" for b in sorted(cfg.budgets, reverse=True) if b < 1.0]
+    todo += [
+        (m, b) for m in cfg.methods if m != "dense" for b in sorted(cfg.budgets, reverse=True) if b < 1.0
+    ]
     rows = {(r["method"], r["budget"]): r for r in done}
-    sparsifier = block_influence = None
+    shared: dict[str, Any] = {}  # calibration results, made once (TEAL activations, block influence)
     for method, budget in todo:
         if (method, budget) in rows:
             continue
-        started, notes, ratios = time.time(), "", []
-        if method == "dense":
-
-            def scorer(ids):
-                return gated(ids, use_cache=False).logits[:, p:]
-
-            flops = lambda: 1.0  # noqa: E731
-        elif method == "griffin":
-
-            def scorer(ids, budget=budget):
-                cache = gated.new_cache()
-                gated(ids[:, :p], budget=budget, cache=cache, use_cache=True)
-                ratios.append(cache.decision.info.flops_ratio)
-                return gated(ids[:, p:], cache=cache, use_cache=True).logits
-
-            flops = lambda: float(torch.cat(ratios).mean())  # noqa: E731
-            notes = "prompt (prefill) dense; continuation under the prompt's held gates"
-        elif method == "teal":
-            if sparsifier is None:
-                sparsifier = teal.ActivationSparsifier(gated.parts)
-                with torch.no_grad(), sparsifier.active(start=0):
-                    for i in range(0, calib.shape[0], cfg.batch_size):
-                        gated(calib[i : i + cfg.batch_size], use_cache=False)
-            sparsity = teal.sparsity_for_budget(fm, budget, p)
-            sparsifier.calibrate(sparsity)
-
-            def scorer(ids, sp=sparsifier):
-                with sp.active(start=p):
-                    return gated(ids, use_cache=False).logits[:, p:]
-
-            flops = lambda sp=sparsifier: teal.flops_ratio(fm, sp.density(), p)  # noqa: E731
-            notes = f"uniform sparsity {sparsity:.3f} per site; ideal sparse-kernel FLOPs; prompt dense"
-        else:
-            if block_influence is None:
-                block_influence = shortgpt.block_influence(gated.model, calib, cfg.batch_size)
-            keep = shortgpt.layers_to_keep(block_influence, fm, budget, cfg.seq_len)
-            n = gated.n_gated
-
-            def scorer(ids, keep=keep):
-                b = ids.shape[0]
-                masks = UnitMasks(
-                    torch.ones(b, n, fm.n_heads, dtype=torch.bool),
-                    torch.ones(b, n, fm.n_slices, dtype=torch.bool),
-                    keep[None].expand(b, n).clone(),
-                )
-                out = gated(ids, masks=masks, use_cache=False).logits[:, p:]
-                ratios.append(gated.last.flops_ratio)
-                return out
-
-            flops = lambda: float(torch.cat(ratios).mean())  # noqa: E731
-            removed = [i for i in range(n) if not bool(keep[i])]
-            notes = f"removed layers {removed} (lowest block influence on train books)"
+        started = time.time()
+        scorer, flops, notes = _method(method, budget, gated, cfg, calib, shared)
         scores = score_chunks(scorer, test, p, cfg.batch_size, progress=f"{method} {budget}")
         row = {
             "method": method,
@@ -191,11 +152,71 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
         rows[(method, budget)] = row
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{method:9s} budget {budget:.2f}: ppl {row['perplexity']:.3f} at FLOPs {row['flops_ratio']:.3f}")
+        print(
+            f"{method:9s} budget {budget:.2f}: ppl {row['perplexity']:.3f} at FLOPs {row['flops_ratio']:.3f}"
+        )
     dynprune.unwrap(gated)
     finished = _with_intervals([rows[k] for k in todo], cfg.resamples)
     _write_tables(finished, out, cfg, test)
     return finished
+
+
+def _method(
+    method: str, budget: float, gated: Any, cfg: PerplexityConfig, calib: torch.Tensor, shared: dict[str, Any]
+) -> tuple[Scorer, Callable[[], float], str]:
+    """(scorer, FLOPs ratio after scoring, notes) of one method at one budget."""
+    from dynprune.eval.baselines import shortgpt, teal
+
+    from dynprune import UnitMasks
+
+    fm, p = gated.flops, cfg.prompt_len
+    ratios: list[torch.Tensor] = []
+    mean_ratio = lambda: float(torch.cat(ratios).mean())  # noqa: E731
+    if method == "dense":
+        return (lambda ids: gated(ids, use_cache=False).logits[:, p:]), (lambda: 1.0), ""
+    if method == "griffin":
+
+        def griffin(ids: torch.Tensor) -> torch.Tensor:
+            cache = gated.new_cache()
+            gated(ids[:, :p], budget=budget, cache=cache, use_cache=True)
+            ratios.append(cache.decision.info.flops_ratio)
+            return gated(ids[:, p:], cache=cache, use_cache=True).logits
+
+        return griffin, mean_ratio, "prompt (prefill) dense; continuation under the prompt's held gates"
+    if method == "teal":
+        sp = shared.get("teal")
+        if sp is None:
+            sp = shared["teal"] = teal.ActivationSparsifier(gated.parts)
+            with torch.no_grad(), sp.active(start=0):
+                for i in range(0, calib.shape[0], cfg.batch_size):
+                    gated(calib[i : i + cfg.batch_size], use_cache=False)
+        sparsity = teal.sparsity_for_budget(fm, budget, p)
+        sp.calibrate(sparsity)
+
+        def sparse(ids: torch.Tensor) -> torch.Tensor:
+            with sp.active(start=p):
+                return gated(ids, use_cache=False).logits[:, p:]
+
+        notes = f"uniform sparsity {sparsity:.3f} per site; ideal sparse-kernel FLOPs; prompt dense"
+        return sparse, (lambda: teal.flops_ratio(fm, sp.density(), p)), notes
+    if "influence" not in shared:
+        shared["influence"] = shortgpt.block_influence(gated.model, calib, cfg.batch_size)
+    keep = shortgpt.layers_to_keep(shared["influence"], fm, budget, cfg.seq_len)
+    n = gated.n_gated
+
+    def removed_layers(ids: torch.Tensor) -> torch.Tensor:
+        b = ids.shape[0]
+        masks = UnitMasks(
+            torch.ones(b, n, fm.n_heads, dtype=torch.bool),
+            torch.ones(b, n, fm.n_slices, dtype=torch.bool),
+            keep[None].expand(b, n).clone(),
+        )
+        out = gated(ids, masks=masks, use_cache=False).logits[:, p:]
+        ratios.append(gated.last.flops_ratio)
+        return out
+
+    removed = [i for i in range(n) if not bool(keep[i])]
+    return removed_layers, mean_ratio, f"removed layers {removed} (lowest block influence on train books)"
 
 
 def _scores(row: dict[str, Any]) -> ChunkScores:

@@ -9,6 +9,8 @@ embeddings stay) fit the budget. Removal runs through the gated model as a fixed
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from dynprune.flops import FlopsModel
@@ -26,7 +28,7 @@ def block_influence(model: torch.nn.Module, chunks: Tensor, batch_size: int = 4)
         # HF's last entry is after the final norm, so the last layer's cosine includes the norm's
         # per-channel weight (it scores as influential; ShortGPT keeps the last layer in practice too)
         cos = torch.stack(
-            [torch.nn.functional.cosine_similarity(a, b, dim=-1) for a, b in zip(hs[:-1], hs[1:])]
+            [torch.nn.functional.cosine_similarity(a, b, dim=-1) for a, b in itertools.pairwise(hs)]
         )  # (L, B, T)
         part = (1.0 - cos).sum(dim=(1, 2)).double()
         total = part if total is None else total + part

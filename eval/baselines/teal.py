@@ -86,7 +86,9 @@ class ActivationSparsifier:
         tail = x[:, self.start :]  # (B, T - start, width)
         if self.thresholds is None:  # calibration: a random sample of |x|
             flat = tail.detach().abs().float().reshape(-1)
-            idx = torch.randint(0, flat.numel(), (min(_SAMPLES_PER_CALL, flat.numel()),), generator=self._generator)
+            idx = torch.randint(
+                0, flat.numel(), (min(_SAMPLES_PER_CALL, flat.numel()),), generator=self._generator
+            )
             self.samples.setdefault((layer, site), []).append(flat[idx.to(flat.device)])
             return x
         keep = tail.abs() >= self.thresholds[(layer, site)]

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from dynprune.eval.baselines import shortgpt, teal
+from dynprune.eval.perplexity import ChunkScores, bootstrap, continuation_nll, score_chunks, windows
 
 import dynprune
 from dynprune import GateConfig
-from dynprune.eval.baselines import shortgpt, teal
-from dynprune.eval.perplexity import ChunkScores, bootstrap, continuation_nll, score_chunks, windows
 from tests.helpers import tiny_decoder
 
 
