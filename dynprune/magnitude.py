@@ -12,10 +12,17 @@ normalises each token's vector to unit L2 norm (every prompt token weighs the sa
 GRIFFIN) and sums squares over the prompt's non-padding tokens per unit: an FFN slice owns
 ``slice_size`` columns of ``z``, a head unit (a KV group under GQA) the ``G·d`` columns of its
 query heads in ``c``. The *share* ``f_u = energy_u / tokens`` lies in [0, 1] and sums to 1 over
-the units of one kind in one layer. The logits are ``logit(f_u) = log f_u − log(1 − f_u)``, so
-the one greedy selection (:func:`dynprune.gates.select_under_budget`, key
-``log σ(logit) − log cost = log f_u − log cost``) keeps units by activation share per FLOP
-until the budget is spent — the same selection, FLOPs module and plan as every router.
+the units of one kind in one layer.
+
+Allocation across layers and kinds: per layer and kind, units are ranked by share, and each
+unit's *coverage before it*, ``c_u`` = the summed share of the units ranked above it, sets its
+logit: ``log σ(logit_u) = log(cost_u / max cost) − SCALE · c_u``. The one greedy selection
+(:func:`dynprune.gates.select_under_budget`, key ``log σ(logit) − log cost = −log(max cost) −
+SCALE · c_u``) then takes units in order of ``c_u`` across all layers and both kinds: every layer
+keeps its top units up to the same covered share of its activation energy — a layer whose energy
+is concentrated needs few units, a flat one more, and no layer is starved (a global threshold on
+raw shares would drop whole layers whose energy is spread evenly). GRIFFIN keeps the same top-k
+share per layer (FFN only); this is its budgeted, per-layer-adaptive form.
 
 What it costs: the prompt runs dense (its FLOPs are the dense model's), and the scoring is
 elementwise work (one square-and-sum per activation, ~T·(F + n_q·d) adds per layer; not a
@@ -25,6 +32,7 @@ prompt run under the chosen gates (docs/training_free.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,7 +43,7 @@ from dynprune.gates import GateScores
 
 Tensor = torch.Tensor
 
-_EPS = 1e-6  # shares are clamped to [_EPS, 1 - _EPS] before the logit (a silent unit still sorts last)
+SCALE = 10.0  # logit spread per unit of covered share (any value keeps the order; 10 stays in fp32 range)
 
 
 def unit_energy(x: Tensor, n_units: int, valid: Tensor | None) -> Tensor:
@@ -51,10 +59,15 @@ def unit_energy(x: Tensor, n_units: int, valid: Tensor | None) -> Tensor:
     return sq.sum(1)  # (B, n_units)
 
 
-def share_logits(energy: Tensor, tokens: Tensor) -> Tensor:
-    """energy (B, L, U), tokens (B,) -> logit of each unit's share of its layer's energy."""
-    share = (energy / tokens.clamp_min(1.0)[:, None, None]).clamp(_EPS, 1 - _EPS)
-    return torch.log(share) - torch.log1p(-share)
+def coverage_logits(energy: Tensor, tokens: Tensor, cost: float, max_cost: float) -> Tensor:
+    """energy (B, L, U), tokens (B,) -> logits (B, L, U) whose greedy order is the coverage before
+    each unit (module docstring); ``cost``: FLOPs of one unit of this kind, ``max_cost``: of the
+    costliest kind."""
+    share = energy / tokens.clamp_min(1.0)[:, None, None]  # (B, L, U), sums to 1 per (sample, layer)
+    ranked, order = share.sort(dim=-1, descending=True, stable=True)
+    before = torch.empty_like(ranked).scatter_(-1, order, ranked.cumsum(-1) - ranked)
+    log_p = math.log(cost / max_cost) - SCALE * before.double() - 1e-6  # log σ(logit) < 0
+    return (log_p - torch.log(-torch.expm1(log_p))).float()  # logit = log p − log(1 − p)
 
 
 class ActivationRecorder:
@@ -86,14 +99,19 @@ class ActivationRecorder:
             for h in handles:
                 h.remove()
 
-    def scores(self, heads: bool, ffn: bool, tokens: Tensor) -> GateScores:
-        """Logits (B, L, U) of the recorded forward (``tokens`` (B,): valid prompt tokens per sample)."""
+    def scores(
+        self, heads: bool, ffn: bool, tokens: Tensor, head_cost: float, slice_cost: float
+    ) -> GateScores:
+        """Logits (B, L, U) of the recorded forward (``tokens`` (B,): valid prompt tokens per sample;
+        unit costs at the prompt's length from the FLOPs module)."""
+        max_cost = max(c for c, on in ((head_cost, heads), (slice_cost, ffn)) if on)
 
-        def stack(store: list[Tensor | None], on: bool) -> Tensor | None:
+        def stack(store: list[Tensor | None], on: bool, cost: float) -> Tensor | None:
             if not on:
                 return None
             if any(t is None for t in store):
                 raise RuntimeError("the dense prefill did not run every gated layer: no activations recorded")
-            return share_logits(torch.stack(store, dim=1), tokens.to(store[0].device))  # type: ignore[arg-type]
+            energy = torch.stack(store, dim=1)  # type: ignore[arg-type]  # (B, L, U)
+            return coverage_logits(energy, tokens.to(energy.device), cost, max_cost)
 
-        return GateScores(stack(self.head, heads), stack(self.ffn, ffn), None)
+        return GateScores(stack(self.head, heads, head_cost), stack(self.ffn, ffn, slice_cost), None)

@@ -172,7 +172,10 @@ class GatedModel(nn.Module):
         tokens = (
             state.valid.sum(1) if state.valid is not None else torch.full((batch,), seq, device=hidden.device)
         )
-        scores = recorder.scores(self.gate_config.heads, self.gate_config.ffn, tokens)
+        fm = self.flops
+        scores = recorder.scores(
+            self.gate_config.heads, self.gate_config.ffn, tokens, fm.head_cost(seq), fm.slice_cost(seq)
+        )
         decided = self._route(hidden, state, scores)
         assert decided.masks is not None
         m = decided.masks

@@ -124,10 +124,8 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
     calib = book_windows(tokenizer, kjv_books("train"), cfg.seq_len, cfg.calibration_chunks)
     gated = dynprune.wrap(model, GateConfig.griffin(ffn_slice_size=cfg.ffn_slice_size)).eval()
     p = cfg.prompt_len
-    todo = [("dense", 1.0)] if "dense" in cfg.methods else []
-    todo += [
-        (m, b) for m in cfg.methods if m != "dense" for b in sorted(cfg.budgets, reverse=True) if b < 1.0
-    ]
+    todo = [("dense", 1.0)] if "dense" in cfg.methods else []  # then budgets in the order given
+    todo += [(m, b) for b in cfg.budgets if b < 1.0 for m in cfg.methods if m != "dense"]
     rows = {(r["method"], r["budget"]): r for r in done}
     shared: dict[str, Any] = {}  # calibration results, made once (TEAL activations, block influence)
     for method, budget in todo:

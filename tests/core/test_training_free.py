@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune
 from dynprune import GateConfig
-from dynprune.magnitude import share_logits, unit_energy
+from dynprune.magnitude import SCALE, coverage_logits, unit_energy
 from tests.helpers import left_padded, tiny_decoder
 
 CFG = GateConfig.griffin(ffn_slice_size=32, unit_order="none")  # keep unit indices = weight indices
@@ -37,8 +37,14 @@ def test_unit_energy_normalises_tokens_and_ignores_padding():
     valid = torch.tensor([[True, True, False]])
     energy = unit_energy(x, 2, valid)
     assert torch.allclose(energy, torch.tensor([[1.0, 1.0]]))
-    logits = share_logits(energy[:, None], torch.tensor([2.0]))
-    assert torch.allclose(logits, torch.zeros(1, 1, 2), atol=1e-6)  # share 1/2 each -> logit 0
+
+
+def test_logits_order_units_by_the_share_of_their_layer_covered_before_them():
+    energy = torch.tensor([[[0.2, 0.5, 0.3], [1 / 3, 1 / 3, 1 / 3]]]) * 10  # (1 sample, 2 layers, 3 units)
+    logits = coverage_logits(energy, torch.tensor([10.0]), cost=2.0, max_cost=8.0)
+    before = torch.tensor([[[0.8, 0.0, 0.5], [0.0, 1 / 3, 2 / 3]]])
+    want = torch.log(torch.tensor(0.25)) - SCALE * before  # log σ(logit) = log(cost / max) − SCALE·c
+    assert torch.allclose(torch.nn.functional.logsigmoid(logits.double()), want.double(), atol=1e-5)
 
 
 def test_gates_follow_activation_magnitudes_on_a_constructed_model():
