@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=d.resamples, help="bootstrap resamples")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
+        "--collect", action="store_true", help="only write the tables from the rows OUT already holds"
+    )
+    p.add_argument(
         "--out", type=Path, required=True, help="output directory (resumes a run with the same settings)"
     )
     return p  # fmt: skip
@@ -64,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             resamples=args.resamples,
             threads=args.threads,
         )
-        from dynprune.eval.perplexity_sweep import run
+        from dynprune.eval.perplexity_sweep import collect, run
 
-        rows = run(cfg, args.out)
+        rows = collect(cfg, args.out) if args.collect else run(cfg, args.out)
     except ValueError as err:
         print(f"dynprune eval perplexity: error: {err}", file=sys.stderr)
         return 2

@@ -96,8 +96,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
-    out.mkdir(parents=True, exist_ok=True)
+def _fingerprint(cfg: PerplexityConfig) -> dict[str, Any]:
+    from dynprune.assets import KJV_SPLIT_BOOKS
+
+    return json.loads(json.dumps({**asdict(cfg), "split": KJV_SPLIT_BOOKS}))  # tuples -> lists
+
+
+def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> bool:
+    """True when OUT already holds a sweep with these settings; a clear error for other settings."""
     meta = out / "fingerprint.json"
     if meta.is_file():
         old = json.loads(meta.read_text())
@@ -105,8 +111,14 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]
             raise ValueError(
                 f"{out} holds a sweep with other settings ({meta}); choose another --out or remove it"
             )
-    else:
-        meta.write_text(json.dumps(fingerprint, indent=1))
+        return True
+    return False
+
+
+def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    if not _check_fingerprint(out, fingerprint):
+        (out / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     return _read_rows(out / "rows.jsonl")
 
 
@@ -114,10 +126,9 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; returns the finished rows (see module docstring)."""
     import dynprune
     from dynprune import GateConfig
-    from dynprune.assets import KJV_SPLIT_BOOKS, kjv_books
+    from dynprune.assets import kjv_books
 
-    fingerprint = {**asdict(cfg), "split": {k: list(v) for k, v in KJV_SPLIT_BOOKS.items()}}
-    done = _prepare_out(out, fingerprint)
+    done = _prepare_out(out, _fingerprint(cfg))
     torch.set_num_threads(cfg.threads)
     model, tokenizer = _load(cfg)
     test = windows(token_stream(tokenizer, kjv_books("test")), cfg.seq_len, cfg.chunks)
@@ -154,8 +165,18 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
             f"{method:9s} budget {budget:.2f}: ppl {row['perplexity']:.3f} at FLOPs {row['flops_ratio']:.3f}"
         )
     dynprune.unwrap(gated)
-    finished = _with_intervals([rows[k] for k in todo], cfg.resamples)
-    _write_tables(finished, out, cfg, test)
+    return collect(cfg, out)
+
+
+def collect(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
+    """Tables (perplexity.csv / .md, meta.json) from the rows finished so far in OUT/rows.jsonl."""
+    if not _check_fingerprint(out, _fingerprint(cfg)):
+        raise ValueError(f"{out} holds no sweep (no fingerprint.json)")
+    rows = _read_rows(out / "rows.jsonl")
+    if not rows:
+        raise ValueError(f"no finished rows in {out / 'rows.jsonl'}")
+    finished = _with_intervals(rows, cfg.resamples)
+    _write_tables(finished, out, cfg)
     return finished
 
 
@@ -234,7 +255,7 @@ def _with_intervals(rows: list[dict[str, Any]], resamples: int) -> list[dict[str
     return out
 
 
-def _write_tables(rows: list[dict[str, Any]], out: Path, cfg: PerplexityConfig, test: torch.Tensor) -> None:
+def _write_tables(rows: list[dict[str, Any]], out: Path, cfg: PerplexityConfig) -> None:
     import csv
 
     from dynprune.eval.report import machine_description
@@ -258,7 +279,7 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, cfg: PerplexityConfig, 
     meta = {
         "config": asdict(cfg),
         "machine": machine_description(),
-        "scored_tokens_per_row": int(test.shape[0] * (cfg.seq_len - cfg.prompt_len - 1)),
+        "scored_tokens_per_row": int(cfg.chunks * (cfg.seq_len - cfg.prompt_len - 1)),
         "protocol": "docs/training_free.md; dynprune/eval/perplexity.py",
         "interval": f"bootstrap over {cfg.chunks} chunks, {cfg.resamples} resamples, percentile 95%",
     }
