@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import bz2
 import csv
+import importlib
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -135,6 +137,35 @@ def load_smollm2(dtype=None):
 
 def kjv_path() -> Path:
     return ASSETS["kjv"].path()
+
+
+#: The King James split by book (docs/training_free.md): whole books held out, so evaluation text
+#: is never seen in training or calibration. Test: narrative, wisdom, poetry, gospel and letters
+#: (~5.8 % of the characters); validation: ~5.6 %; train: the other 56 books.
+KJV_SPLIT_BOOKS = {
+    "test": ("Ruth", "Ecclesiastes", "Lamentations", "Mark", "Romans", "Hebrews", "James"),
+    "validation": ("Joshua", "Song of Solomon", "Jonah", "Acts", "Galatians", "1 Peter"),
+}
+
+
+def kjv_books(split: str) -> list[tuple[str, str]]:
+    """[(book, text)] of one split ("train" | "validation" | "test"); a book's verses joined by spaces."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"the King James split has train / validation / test, not {split!r}")
+    held = {b for books in KJV_SPLIT_BOOKS.values() for b in books}
+    verses: dict[str, list[str]] = {}
+    with open(kjv_path(), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            verses.setdefault(row["book"], []).append(row["text"].strip())
+    if split == "train":
+        names = [b for b in verses if b not in held]
+    else:
+        names = list(KJV_SPLIT_BOOKS[split])
+    missing = [b for b in names if b not in verses]
+    if missing:
+        raise ValueError(f"books {missing} are not in {kjv_path()}")
+    return [(b, " ".join(verses[b])) for b in names]
 
 
 def news20_tab(split: str) -> Path:

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-RouterKind = Literal["dynamic", "static", "random"]
+RouterKind = Literal["dynamic", "static", "random", "griffin"]
 Execution = Literal["auto", "masked", "gathered"]
 Backend = Literal["auto", "torch", "triton", "onnxruntime"]
 UnitOrder = Literal["weight_norm", "none"]
@@ -36,7 +36,8 @@ class GateConfig:
     ffn_slice_size: int = 128
     nested: bool = True
     unit_order: UnitOrder = "weight_norm"
-    # Router
+    # Router. "griffin": training-free, gates from the prompt's own activation magnitudes
+    # (dynprune/magnitude.py; needs layers=False, nested=False: see GateConfig.griffin())
     router: RouterKind = "dynamic"
     router_hidden: int = 128
     router_layer: int = 0  # the router reads the output of this many (always dense) layers
@@ -61,12 +62,32 @@ class GateConfig:
             raise ValueError(f"GateConfig.router_hidden must be > 0, got {self.router_hidden}")
         if self.router_layer < 0:
             raise ValueError(f"GateConfig.router_layer must be >= 0, got {self.router_layer}")
-        _check_choice("router", self.router, ("dynamic", "static", "random"))
+        _check_choice("router", self.router, ("dynamic", "static", "random", "griffin"))
+        if self.router == "griffin":
+            if self.layers:
+                raise ValueError(
+                    "GateConfig(router='griffin') scores heads and FFN slices from the prompt's activations "
+                    "and has no score for whole layers: set layers=False (or use GateConfig.griffin())"
+                )
+            if self.nested:
+                raise ValueError(
+                    "GateConfig(router='griffin') keeps the largest-activation units of each prompt, not "
+                    "prefixes of a fixed order: set nested=False (or use GateConfig.griffin())"
+                )
         _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
         _check_choice("backend", self.backend, ("auto", "torch", "triton", "onnxruntime"))
         _check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
         _check_choice("budget_mode", self.budget_mode, ("cap", "mean"))
         check_budget_value(self.default_budget, "GateConfig.default_budget")
+
+    @classmethod
+    def griffin(cls, **overrides: Any) -> GateConfig:
+        """The training-free configuration in one call: ``wrap(model, GateConfig.griffin())``.
+
+        Per sequence, the prompt runs dense and its own activation magnitudes choose the FFN
+        slices and head units (KV groups) that the generated tokens use, under the budget
+        (GRIFFIN-style; docs/training_free.md). Whole layers are not gated."""
+        return cls(**{"router": "griffin", "layers": False, "nested": False, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

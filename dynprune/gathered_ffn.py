@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dynprune.plan import Block, KindPlan
-from dynprune.qkv_layout import PackedWeights, expand_units
+from dynprune.qkv_layout import PackedWeights
 
 Tensor = torch.Tensor
 
@@ -55,7 +55,7 @@ def _ffn_block(h: Tensor, acc: Tensor, blk: Block, w: PackedWeights, s: int, act
     rows = slice(blk.start, blk.stop)
     n = blk.n_rows
     _, seq, hidden = h.shape
-    up, b_up, gate, b_gate, down_t = w.ffn(expand_units(blk.units, s, h.device))
+    up, b_up, gate, b_gate, down_t = w.ffn_units(blk.units, s)
     hg = h[rows].view(n * seq, hidden)  # (n*T, H)
     pre = F.linear(hg, up, b_up)  # (n*T, k*s)
     if gate is not None:  # SwiGLU: act(gate(h)) * up(h)

@@ -16,6 +16,13 @@ HF's ordinary ``DynamicLayer``. It also carries the held decision
 (:attr:`GatedKVCache.decision`): the prefill's ForwardInfo and plans.
 Beam search and cache cropping would need the per-block storage re-indexed:
 they are refused with a clear error.
+
+A training-free router (``GateConfig(router="griffin")``, dynprune/magnitude.py)
+runs the prompt dense, through HF's own attention: a fresh :class:`BlockKV`
+then takes the whole layer's K/V (``update``), and once the prompt's gates are
+chosen :meth:`GatedKVCache.restrict` keeps only the kept rows × KV groups of
+each attention block of the plan — from then on the layer is an ordinary
+gathered-path cache.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from dynprune.plan import KindPlan
+from dynprune.qkv_layout import units_of
 
 Tensor = torch.Tensor
 
@@ -40,9 +50,19 @@ class BlockKV(DynamicLayer):
         self.length = 0  # tokens seen (what HF's mask/position code asks for)
         self.is_initialized = True
         self.device = torch.device("cpu")
+        self.written_by: str | None = None  # "dense" (HF's attention, before restrict) or "gathered"
+
+    def _write(self, by: str) -> None:
+        if self.written_by not in (None, by):
+            raise RuntimeError(
+                "a gated layer's cache is written by the gathered path, not by HF's attention "
+                "(a dense prefill's K/V must be restricted to the chosen units first: GatedKVCache.restrict)"
+            )
+        self.written_by = by
 
     def append(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add the new tokens' K/V of block ``index``; returns the block's whole K/V."""
+        self._write("gathered")
         old = self.blocks.get(index)
         if old is None:
             # own, contiguous storage (never a view that keeps the whole Q/K/V buffer alive)
@@ -55,17 +75,42 @@ class BlockKV(DynamicLayer):
 
     def advance(self, n_tokens: int) -> None:
         """Called once per forward by the gated layer, whether or not it stored anything."""
+        self._write("gathered")
         self.length += n_tokens
+
+    def restrict(self, plan: KindPlan) -> None:
+        """Dense K/V (B, n_kv, T, d) written by HF's attention -> one (K, V) per attention block of
+        ``plan``: its rows (plan order) × its units; nothing for a layer the plan skips."""
+        if self.written_by != "dense" or self.keys is None or self.values is None:
+            raise RuntimeError("restrict needs the K/V of a dense prefill (and only once)")
+        keys, values = self.keys, self.values
+        for index, blk in enumerate(plan.blocks):
+            rows = torch.as_tensor(plan.rows[blk.start : blk.stop], dtype=torch.long, device=keys.device)
+            k, v = (units_of(t.index_select(0, rows), blk.units, 1) for t in (keys, values))  # (r, k, T, d)
+            self.blocks[index] = (k.contiguous(), v.contiguous())
+        self.keys = self.values = None
+        self.written_by = "gathered"
 
     @property
     def past(self) -> int:
         return self.length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.blocks.values() for t in kv)
+        dense = [t for t in (self.keys, self.values) if t is not None]
+        return sum(t.numel() * t.element_size() for kv in (*self.blocks.values(), dense) for t in kv)
 
-    def update(self, *args: Any, **kwargs: Any):
-        raise RuntimeError("a gated layer's cache is written by the gathered path, not by HF's attention")
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
+        """HF's attention writing the whole layer's K/V (B, n_kv, T, d): a dense forward on a fresh or
+        dense-written cache only (a training-free prefill, or budget 1.0)."""
+        self._write("dense")
+        if self.keys is None or self.values is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.length += key_states.shape[-2]
+        self.device = key_states.device
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -74,7 +119,8 @@ class BlockKV(DynamicLayer):
         return self.length + query_length, 0
 
     def reset(self) -> None:
-        self.blocks, self.length = {}, 0
+        self.blocks, self.length, self.written_by = {}, 0, None
+        self.keys = self.values = None
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError(_NO_REINDEX)
@@ -117,6 +163,12 @@ class GatedKVCache(Cache):
     def hold(self, info: Any, plans: list | None, batch: int) -> None:
         """Keep the prefill's decision for the later steps of this generation."""
         self.decision = HeldDecision(info, plans, batch)
+
+    def restrict(self, plans: list) -> None:
+        """After a dense prefill: keep only the K/V of the units each layer's plan keeps
+        (``plans``: one dynprune.plan.LayerPlan per gated layer)."""
+        for index, plan in enumerate(plans):
+            self.gated_layer(index).restrict(plan.attention)
 
     def gated_layer(self, index: int) -> BlockKV:
         layer = self.layers[self.n_dense + index]

@@ -16,6 +16,7 @@ from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import (
     Gates,
+    GateScores,
     UnitMasks,
     add_noise,
     fill_ungated,
@@ -27,7 +28,9 @@ from dynprune.gates import (
 from dynprune.generation import ForwardLike, gated_generate, reject_forward_like
 from dynprune.kv_cache import GatedKVCache
 from dynprune.layers import LayerBinding, gate_layer, ungate_layer
+from dynprune.magnitude import ActivationRecorder
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
+from dynprune.plan import plan_forward
 from dynprune.qkv_layout import PackedWeights
 from dynprune.router import Router
 from dynprune.state import ForwardInfo, GateState, Relaxation
@@ -148,18 +151,65 @@ class GatedModel(nn.Module):
             threshold=threshold,
         )
         self._state.held = held
+        recorder = self._training_free_prefill(held, masks, budgets)
+        self._state.recorder = recorder
         fast = None if self.training or not self._use_gathered() else engine_for(self, device)
         try:
             if fast is not None:  # CPU eval: encoder layers on ONNX Runtime (dynprune.exec)
                 with fast.swapped():
                     out = run(*args, **kwargs)
+            elif recorder is not None:  # training-free: the prompt runs dense, its activations recorded
+                with recorder.recording(self._state.valid):
+                    out = run(*args, **kwargs)
+                self._decide_from_prefill(cache, batch)
             else:
                 out = run(*args, **kwargs)
-            if cache is not None and held is None and self._state.info is not None:
+            if recorder is None and cache is not None and held is None and self._state.info is not None:
                 cache.hold(self._state.info, self._state.plans, batch)
         finally:
             self.last = self._state.end()
         return out
+
+    def _training_free_prefill(
+        self, held: Any, masks: UnitMasks | None, budgets: Tensor
+    ) -> ActivationRecorder | None:
+        """A recorder when this forward is a training-free router's prefill (run dense), else None."""
+        if self.gate_config.router != "griffin" or held is not None or masks is not None:
+            return None
+        if bool((budgets >= 1.0).all()):
+            return None
+        if self.training:
+            raise ValueError(
+                "the griffin router is training-free and chooses gates in eval mode: call gated.eval()"
+            )
+        gated = self.parts.parts[self.gate_config.router_layer :]
+        return ActivationRecorder(gated, self.parts.n_heads, self.n_slices)
+
+    def _decide_from_prefill(self, cache: GatedKVCache | None, batch: int) -> None:
+        """After a training-free dense prefill: gates from its activations through the one selection
+        (``_route``), the cache cut down to the kept units, and the decision held for later steps."""
+        state = self._state
+        hidden, recorder = state.route_input, state.recorder
+        if hidden is None:
+            raise RuntimeError("the router hook did not run during the prefill")
+        seq = hidden.shape[1]
+        tokens = (
+            state.valid.sum(1) if state.valid is not None else torch.full((batch,), seq, device=hidden.device)
+        )
+        fm = self.flops
+        scores = recorder.scores(
+            self.gate_config.heads, self.gate_config.ffn, tokens, fm.head_cost(seq), fm.slice_cost(seq)
+        )
+        decided = self._route(hidden, state, scores)
+        assert decided.masks is not None
+        m = decided.masks
+        plans = plan_forward(m.head, m.ffn, m.layer, self.flops, seq)
+        if cache is not None:
+            cache.restrict(plans)
+            cache.hold(decided, plans, batch)
+        dense = self.flops.dense(seq)
+        ran = torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
+        state.info = ForwardInfo(decided.budget, seq, dense, ran, decided=decided)
 
     def _decoder_cache(self, kwargs: dict, budgets: Tensor, masks: UnitMasks | None) -> GatedKVCache | None:
         """The GatedKVCache of a gated decoder call (made when ``use_cache=True``), or None.
@@ -217,10 +267,15 @@ class GatedModel(nn.Module):
             state.gates = state.info.gates
             return
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
+        if state.recorder is not None:  # training-free prefill: runs dense, routed after it
+            state.route_input = hidden
+            return
         state.info = self._route(hidden, state)
         state.gates = state.info.gates
 
-    def _route(self, hidden: Tensor, state: GateState) -> ForwardInfo:
+    def _route(self, hidden: Tensor, state: GateState, given: GateScores | None = None) -> ForwardInfo:
+        """Gates of one forward: router logits (or ``given`` logits for the whole batch, from a
+        training-free router) -> the one selection under each sample's budget -> FLOPs."""
         cfg, fm = self.gate_config, self.flops
         batch, seq = hidden.shape[:2]
         dense = fm.dense(seq)
@@ -249,7 +304,10 @@ class GatedModel(nn.Module):
                 f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
                 f"{cfg.router_layer} dense layer(s) always run)"
             )
-        scores = self.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
+        if given is None:
+            scores = self.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
+        else:
+            scores = given if rows is None else given.index_rows(rows)
         n = sub_budget.shape[0]
         probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
         expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)

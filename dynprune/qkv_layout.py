@@ -18,6 +18,9 @@ source parameters change) and the per-run weight views the gathered path uses.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 
 from dynprune.arch import LayerParts
@@ -89,6 +92,10 @@ class PackedWeights:
     - ``attention(units)`` / ``ffn(cols)``: the (transposed) weight *views* of a
       run of head units / FFN columns, cached per run while gradients are off
       (the same prefixes recur forward after forward; a view costs a few µs).
+      Units given as an index tensor (arbitrary subsets: gathered *copies*) are
+      cached per tensor object while it lives, so the blocks of a plan held for a
+      whole generation (``attention(units)`` / ``ffn_units(units, s)``) copy their
+      weights once, at the first step, not at every decoded token.
     """
 
     def __init__(self, parts: LayerParts, n_units: int, heads_per_unit: int, head_dim: int) -> None:
@@ -97,6 +104,7 @@ class PackedWeights:
         self.weight: Tensor | None = None  # (U, G+2, d, H)
         self.bias: Tensor | None = None  # (U, G+2, d)
         self._views: dict[tuple, tuple] = {}
+        self._copies: dict[tuple, tuple] = {}  # (kind, id(index tensor)) -> (weakref to it, views)
         modules = {
             id(p.module): p.module
             for p in (parts.q, parts.k, parts.v, parts.o, parts.up, parts.down, parts.gate_proj)
@@ -129,12 +137,40 @@ class PackedWeights:
                 self.weight = w.view(u, g + 2, d, -1)
                 self.bias = (b if b is not None else w.new_zeros(w.shape[0])).view(u, g + 2, d)
             self._views.clear()
+            self._copies.clear()
             self._key = key
         assert self.weight is not None and self.bias is not None
         return self.weight, self.bias
 
+    def _copied(self, kind: str, units: Tensor, make: Callable[[], tuple]) -> tuple:
+        """Views of an index-tensor selection, made once per live tensor (gradients off)."""
+        if torch.is_grad_enabled():
+            return make()
+        key = (kind, id(units))
+        hit = self._copies.get(key)
+        if hit is not None and hit[0]() is units:
+            return hit[1]
+        views = make()
+        copies = self._copies
+        copies[key] = (weakref.ref(units, lambda _ref, k=key: copies.pop(k, None)), views)
+        return views
+
     def attention(self, units: slice | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(W_qkv of the units, transposed (H, k*(G+2)*d); their bias; O columns, transposed (k*G*d, H))."""
+        if not isinstance(units, slice):
+            return self._copied("a", units, lambda: self._attention(units))
+        return self._attention(units)
+
+    def ffn_units(
+        self, units: slice | Tensor, slice_size: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor]:
+        """:meth:`ffn` of the columns of FFN slices ``units`` (``slice_size`` columns each)."""
+        cols = expand_units(units, slice_size, self.parts.down.weight.device)
+        if not isinstance(units, slice):
+            return self._copied("f", units, lambda: self.ffn(cols))
+        return self.ffn(cols)
+
+    def _attention(self, units: slice | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         key = ("a", units.start, units.stop) if isinstance(units, slice) else None
         views = self._views.get(key) if key is not None else None
         if views is None:

@@ -9,7 +9,9 @@ head, FFN slice and layer. Budget-conditioned routers also read the budget
 
 Kinds: ``dynamic`` (input-adaptive), ``static`` (reads only the budget: one
 learned mask per budget, the CoFi-like control), ``random`` (random logits:
-the sanity control).
+the sanity control), ``griffin`` (training-free: no parameters; its logits come
+from the prompt's own activation magnitudes after a dense prefill,
+:mod:`dynprune.magnitude`, so this module is never called for it).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Router(nn.Module):
         self.inp: nn.Linear | None = None
         self.budget_inp: nn.Linear | None = None
         self.out: nn.Linear | None = None
-        if cfg.router != "random":
+        if cfg.router not in ("random", "griffin"):
             self.budget_inp = nn.Linear(max(n_budget, 1), r)  # (B, 2) budget features (or a 1) -> (B, r)
             self.out = nn.Linear(r + n_budget, n_out)
             nn.init.normal_(self.out.weight, std=0.02)
@@ -74,6 +76,11 @@ class Router(nn.Module):
     ) -> GateScores:
         """hidden (B, T, H), attention_mask (B, T) or None, budget (B,) -> logits."""
         batch = hidden.shape[0]
+        if self.cfg.router == "griffin":
+            raise RuntimeError(
+                "the griffin router scores units from a dense prefill's activations (dynprune.magnitude), "
+                "not from the router input; GatedModel routes it after the prefill"
+            )
         if self.cfg.router == "random":
             if self._generator is None or self._generator.device != hidden.device:
                 self._generator = torch.Generator(device=hidden.device).manual_seed(0)

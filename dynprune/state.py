@@ -33,6 +33,9 @@ class ForwardInfo:
     routed_rows: Tensor | None = None
     expected_flops: Tensor | None = None
     passes: Tensor | None = None  # cascade (mean budgets): forwards each sample ran, 1 or 2
+    # training-free router (GateConfig.griffin): this forward ran dense; ``decided`` holds the gates
+    # its activations chose for the tokens after it (budget enforced at this forward's length)
+    decided: ForwardInfo | None = None
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -76,6 +79,8 @@ class GateState:
     hard_masks: UnitMasks | None = None  # cached by the gathered layers, once per forward
     info: ForwardInfo | None = None
     held: Any = None  # dynprune.kv_cache.HeldDecision of a generation's prefill, reused at later steps
+    recorder: Any = None  # dynprune.magnitude.ActivationRecorder: a training-free prefill, run dense
+    route_input: Tensor | None = None  # what the router hook saw (the training-free prefill routes later)
     extras: dict = field(default_factory=dict)
 
     def begin(
@@ -104,5 +109,5 @@ class GateState:
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
         self.router_budget, self.threshold = None, None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
-        self.held = None
+        self.held = self.recorder = self.route_input = None
         return info

@@ -23,7 +23,10 @@ keeps the same prefix share of its head units and FFN slices, the largest that
 fits the budget — a stand-in for trained gates (an untrained router spends a
 budget on the cheapest units per logit, FFN slices first, and drops attention
 altogether at 0.6: ``--select router`` shows it). Speed, FLOPs and cache size
-are meaningful; output quality is not (no trained gates).
+are meaningful; output quality is not (no trained gates). ``--select griffin``:
+the training-free router (``GateConfig.griffin``, docs/training_free.md): each
+prompt runs dense (``prefill_flops_ratio`` 1.0) and chooses its own units from
+its activations; ``flops_ratio`` is the decoded tokens' share under them.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gates", type=Path, help="saved gates (dynprune.save_gates) for SmolLM2")
     p.add_argument(
         "--select",
-        choices=["uniform", "router"],
+        choices=["uniform", "router", "griffin"],
         default="uniform",
         help="gated units: 'uniform' = every layer keeps the same prefix share of its head units and FFN "
         "slices, the largest that fits the budget at the prompt length (default without --gates); "
-        "'router' = the (trained with --gates, else untrained) router's choice",
+        "'router' = the (trained with --gates, else untrained) router's choice; "
+        "'griffin' = the training-free router (dense prefill, units from the prompt's activations)",
     )
     p.add_argument("--out", type=Path, help="CSV file to write (refuses to overwrite)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -129,7 +133,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     gated = (
         dynprune.load_gates(model, args.gates)
         if args.gates
-        else dynprune.wrap(model, dynprune.GateConfig(ffn_slice_size=128))
+        else dynprune.wrap(
+            model,
+            dynprune.GateConfig.griffin(ffn_slice_size=128)
+            if args.select == "griffin"
+            else dynprune.GateConfig(ffn_slice_size=128),
+        )
     )
     gated.eval()
     parts, rows = gated.parts, []
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for b in budgets:  # masks= overrides the router; None = the router decides
                 pick[b] = (
                     {}
-                    if args.select == "router" or args.gates
+                    if args.select in ("router", "griffin") or args.gates
                     else {"masks": uniform_masks(gated, batch, b, prompt)}
                 )
             for name, b in [("dense", 1.0)] + [(f"gated@{b}", b) for b in budgets]:
@@ -167,7 +176,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row = {
                     "model": "SmolLM2-135M", "dtype": dtype_name, "batch": batch, "prompt": prompt,
                     "new": new, "budget": b, "flops_ratio": round(flops, 4),
-                    "prefill_flops_ratio": round(float(info.flops_ratio.mean()), 4),
+                    "prefill_flops_ratio": 1.0 if args.select == "griffin" else round(float(info.flops_ratio.mean()), 4),
                     "dense_tok_s": round(batch * new / dense_s, 2),
                     "gated_tok_s": round(batch * new / (times[f"gated@{b}"].median_ms / 1e3), 2),
                     "speedup": round(speed, 3), "ideal_speedup": round(1 / flops, 3),

