@@ -44,3 +44,41 @@ def save_tiny_checkpoint(directory: Path, minilm_dir: Path, seed: int = 0, layer
         gated.router.out.weight.add_(torch.randn_like(gated.router.out.weight) * 0.3)
     dynprune.save_gated_model(gated.eval(), directory, tokenizer=tokenizer)
     return directory
+
+
+def tiny_lm(vocab_size: int, seed: int = 0, context: int = 2048):
+    """A tiny Llama (GQA: 4 query heads, 2 KV heads; FFN 256 = 2 slices of 128, so ``--model``
+    can wrap it with the default GateConfig) with a real tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # peaked next-token distributions: greedy ties are unlikely
+        architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_lm(directory: Path, tokenizer, seed: int = 0) -> Path:
+    """``--model`` directory: the tiny Llama (safetensors) + the tokenizer."""
+    tiny_lm(len(tokenizer), seed).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_lm_checkpoint(directory: Path, tokenizer, seed: int = 0) -> Path:
+    """A gated checkpoint of the tiny Llama whose router is off its init (budgets matter)."""
+    torch.manual_seed(seed + 1)
+    gated = dynprune.wrap(tiny_lm(len(tokenizer), seed), dynprune.GateConfig(ffn_slice_size=64))
+    with torch.no_grad():
+        gated.router.out.weight.add_(torch.randn_like(gated.router.out.weight) * 0.3)
+    dynprune.save_gated_model(gated.eval(), directory, tokenizer=tokenizer)
+    return directory
