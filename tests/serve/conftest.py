@@ -1,5 +1,6 @@
 import pytest
 
+from tests.serve import models
 from tests.serve.models import save_tiny_checkpoint, save_tiny_lm, save_tiny_lm_checkpoint, save_tiny_model
 from tests.serve.server import ServerProcess
 
@@ -52,14 +53,7 @@ def engine(tiny_checkpoint):
 # -- causal LMs ------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def lm_tokenizer():
-    """The packaged SmolLM2 tokenizer (byte-level BPE, 49152 tokens), read from its GGUF file."""
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
-    from dynprune.assets import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return models.lm_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +70,10 @@ LM_OPTIONS = ("--max-batch", "4", "--max-wait-ms", "60", "--max-texts", "4", "--
 LM_OPTIONS += ("--max-text-chars", "20000", "--max-body-bytes", "65536")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm_server(tiny_lm_checkpoint, tmp_path_factory):
-    """One real server for a test module: the gated tiny Llama, up to 4 sequences per generate."""
+    """One real server for the session (test_generate*.py): the gated tiny Llama, up to 4
+    sequences per generate call."""
     log = tmp_path_factory.mktemp("serve-log") / "lm-server.log"
     proc = ServerProcess(["--checkpoint", str(tiny_lm_checkpoint)], *LM_OPTIONS, log=log).wait_ready()
     yield proc
@@ -86,7 +81,7 @@ def lm_server(tiny_lm_checkpoint, tmp_path_factory):
     assert code == 0, proc.log()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm_engine(tiny_lm_checkpoint):
     """The same checkpoint in this process: the unbatched reference."""
     from dynprune.serve import ServeConfig, load_engine

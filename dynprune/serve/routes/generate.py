@@ -124,7 +124,7 @@ def _sse(data: Any, event: str | None = None) -> bytes:
 def _stream(
     rt: Runtime,
     job: GenJob,
-    token_event: Callable[[int, str], Any],
+    token_event: Callable[[int, str], bytes],
     done_events: Callable[[GenResult, str], list[bytes]],
 ) -> StreamingResponse:
     """Queue ``job`` now (429 / 503 as JSON before any byte is streamed) and stream its tokens."""
@@ -144,7 +144,7 @@ def _stream(
                     break
                 token, delta = item
                 sent += delta
-                yield _sse(token_event(token, delta))
+                yield token_event(token, delta)
             result = _check(rt, future.result())
             rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
             for event in done_events(result, rest):
@@ -199,7 +199,7 @@ async def generate(req: GenerateRequest, request: Request) -> Any:
         events = [_sse({"token_id": None, "text": rest}, "token")] if rest else []
         return [*events, _sse(_generate_response(engine, job, r).model_dump(), "done")]
 
-    return _stream(rt, job, lambda token, delta: {"token_id": token, "text": delta}, done)
+    return _stream(rt, job, lambda token, delta: _sse({"token_id": token, "text": delta}, "token"), done)
 
 
 # -- /v1/completions (OpenAI) ------------------------------------------------------------
@@ -249,4 +249,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     def done(r: GenResult, rest: str) -> list[bytes]:
         return [_sse(_completion(engine, job, cid, created, rest, r)), _sse("[DONE]")]
 
-    return _stream(rt, job, lambda token, delta: _completion(engine, job, cid, created, delta, None), done)
+    def chunk(token: int, delta: str) -> bytes:
+        return _sse(_completion(engine, job, cid, created, delta, None))
+
+    return _stream(rt, job, chunk, done)
