@@ -204,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["dir"]:
         print(asset_dir())
         return 0
+    if len(args) == 2 and args[0] == "path" and args[1] in ASSETS:  # e.g. `dynprune serve --model "$(...)"`
+        print(ASSETS[args[1]].path())
+        return 0
     if args:
-        print("usage: python -m dynprune.assets [dir]", file=sys.stderr)
+        print(f"usage: python -m dynprune.assets [dir | path {{{','.join(ASSETS)}}}]", file=sys.stderr)
         return 2
     missing = 0
     for name, asset in ASSETS.items():

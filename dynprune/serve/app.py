@@ -11,6 +11,7 @@ import dynprune
 from .config import ServeConfig
 from .engine import ClassifierEngine
 from .errors import install_error_handlers
+from .generator import GeneratorEngine
 from .middleware import BodyGuard, Timing
 from .routes import classify, generate, system
 from .runtime import Runtime
@@ -18,7 +19,7 @@ from .runtime import Runtime
 TIMED_PATHS = {"/v1/classify", "/v1/generate", "/v1/completions", "/health", "/metrics"}
 
 
-def create_app(engine: ClassifierEngine, cfg: ServeConfig) -> FastAPI:
+def create_app(engine: ClassifierEngine | GeneratorEngine, cfg: ServeConfig) -> FastAPI:
     """An app serving ``engine`` (already loaded and warmed) with the limits in ``cfg``."""
     rt = Runtime(engine, cfg)
 

@@ -89,8 +89,8 @@ class Batcher:
         return max(1, math.ceil((self.depth() / self.max_batch + 1) * self._batch_s))
 
     # -- submission --------------------------------------------------------------------
-    async def submit(self, payloads: Sequence[Any]) -> list[Any]:
-        """Queue ``payloads`` (one per text) and wait for their results, in order."""
+    def enqueue(self, payloads: Sequence[Any]) -> list[asyncio.Future]:
+        """Queue ``payloads`` now (or raise Draining / QueueFull); one future per payload."""
         if self._closing:
             raise Draining("server is shutting down")
         depth = self.depth()
@@ -100,11 +100,16 @@ class Batcher:
         items = [_Item(p, loop.create_future()) for p in payloads]
         self._queue.extend(items)
         self._changed.set()
+        return [i.future for i in items]
+
+    async def submit(self, payloads: Sequence[Any]) -> list[Any]:
+        """Queue ``payloads`` (one per text) and wait for their results, in order."""
+        futures = self.enqueue(payloads)
         try:
-            return list(await asyncio.gather(*(i.future for i in items)))
+            return list(await asyncio.gather(*futures))
         except BaseException:
-            for item in items:  # timeout / disconnect / error: drop what has not run
-                item.future.cancel()
+            for future in futures:  # timeout / disconnect / error: drop what has not run
+                future.cancel()
             raise
 
     # -- the loop ----------------------------------------------------------------------

@@ -18,16 +18,20 @@ _DEFAULTS = ServeConfig()
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynprune serve",
-        description="Serve a gated model over HTTP: POST /v1/classify, GET /health, /metrics, /docs.",
+        description="Serve a gated model over HTTP: POST /v1/classify (classifiers) or /v1/generate and "
+        "/v1/completions (causal LMs), GET /health, /metrics, /docs.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="gated model directory (dynprune train / save_gated_model)")
     src.add_argument(
-        "--model", help="plain local HF classification model (safetensors), served with open gates"
+        "--model",
+        help="plain local HF classifier or causal LM (safetensors directory, or a .gguf file), open gates",
     )
     p.add_argument("--host", default=_DEFAULTS.host, help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=_DEFAULTS.port)
-    p.add_argument("--max-batch", type=int, default=_DEFAULTS.max_batch, help="texts per forward")
+    p.add_argument(
+        "--max-batch", type=int, default=_DEFAULTS.max_batch, help="texts (or sequences) per forward"
+    )
     p.add_argument(
         "--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms, help="how long a text waits for company"
     )

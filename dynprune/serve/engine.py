@@ -1,4 +1,5 @@
-"""The model behind the server: load it (safetensors only), warm it, run one batched forward.
+"""The model behind the server: load it (safetensors; ``--model`` also GGUF), warm it, run one
+batched forward. Causal LMs get the generation engine of ``generator.py``.
 
 ``ClassifierEngine.classify`` is the only code that touches the model; the batcher
 calls it from its single worker thread with the texts of several requests, each at
@@ -56,13 +57,54 @@ def _check_safetensors_dir(path: Path, what: str) -> None:
     raise StartupError(f"{what} {path} has no model.safetensors")
 
 
-def _check_task(model: torch.nn.Module, where: Path) -> None:
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def task_of(model: torch.nn.Module, where: Path) -> str:
+    """ "classification" or "generation" for a model the server can serve; else StartupError."""
     name = type(model).__name__
-    if not name.endswith("ForSequenceClassification"):
-        raise StartupError(
-            f"{where} is a {name}; dynprune serve serves sequence-classification models "
-            "(…ForSequenceClassification) today; causal LMs come with decoder support (issue 13)"
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    if name.endswith(CAUSAL_SUFFIXES):
+        return "generation"
+    raise StartupError(
+        f"{where} is a {name}; dynprune serve serves sequence-classification models "
+        "(…ForSequenceClassification) and causal LMs (…ForCausalLM, GPT2LMHeadModel)"
+    )
+
+
+def _is_causal_dir(path: Path) -> bool:
+    import transformers
+
+    archs = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or []
+    return any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
+
+
+def _load_plain(path: Path):
+    """(HF model, tokenizer) of ``--model PATH``: a save_pretrained directory (safetensors) or a
+    GGUF file (llama.cpp's format: tensors and metadata, no code; dequantised by transformers)."""
+    import transformers
+
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            kw = {"gguf_file": path.name}
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+            return hf, transformers.AutoTokenizer.from_pretrained(path.parent, **kw)
+        except Exception as err:
+            raise StartupError(
+                f"GGUF model {path} could not be loaded ({type(err).__name__}: {err})"
+            ) from err
+    _check_safetensors_dir(path, "model")
+    try:
+        auto = (
+            transformers.AutoModelForCausalLM
+            if _is_causal_dir(path)
+            else transformers.AutoModelForSequenceClassification
         )
+        hf = auto.from_pretrained(path, use_safetensors=True)
+        return hf, transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise StartupError(f"model {path} could not be loaded ({type(err).__name__}: {err})") from err
 
 
 def _own_memory(model: torch.nn.Module) -> None:
@@ -73,10 +115,10 @@ def _own_memory(model: torch.nn.Module) -> None:
 
 def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | None = None, seed: int = 0):
     """Load a gated checkpoint (``dynprune train`` / ``save_gated_model``) or wrap a plain HF
-    classification model with open gates; raise :class:`StartupError` with the reason."""
+    classification model or causal LM with open gates; raise :class:`StartupError` with the reason.
+    A causal LM gets a :class:`~dynprune.serve.generator.GeneratorEngine`."""
     if (checkpoint is None) == (model is None):
         raise StartupError("give exactly one of --checkpoint DIR or --model PATH")
-    import transformers
 
     torch.manual_seed(seed)  # --model: the new classifier head / untrained router are seeded
     if checkpoint is not None:
@@ -105,21 +147,21 @@ def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | No
             raise StartupError(f"checkpoint {root} has no tokenizer in {root / dynprune.io.BASE_DIR}")
     else:
         path = Path(model)
-        _check_safetensors_dir(path, "model")
-        try:
-            hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        except Exception as err:
-            raise StartupError(f"model {path} could not be loaded ({type(err).__name__}: {err})") from err
-        _check_task(hf, path)
+        hf, tokenizer = _load_plain(path)
+        task_of(hf, path)
         try:
             gated = dynprune.wrap(hf.eval(), GateConfig())
-        except dynprune.UnsupportedModelError as err:
-            raise StartupError(str(err)) from err
+        except (dynprune.UnsupportedModelError, ValueError) as err:
+            raise StartupError(f"model {path} cannot be gated: {err}") from err
         source = str(path)
-    _check_task(gated.model, Path(source))
+    task = task_of(gated.model, Path(source))
     _own_memory(gated)
-    engine = ClassifierEngine(gated.eval(), tokenizer, cfg, source)
+    if task == "generation":
+        from .generator import GeneratorEngine
+
+        engine = GeneratorEngine(gated.eval(), tokenizer, cfg, source)
+    else:
+        engine = ClassifierEngine(gated.eval(), tokenizer, cfg, source)
     engine.warm_up()
     return engine
 

@@ -56,6 +56,9 @@ class ServeMetrics:
         self.dropped = Counter(
             "dynprune_dropped_texts", "Queued texts dropped because their request gave up", registry=r
         )
+        self.generated_tokens = Counter(
+            "dynprune_generated_tokens", "Tokens generated (/v1/generate, /v1/completions)", registry=r
+        )
         self.queue_depth = Gauge("dynprune_queue_depth", "Texts waiting for a forward", registry=r)
         self.queue_depth.set_function(queue_depth)
 

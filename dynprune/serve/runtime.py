@@ -7,7 +7,8 @@ from typing import Any
 
 from .batcher import Batcher
 from .config import ServeConfig
-from .engine import ClassifierEngine, ClassifyResult
+from .engine import ClassifierEngine
+from .generator import GeneratorEngine
 from .metrics import ServeMetrics
 
 
@@ -36,7 +37,7 @@ class GroupError:
 
 
 class Runtime:
-    def __init__(self, engine: ClassifierEngine, cfg: ServeConfig):
+    def __init__(self, engine: ClassifierEngine | GeneratorEngine, cfg: ServeConfig):
         self.engine, self.cfg = engine, cfg
         self.draining = False
         self.metrics = ServeMetrics(queue_depth=lambda: self.batcher.depth())
@@ -49,8 +50,11 @@ class Runtime:
             on_drop=self.metrics.dropped.inc,
         )
 
-    def run_jobs(self, jobs: list[TextJob | GroupJob]) -> list[ClassifyResult | list[ClassifyResult]]:
-        """Worker thread: all TextJobs in ONE forward (per-text budgets), each GroupJob alone."""
+    def run_jobs(self, jobs: list[Any]) -> list[Any]:
+        """Worker thread. Classification: all TextJobs in ONE forward (per-text budgets), each
+        GroupJob alone. Generation: GeneratorEngine.run (compatible GenJobs batched)."""
+        if isinstance(self.engine, GeneratorEngine):
+            return self.engine.run(jobs)
         out: list[Any] = [None] * len(jobs)
         texts = [(i, j) for i, j in enumerate(jobs) if isinstance(j, TextJob)]
         if texts:

@@ -138,21 +138,42 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-# -- generation (served once dynprune gates decoders: issue 13) ------------------------
+# -- generation ------------------------------------------------------------------------
 MAX_NEW_TOKENS = 4096
 _Temperature = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False, strict=True)]
 _TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, strict=True)]
 _NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS, strict=True)]
+_One = Annotated[int, Field(strict=True)]
+_Seed = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
+
+
+def no_beams(value: int, field: str) -> int:
+    if value != 1:
+        raise ValueError(
+            f"{field} = {value}: beam search is not supported by gated generation (its KV cache holds "
+            "per-sequence gates and cannot be re-indexed); use greedy (temperature 0) or sampling"
+        )
+    return value
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """``budget``: one number in (0, 1] for the prompt (default: the model's default budget)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "In the beginning", "max_new_tokens": 32, "temperature": 0, "budget": 0.6}
+            ]
+        },
+    )
     prompt: Annotated[str, Field(strict=True)]
     max_new_tokens: _NewTokens = 64
-    temperature: _Temperature = 1.0
+    temperature: _Temperature = Field(1.0, description="0 = greedy")
     top_p: _TopP = 1.0
-    top_k: Annotated[int, Field(ge=0, strict=True)] = 0
-    seed: Annotated[int, Field(ge=0, strict=True)] | None = None
+    top_k: Annotated[int, Field(ge=0, strict=True)] = Field(0, description="0 = off")
+    seed: _Seed | None = Field(None, description="reproducible sampling (the request runs unbatched)")
+    num_beams: _One = 1
     stream: Annotated[bool, Field(strict=True)] = False
     budget: Budget = None
 
@@ -160,6 +181,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _prompt(cls, prompt: str) -> str:
         return check_text(prompt, "prompt")
+
+    @field_validator("num_beams")
+    @classmethod
+    def _beams(cls, value: int) -> int:
+        return no_beams(value, "num_beams")
 
 
 class CompletionRequest(BaseModel):
@@ -172,11 +198,33 @@ class CompletionRequest(BaseModel):
     temperature: _Temperature = 1.0
     top_p: _TopP = 1.0
     n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
+    best_of: _One = 1
     stream: Annotated[bool, Field(strict=True)] = False
-    seed: Annotated[int, Field(ge=0, strict=True)] | None = None
+    seed: _Seed | None = None
     budget: Budget = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str) -> str:
         return check_text(prompt, "prompt")
+
+    @field_validator("best_of")
+    @classmethod
+    def _beams(cls, value: int) -> int:
+        return no_beams(value, "best_of")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str = Field(description="'stop' (end-of-sequence token) or 'length' (max_new_tokens)")
+    prompt_tokens: int
+    completion_tokens: int
+    budget: float
+    flops_ratio: float = Field(
+        description="executed FLOPs / dense FLOPs of the prefill, where the gates were chosen "
+        "(they are held for every decode step)"
+    )
+    padded_len: int = Field(description="left-padded prompt length of the batch it ran in")
+    batch_size: int = Field(description="sequences in the generate call it ran in")

@@ -73,3 +73,21 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def sse_events(response) -> list[tuple[str, str]]:
+    """(event, data) of every server-sent event in a streamed httpx response (event defaults
+    to 'message'), in order."""
+    events, event, data = [], "message", []
+    for line in response.iter_lines():
+        if line == "":
+            if data:
+                events.append((event, "\n".join(data)))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[len("event:") :].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:") :].strip())
+    if data:
+        events.append((event, "\n".join(data)))
+    return events

@@ -104,3 +104,10 @@ def test_port_in_use_is_a_non_zero_exit_of_the_real_command(tiny_checkpoint):
 def test_exactly_one_source(capsys, tiny_checkpoint, tiny_model_dir):
     code, err = refuse(capsys, "--checkpoint", str(tiny_checkpoint), "--model", str(tiny_model_dir))
     assert code == 2 and "not allowed with argument" in err
+
+
+def test_a_corrupt_gguf_file_is_refused(capsys, tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 50)
+    code, err = refuse(capsys, "--model", str(bad))
+    assert code == 1 and "GGUF model" in err and "could not be loaded" in err

@@ -80,6 +80,14 @@ async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
     """Classify ``texts``, each at its budget. Concurrent requests are batched into one forward."""
     rt = runtime(request)
     refuse_if_draining(rt)
+    if rt.engine.task != "classification":
+        raise ApiError(
+            501,
+            "task_not_served",
+            f"/v1/classify needs a sequence-classification model; this server serves "
+            f"{rt.engine.model_name} ({rt.engine.task}): use /v1/generate or /v1/completions",
+            reason="unsupported",
+        )
     check_limits(req, rt)
     if isinstance(req.budget, MeanBudget):
         job = GroupJob(tuple(req.texts), mean_budget(req.budget, rt))

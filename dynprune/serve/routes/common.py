@@ -37,10 +37,10 @@ def refuse_if_draining(rt: Runtime) -> None:
         )
 
 
-async def run_queued(rt: Runtime, jobs: Sequence[Any]) -> list[Any]:
-    """Queue ``jobs`` with the batcher; map overload, drain and timeout to HTTP errors."""
+def enqueue(rt: Runtime, jobs: Sequence[Any]) -> list[asyncio.Future]:
+    """Queue ``jobs`` now; overload -> 429 with Retry-After, shutdown -> 503."""
     try:
-        return await asyncio.wait_for(rt.batcher.submit(jobs), timeout=rt.cfg.timeout_s)
+        return rt.batcher.enqueue(jobs)
     except QueueFull as err:
         raise ApiError(
             429,
@@ -52,10 +52,25 @@ async def run_queued(rt: Runtime, jobs: Sequence[Any]) -> list[Any]:
     except Draining:
         refuse_if_draining(rt)
         raise
+
+
+def timeout_error(rt: Runtime) -> ApiError:
+    return ApiError(
+        504,
+        "timeout",
+        f"not answered within {rt.cfg.timeout_s} s; the queued work was dropped",
+        reason="timeout",
+    )
+
+
+async def run_queued(rt: Runtime, jobs: Sequence[Any]) -> list[Any]:
+    """Queue ``jobs`` with the batcher and wait for their results; map overload, drain and
+    timeout to HTTP errors (a timed-out request's queued jobs are dropped)."""
+    futures = enqueue(rt, jobs)
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.cfg.timeout_s))
     except asyncio.TimeoutError:
-        raise ApiError(
-            504,
-            "timeout",
-            f"not answered within {rt.cfg.timeout_s} s; the queued work was dropped",
-            reason="timeout",
-        ) from None
+        raise timeout_error(rt) from None
+    finally:
+        for future in futures:  # timeout / disconnect: drop what has not run
+            future.cancel()

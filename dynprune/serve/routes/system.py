@@ -24,6 +24,7 @@ async def health(request: Request) -> JSONResponse:
         "source": rt.engine.source,
         "task": rt.engine.task,
         "labels": rt.engine.labels,
+        "context": getattr(rt.engine, "context", None),  # causal LMs: prompt + new tokens
         "min_budget": rt.engine.min_budget,
         "default_budget": rt.engine.gated.gate_config.default_budget,
         "max_batch": rt.cfg.max_batch,
