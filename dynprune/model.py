@@ -203,7 +203,7 @@ class GatedModel(nn.Module):
         decided = self._route(hidden, state, scores)
         assert decided.masks is not None
         m = decided.masks
-        plans = plan_forward(m.head, m.ffn, m.layer, self.flops, seq)
+        plans = plan_forward(m.head, m.ffn, m.layer)
         if cache is not None:
             cache.restrict(plans)
             cache.hold(decided, plans, batch)
