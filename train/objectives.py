@@ -121,7 +121,6 @@ class GatedObjective:
         budgets = self.sample_budgets(labels.shape[0], step, micro).to(labels.device)
         want_hidden = self.distill.hidden_weight > 0
         out = model(**inputs, budget=budgets, output_hidden_states=want_hidden)
-        info = self.core.last
         d = self.distill
         task = F.cross_entropy(out.logits.float(), labels)
         loss = d.task_weight * task
@@ -145,30 +144,37 @@ class GatedObjective:
             )
             loss = loss + d.hidden_weight * hid
             logs["loss_hidden"] = hid.detach()
-        if info is not None and info.expected_flops is not None:
-            rows = info.routed_rows
-            b = budgets if rows is None else budgets.index_select(0, rows)
-            expected = info.expected_flops.double() / info.dense_flops  # (B_routed,)
-            target = 1.0 - (1.0 - b) * self.ramp
-            gap = expected - target
-            reg = self.lagrangian.penalty(gap)
-            loss = loss + reg
-            logs.update(
-                loss_reg=reg.detach(),
-                expected_ratio=expected.mean().detach(),
-                target_ratio=target.mean(),
-                gap=gap.mean().detach(),
-                abs_gap=gap.abs().mean().detach(),
-            )
-            logs["flops_ratio"] = info.flops_ratio.mean()
-            if info.gates is not None:
-                logs.update(
-                    keep_head=info.gates.head.detach().mean(),
-                    keep_ffn=info.gates.ffn.detach().mean(),
-                    keep_layer=info.gates.layer.detach().mean(),
-                )
-        logs["lambda1"], logs["lambda2"] = self.lagrangian.l1, self.lagrangian.l2
+        loss = loss + self.flops_penalty(budgets, logs)
         return loss, logs
+
+    def flops_penalty(self, budgets: Tensor, logs: dict[str, Any]) -> Tensor | float:
+        """The Lagrangian on the last forward's expected FLOPs ratio vs each example's (ramped)
+        target; adds the FLOPs and keep-rate logs. 0 when nothing was routed (all budgets 1)."""
+        info = self.core.last
+        logs["lambda1"], logs["lambda2"] = self.lagrangian.l1, self.lagrangian.l2
+        if info is None or info.expected_flops is None:
+            return 0.0
+        rows = info.routed_rows
+        b = budgets if rows is None else budgets.index_select(0, rows)
+        expected = info.expected_flops.double() / info.dense_flops  # (B_routed,)
+        target = 1.0 - (1.0 - b) * self.ramp
+        gap = expected - target
+        reg = self.lagrangian.penalty(gap)
+        logs.update(
+            loss_reg=reg.detach(),
+            expected_ratio=expected.mean().detach(),
+            target_ratio=target.mean(),
+            gap=gap.mean().detach(),
+            abs_gap=gap.abs().mean().detach(),
+        )
+        logs["flops_ratio"] = info.flops_ratio.mean()
+        if info.gates is not None:
+            logs.update(
+                keep_head=info.gates.head.detach().mean(),
+                keep_ffn=info.gates.ffn.detach().mean(),
+                keep_layer=info.gates.layer.detach().mean(),
+            )
+        return reg
 
     def after_step(self, reduce: Callable[[Tensor], Tensor]) -> None:
         self.lagrangian.step(reduce)
