@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", nargs="+", default=list(d.methods), choices=METHODS)
     p.add_argument(
-        "--gates", default=None, help="learned gates (OUTPUT_DIR/gated/gates of dynprune train) for --method learned"
+        "--gates",
+        default=None,
+        help="learned gates (OUTPUT_DIR/gated/gates of dynprune train) for --method learned",
     )
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)

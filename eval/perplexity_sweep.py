@@ -72,7 +72,9 @@ class PerplexityConfig:
         if bad:
             raise ValueError(f"unknown perplexity methods {bad}; choose from {METHODS}")
         if ("learned" in self.methods) != (self.gates is not None):
-            raise ValueError("method 'learned' and --gates DIR (learned gates) go together: give both or neither")
+            raise ValueError(
+                "method 'learned' and --gates DIR (learned gates) go together: give both or neither"
+            )
         if self.gates is not None and not (Path(self.gates) / "gates.json").is_file():
             raise ValueError(f"--gates {self.gates!r} holds no saved gates (gates.json, from dynprune train)")
         if not 0 < self.prompt_len < self.seq_len - 1:
@@ -194,7 +196,11 @@ def _method(
             return gated(ids[:, p:], cache=cache, use_cache=True).logits
 
         prefill = "dense" if method == "griffin" else "gated"
-        return held_gates, mean_ratio, f"prompt (prefill) {prefill}; continuation under the prompt's held gates"
+        return (
+            held_gates,
+            mean_ratio,
+            f"prompt (prefill) {prefill}; continuation under the prompt's held gates",
+        )
     if method == "teal":
         sp = shared.get("teal")
         if sp is None:

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from dynprune.config import GateConfig, check_budget_value
 from dynprune.train.lm_config import LMSection
+
+from dynprune.config import GateConfig, check_budget_value
 
 STAGES = ("dense", "gated", "static")
 
@@ -337,9 +338,13 @@ class TrainConfig:
                 f"set stages: [gated], got {self.stages}"
             )
         if self.model.teacher_path is not None:
-            raise ValueError("task causal_lm distils from the base model itself: model.teacher_path must be null")
+            raise ValueError(
+                "task causal_lm distils from the base model itself: model.teacher_path must be null"
+            )
         if self.gate.unit_order == "taylor":
-            raise ValueError("task causal_lm: gate.unit_order taylor is for classification; use weight_norm or none")
+            raise ValueError(
+                "task causal_lm: gate.unit_order taylor is for classification; use weight_norm or none"
+            )
         if self.gate.router != "dynamic":
             raise ValueError("task causal_lm trains the dynamic router only (gate.router: dynamic)")
 

@@ -99,7 +99,9 @@ def copy_teacher(base: torch.nn.Module) -> Teacher:
 
 
 @torch.no_grad()
-def evaluate_lm(gated, teacher: Teacher, data: Tensor, budgets: list[float], batch_size: int) -> dict[str, float]:
+def evaluate_lm(
+    gated, teacher: Teacher, data: Tensor, budgets: list[float], batch_size: int
+) -> dict[str, float]:
     """Per budget on the windows ``data`` (N, T): mean per-token KL(teacher ‖ student), perplexity
     of the whole window's next tokens, executed FLOPs ratio (the router reads each whole window)."""
     was = gated.training
@@ -154,10 +156,11 @@ def _check_budget(gated, cfg: TrainConfig) -> None:
 def run_causal_lm(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
     """The causal-LM gated stage (see the module docstring); returns the stage's metrics."""
     import transformers
-    from dynprune.io import atomic_write_bytes
     from dynprune.train.pipeline import make_accelerator, seed_everything, stage_settings
     from dynprune.train.tracking import Tracker
     from dynprune.train.trainer import Trainer
+
+    from dynprune.io import atomic_write_bytes
 
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -177,7 +180,9 @@ def run_causal_lm(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
     teacher = teacher_copy or frozen_self_teacher(gated)
     if not (out / "config.yaml").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(out / "run.json", {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data.source})
+        ckpt.write_json(
+            out / "run.json", {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data.source}
+        )
         atomic_write_bytes(out / "config.yaml", config_yaml.encode())
     tracker = Tracker(cfg.logging, out, cfg.to_dict(), enabled=acc.is_main_process)
     try:

@@ -57,7 +57,9 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
             if not isinstance(row, dict) or text_column not in row:
                 raise DataError(f"{p}, line {n}: no {text_column!r} field (set lm.text_column)")
             if not isinstance(row[text_column], str):
-                raise DataError(f"{p}, line {n}: {text_column!r} is {type(row[text_column]).__name__}, not a string")
+                raise DataError(
+                    f"{p}, line {n}: {text_column!r} is {type(row[text_column]).__name__}, not a string"
+                )
             texts.append(row[text_column])
     if not any(t.strip() for t in texts):
         raise DataError(f"{p} holds no text")
@@ -88,7 +90,9 @@ def load_lm_data(cfg: LMSection, tokenizer: Any) -> LMData:
         stream = token_stream(tokenizer, [("", t + eos) for t in texts])
         cut = int(stream.shape[0] * (1 - cfg.validation_fraction))
         train, val = stream[:cut], stream[cut:]
-        source = f"{cfg.path} ({len(texts)} texts), last {cfg.validation_fraction:.0%} of tokens for validation"
+        source = (
+            f"{cfg.path} ({len(texts)} texts), last {cfg.validation_fraction:.0%} of tokens for validation"
+        )
     return LMData(
         _pick(train, cfg.seq_len, cfg.train_windows, "training text"),
         _pick(val, cfg.seq_len, cfg.eval_windows, "validation text"),

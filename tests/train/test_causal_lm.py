@@ -75,9 +75,7 @@ def _gated(lm_dir: Path, gate: GateSection):
     return dynprune.wrap(base, gate.gate_config())
 
 
-GATE = GateSection(
-    unit_order="weight_norm", ffn_slice_size=32, budget_min=0.5, budget_max=0.5, hard_from=1.0
-)
+GATE = GateSection(unit_order="weight_norm", ffn_slice_size=32, budget_min=0.5, budget_max=0.5, hard_from=1.0)
 
 
 def test_router_steps_reduce_the_kl_and_move_flops_to_the_target(lm_dir):
@@ -152,7 +150,9 @@ def test_trained_gates_reload_and_generate(tmp_path, lm_dir, text_file, tune_bas
     if not tune_base:  # the same gates on the same base: the same validation numbers
         assert again["kl@0.5"] == pytest.approx(metrics["validation"]["kl@0.5"], rel=1e-4)
     prompt = val[:2, :8]
-    new = gated.generate(prompt, attention_mask=torch.ones_like(prompt), budget=0.5, max_new_tokens=5, do_sample=False)
+    new = gated.generate(
+        prompt, attention_mask=torch.ones_like(prompt), budget=0.5, max_new_tokens=5, do_sample=False
+    )
     assert new.shape == (2, 13) and torch.equal(new[:, :8], prompt)
     # a finished run is not overwritten: a second run into it is refused
     with pytest.raises(ValueError, match="already holds a run"):
