@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         "--budget", type=float, nargs="+", default=list(d.budgets), help="fractions of dense FLOPs"
     )
     p.add_argument("--method", nargs="+", default=list(d.methods), choices=METHODS)
+    p.add_argument(
+        "--gates",
+        default=None,
+        help="learned gates (OUTPUT_DIR/gated/gates of dynprune train) for --method learned",
+    )
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--chunks", type=int, default=d.chunks, help="evaluation windows (test books)")
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             budgets=tuple(args.budget),
             methods=tuple(args.method),
+            gates=args.gates,
             seq_len=args.seq_len,
             prompt_len=args.prompt_len,
             chunks=args.chunks,

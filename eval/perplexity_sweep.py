@@ -9,6 +9,9 @@ Methods (one row each per budget < 1; ``dense`` once at 1.0):
   enforced there, as for every router), the prompt's own FLOPs being dense;
 - ``teal``: per-token activation sparsity at calibrated thresholds (eval/baselines/teal.py);
   FLOPs ratio = ideal sparse-kernel FLOPs from the measured densities (dense hardware saves none);
+- ``learned``: routers trained by ``dynprune train`` (``task: causal_lm``), loaded from
+  ``gates`` onto the same base: the prompt runs under the gates the router chose from it, the
+  continuation under the same held gates (the GatedKVCache, as in ``generate``);
 - ``shortgpt``: static layer removal by block influence (eval/baselines/shortgpt.py), executed
   through the gated model's layer masks; FLOPs ratio = the FLOPs module's at ``seq_len``.
 
@@ -37,7 +40,8 @@ from dynprune.eval.perplexity import (
     windows,
 )
 
-METHODS = ("dense", "griffin", "teal", "shortgpt")
+DEFAULT_METHODS = ("dense", "griffin", "teal", "shortgpt")
+METHODS = (*DEFAULT_METHODS, "learned")  # learned: needs `gates`
 COLUMNS = [
     *("method", "budget", "flops_ratio", "perplexity", "ppl_lo", "ppl_hi", "ppl_ratio_to_dense"),
     *("ratio_lo", "ratio_hi", "nll_per_token", "tokens", "chunks", "seconds", "notes"),
@@ -48,7 +52,8 @@ COLUMNS = [
 class PerplexityConfig:
     model: str = "smollm2"  # "smollm2" (packaged) or a local HF causal-LM directory
     budgets: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    gates: str | None = None  # directory of learned gates (dynprune train, task causal_lm) for "learned"
     seq_len: int = 256
     prompt_len: int = 128
     chunks: int = 24
@@ -66,6 +71,12 @@ class PerplexityConfig:
         bad = sorted(set(self.methods) - set(METHODS))
         if bad:
             raise ValueError(f"unknown perplexity methods {bad}; choose from {METHODS}")
+        if ("learned" in self.methods) != (self.gates is not None):
+            raise ValueError(
+                "method 'learned' and --gates DIR (learned gates) go together: give both or neither"
+            )
+        if self.gates is not None and not (Path(self.gates) / "gates.json").is_file():
+            raise ValueError(f"--gates {self.gates!r} holds no saved gates (gates.json, from dynprune train)")
         if not 0 < self.prompt_len < self.seq_len - 1:
             raise ValueError(
                 f"prompt_len must be in (0, seq_len - 1), got {self.prompt_len} / {self.seq_len}"
@@ -136,13 +147,19 @@ def run(cfg: PerplexityConfig, out: Path) -> list[dict[str, Any]]:
     gated = dynprune.wrap(model, GateConfig.griffin(ffn_slice_size=cfg.ffn_slice_size)).eval()
     p = cfg.prompt_len
     todo = [("dense", 1.0)] if "dense" in cfg.methods else []  # then budgets in the order given
-    todo += [(m, b) for b in cfg.budgets if b < 1.0 for m in cfg.methods if m != "dense"]
+    others = [m for m in cfg.methods if m not in ("dense", "learned")]
+    todo += [(m, b) for b in cfg.budgets if b < 1.0 for m in others]
+    if "learned" in cfg.methods:  # last: it rewraps the model
+        todo += [("learned", b) for b in cfg.budgets if b < 1.0]
     rows = {(r["method"], r["budget"]): r for r in done}
     shared: dict[str, Any] = {}  # calibration results, made once (TEAL activations, block influence)
     for method, budget in todo:
         if (method, budget) in rows:
             continue
         started = time.time()
+        if method == "learned" and gated.gate_config.router == "griffin":
+            dynprune.unwrap(gated)
+            gated = dynprune.load_gates(model, cfg.gates).eval()
         scorer, flops, notes = _method(method, budget, gated, cfg, calib, shared)
         scores = score_chunks(scorer, test, p, cfg.batch_size, progress=f"{method} {budget}")
         row = {
@@ -193,15 +210,20 @@ def _method(
     mean_ratio = lambda: float(torch.cat(ratios).mean())  # noqa: E731
     if method == "dense":
         return (lambda ids: gated(ids, use_cache=False).logits[:, p:]), (lambda: 1.0), ""
-    if method == "griffin":
+    if method in ("griffin", "learned"):
 
-        def griffin(ids: torch.Tensor) -> torch.Tensor:
+        def held_gates(ids: torch.Tensor) -> torch.Tensor:
             cache = gated.new_cache()
             gated(ids[:, :p], budget=budget, cache=cache, use_cache=True)
             ratios.append(cache.decision.info.flops_ratio)
             return gated(ids[:, p:], cache=cache, use_cache=True).logits
 
-        return griffin, mean_ratio, "prompt (prefill) dense; continuation under the prompt's held gates"
+        prefill = "dense" if method == "griffin" else "gated"
+        return (
+            held_gates,
+            mean_ratio,
+            f"prompt (prefill) {prefill}; continuation under the prompt's held gates",
+        )
     if method == "teal":
         sp = shared.get("teal")
         if sp is None:

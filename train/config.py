@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from dynprune.train.lm_config import LMSection
+
 from dynprune.config import GateConfig, check_budget_value
 
 STAGES = ("dense", "gated", "static")
@@ -287,6 +289,9 @@ class TrainConfig:
     """`dynprune train`: dense fine-tune (teacher) -> gated fine-tune -> static control -> report."""
 
     output_dir: str = "runs/minilm_rt"
+    # classification: sequence classification (dense, gated, static stages); causal_lm: gated
+    # distillation of a causal LM from its own dense, frozen self (section `lm`, stages [gated])
+    task: Literal["classification", "causal_lm"] = "classification"
     # Stages to run, in order: dense (teacher + reference), gated (dynamic router), static (control)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
@@ -303,16 +308,19 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    lm: LMSection = field(default_factory=LMSection)
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir must be a directory path")
+        if self.task == "causal_lm":
+            self._check_causal_lm()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must be distinct names from {list(STAGES)}, got {self.stages}")
         if [s for s in STAGES if s in self.stages] != list(self.stages):
             raise ValueError(f"stages must keep the order {list(STAGES)}, got {self.stages}")
-        if "dense" not in self.stages and self.model.teacher_path is None:
+        if self.task == "classification" and "dense" not in self.stages and self.model.teacher_path is None:
             raise ValueError("without the dense stage, model.teacher_path must name a fine-tuned dense model")
         if self.optim.mixed_precision == "fp16" and not _cuda_available():
             raise ValueError("optim.mixed_precision=fp16 needs a CUDA GPU; use no or bf16 on CPU")
@@ -322,6 +330,23 @@ class TrainConfig:
                 f"evaluation.budgets {self.evaluation.budgets} must lie inside the trained range "
                 f"[gate.budget_min, gate.budget_max] = [{self.gate.budget_min}, {self.gate.budget_max}]"
             )
+
+    def _check_causal_lm(self) -> None:
+        if self.stages != ["gated"]:
+            raise ValueError(
+                f"task causal_lm runs the gated stage only (the teacher is the dense base itself): "
+                f"set stages: [gated], got {self.stages}"
+            )
+        if self.model.teacher_path is not None:
+            raise ValueError(
+                "task causal_lm distils from the base model itself: model.teacher_path must be null"
+            )
+        if self.gate.unit_order == "taylor":
+            raise ValueError(
+                "task causal_lm: gate.unit_order taylor is for classification; use weight_norm or none"
+            )
+        if self.gate.router != "dynamic":
+            raise ValueError("task causal_lm trains the dynamic router only (gate.router: dynamic)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -355,7 +380,7 @@ def removed_key_note(key: str) -> str | None:
 
 
 # Sections whose change makes a checkpoint incompatible with the config resuming it.
-RESUME_KEYS = ("model", "data", "gate", "optim", "regularizer", "distill", "seed", "stages")
+RESUME_KEYS = ("task", "model", "data", "lm", "gate", "optim", "regularizer", "distill", "seed", "stages")
 
 
 _MISSING = object()

@@ -134,7 +134,7 @@ class GatedObjective:
             budget_arg = budgets
         want_hidden = self.distill.hidden_weight > 0
         out = model(**inputs, budget=budget_arg, output_hidden_states=want_hidden)
-        info = self.core.last
+        info = self.core.last  # read now: nothing below may run the gated model again first
         d = self.distill
         task = F.cross_entropy(out.logits.float(), labels)
         loss = d.task_weight * task
@@ -158,32 +158,42 @@ class GatedObjective:
             )
             loss = loss + d.hidden_weight * hid
             logs["loss_hidden"] = hid.detach()
-        if info is not None and info.expected_flops is not None:
-            rows = info.routed_rows
-            b = budgets if rows is None else budgets.index_select(0, rows)
-            expected = info.expected_flops.double() / info.dense_flops  # (B_routed,)
-            target = 1.0 - (1.0 - b) * self.ramp
-            if mean_mode:  # (1,): the batch mean is what must meet the target
-                expected, target = expected.mean(0, keepdim=True), target[:1]
-            gap = expected - target
-            reg = self.lagrangian.penalty(gap)
-            loss = loss + reg
-            logs.update(
-                loss_reg=reg.detach(),
-                expected_ratio=expected.mean().detach(),
-                target_ratio=target.mean(),
-                gap=gap.mean().detach(),
-                abs_gap=gap.abs().mean().detach(),
-            )
-            logs["flops_ratio"] = info.flops_ratio.mean()
-            if info.gates is not None:
-                logs.update(
-                    keep_head=info.gates.head.detach().mean(),
-                    keep_ffn=info.gates.ffn.detach().mean(),
-                    keep_layer=info.gates.layer.detach().mean(),
-                )
-        logs["lambda1"], logs["lambda2"] = self.lagrangian.l1, self.lagrangian.l2
+        loss = loss + self.flops_penalty(budgets, logs, info=info, mean_mode=mean_mode)
         return loss, logs
+
+    def flops_penalty(
+        self, budgets: Tensor, logs: dict[str, Any], info: Any = None, mean_mode: bool = False
+    ) -> Tensor | float:
+        """The Lagrangian on a forward's expected FLOPs ratio (``info``, default the last one) vs
+        each example's (ramped) target — vs the batch mean's in ``mean_mode``; adds the FLOPs and
+        keep-rate logs. 0 when nothing was routed (all budgets 1)."""
+        info = self.core.last if info is None else info
+        logs["lambda1"], logs["lambda2"] = self.lagrangian.l1, self.lagrangian.l2
+        if info is None or info.expected_flops is None:
+            return 0.0
+        rows = info.routed_rows
+        b = budgets if rows is None else budgets.index_select(0, rows)
+        expected = info.expected_flops.double() / info.dense_flops  # (B_routed,)
+        target = 1.0 - (1.0 - b) * self.ramp
+        if mean_mode:  # (1,): the batch mean is what must meet the target
+            expected, target = expected.mean(0, keepdim=True), target[:1]
+        gap = expected - target
+        reg = self.lagrangian.penalty(gap)
+        logs.update(
+            loss_reg=reg.detach(),
+            expected_ratio=expected.mean().detach(),
+            target_ratio=target.mean(),
+            gap=gap.mean().detach(),
+            abs_gap=gap.abs().mean().detach(),
+        )
+        logs["flops_ratio"] = info.flops_ratio.mean()
+        if info.gates is not None:
+            logs.update(
+                keep_head=info.gates.head.detach().mean(),
+                keep_ffn=info.gates.ffn.detach().mean(),
+                keep_layer=info.gates.layer.detach().mean(),
+            )
+        return reg
 
     def after_step(self, reduce: Callable[[Tensor], Tensor]) -> None:
         self.lagrangian.step(reduce)

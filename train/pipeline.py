@@ -88,6 +88,10 @@ def run(cfg: TrainConfig, config_yaml: str) -> dict[str, Any]:
     """Run every configured stage and the final report; returns the report dict (main process)."""
     import transformers
 
+    if cfg.task == "causal_lm":
+        from dynprune.train.lm import run_causal_lm
+
+        return run_causal_lm(cfg, config_yaml)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # our own bars only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -162,8 +166,7 @@ def add_teacher_logits(
             examples[i]["teacher_logits"] = logits[row]
 
 
-def stage_settings(ctx: Context, name: str, epochs: float, lr: float, offset: int) -> StageSettings:
-    c = ctx.cfg
+def stage_settings(c: TrainConfig, name: str, epochs: float, lr: float, offset: int) -> StageSettings:
     o = c.optim
     return StageSettings(
         name=name,
@@ -211,7 +214,7 @@ def run_dense(ctx: Context, dense_dir: Path) -> None:
         objective=DenseObjective(),
         examples=ctx.examples["train"],
         collate=ctx.collate,
-        settings=stage_settings(ctx, "dense", c.optim.dense_epochs, c.optim.dense_lr, 0),
+        settings=stage_settings(ctx.cfg, "dense", c.optim.dense_epochs, c.optim.dense_lr, 0),
         checkpoint_root=ctx.out / "checkpoints" / "dense",
         config_yaml=ctx.config_yaml,
         tracker=ctx.tracker,
@@ -285,7 +288,7 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
         objective=objective,
         examples=ctx.examples["train"],
         collate=ctx.collate,
-        settings=stage_settings(ctx, stage, c.optim.gated_epochs, c.optim.gated_lr, offset),
+        settings=stage_settings(ctx.cfg, stage, c.optim.gated_epochs, c.optim.gated_lr, offset),
         checkpoint_root=ctx.out / "checkpoints" / stage,
         config_yaml=ctx.config_yaml,
         tracker=ctx.tracker,

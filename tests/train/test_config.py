@@ -9,14 +9,20 @@ from dynprune.train.cli import ConfigError, dump_config, main, parse_config
 from dynprune.train.config import GateSection, TrainConfig, config_diff
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["configs/minilm_rt.yaml", "configs/minilm_rt_quick.yaml"]
+SHIPPED = [
+    "configs/minilm_rt.yaml",
+    "configs/minilm_rt_quick.yaml",
+    "configs/smollm2_kjv.yaml",
+    "configs/smollm2_kjv_quick.yaml",
+]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_parse_and_round_trip(name, tmp_path):
     cfg = parse_config(["--config", str(ROOT / name)])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.gate.router == "dynamic" and cfg.stages[0] == "dense"
+    assert cfg.gate.router == "dynamic"
+    assert cfg.stages[0] == ("gated" if cfg.task == "causal_lm" else "dense")
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(dump_config(cfg))
     assert parse_config([f"--config={dumped}"]) == cfg
