@@ -95,13 +95,7 @@ def dynamic_budget(cfg: Any, budget: float) -> Any:
         return budget
     import dynprune
 
-    parse = getattr(dynprune, "parse_budget", None)
-    if parse is None:
-        raise SweepError(
-            "budget_mode=mean needs mean budgets (dynprune.parse_budget / dynprune.MeanBudget), which this "
-            "dynprune does not have; use budget_mode=cap"
-        )
-    return parse(f"mean:{budget:g}")
+    return dynprune.parse_budget(f"mean:{budget:g}")
 
 
 @dataclass

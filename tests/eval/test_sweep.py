@@ -243,15 +243,6 @@ def test_a_missing_seed_run_fails_before_any_work_and_says_how_to_make_it(tiny_r
     assert not (tmp_path / "out").exists()
 
 
-def test_mean_budget_mode_needs_mean_budgets(tiny_run, tmp_path, capsys, monkeypatch):
-    import dynprune
-
-    if hasattr(dynprune, "parse_budget"):
-        pytest.skip("this dynprune has mean budgets")
-    assert sweep_mod.main(_args(tiny_run, tmp_path, "--budget_mode=mean")) == 2
-    assert "budget_mode=mean needs mean budgets" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_killed_sweep_process_resumes(tiny_run, tmp_path):
     """kill -9 a real `dynprune sweep` process mid-grid; the re-run keeps every finished point."""

@@ -59,18 +59,8 @@ def per_text_budgets(req: ClassifyRequest, rt: Runtime) -> list[float]:
 
 
 def mean_budget(spec: MeanBudget, rt: Runtime):
-    """The library's mean-budget object for ``spec``, or a clear 422 if this dynprune has none."""
-    cls = getattr(dynprune, "MeanBudget", None)
-    if cls is None:
-        raise ApiError(
-            422,
-            "unsupported",
-            "budget: this dynprune has no mean-budget mode (dynprune.MeanBudget); send one number, "
-            "or one number per text",
-            field="budget",
-            reason="unsupported",
-        )
-    return cls(spec.mean, cap=spec.cap)
+    """The library's mean-budget object for ``spec``."""
+    return dynprune.MeanBudget(spec.mean, cap=spec.cap)
 
 
 @router.post(
