@@ -9,6 +9,8 @@ from typing import Any, Literal
 RouterKind = Literal["dynamic", "static", "random", "griffin"]
 Execution = Literal["auto", "masked", "gathered"]
 Backend = Literal["auto", "torch", "triton", "onnxruntime"]
+EXECUTIONS: tuple[str, ...] = ("auto", "masked", "gathered")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "onnxruntime")
 UnitOrder = Literal["weight_norm", "none"]
 BudgetMode = Literal["cap", "mean"]
 
@@ -28,6 +30,8 @@ class GateConfig:
 
     How gates are sampled in training (temperature, hard) is not configuration
     but training state: ``GatedModel.relaxation``, set by the training objective.
+    A config describes the model and is saved with its gates: it is not changed after
+    construction. To run some forwards on another path, ``with gated.running(execution=...)``.
     """
 
     heads: bool = True
@@ -62,7 +66,7 @@ class GateConfig:
             raise ValueError(f"GateConfig.router_hidden must be > 0, got {self.router_hidden}")
         if self.router_layer < 0:
             raise ValueError(f"GateConfig.router_layer must be >= 0, got {self.router_layer}")
-        _check_choice("router", self.router, ("dynamic", "static", "random", "griffin"))
+        check_choice("router", self.router, ("dynamic", "static", "random", "griffin"))
         if self.router == "griffin":
             if self.layers:
                 raise ValueError(
@@ -74,10 +78,10 @@ class GateConfig:
                     "GateConfig(router='griffin') keeps the largest-activation units of each prompt, not "
                     "prefixes of a fixed order: set nested=False (or use GateConfig.griffin())"
                 )
-        _check_choice("execution", self.execution, ("auto", "masked", "gathered"))
-        _check_choice("backend", self.backend, ("auto", "torch", "triton", "onnxruntime"))
-        _check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
-        _check_choice("budget_mode", self.budget_mode, ("cap", "mean"))
+        check_choice("execution", self.execution, EXECUTIONS)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
+        check_choice("budget_mode", self.budget_mode, ("cap", "mean"))
         check_budget_value(self.default_budget, "GateConfig.default_budget")
 
     @classmethod
@@ -113,7 +117,8 @@ REMOVED_KEYS = {
 }
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` is one of ``choices``, else a ValueError naming ``GateConfig.<name>``."""
     if value not in choices:
         raise ValueError(f"GateConfig.{name} must be one of {choices}, got {value!r}")
 

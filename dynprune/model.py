@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,7 +13,7 @@ from torch import nn
 from dynprune.arch import ModelParts, resolve
 from dynprune.budget import MeanBudget, ThresholdRoute, batch_and_device, route_budgets
 from dynprune.calibration import Calibration, mean_budget_forward
-from dynprune.config import GateConfig
+from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
 from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import (
@@ -49,6 +51,7 @@ class GatedModel(nn.Module):
     :class:`UnitMasks` instead of the router (for tests and baselines).
     After each call, ``self.last`` is a :class:`ForwardInfo`. In train mode gates
     are sampled as ``self.relaxation`` says (a :class:`Relaxation`, training state).
+    ``with self.running(execution=..., backend=...)``: forwards in the block on another path.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class GatedModel(nn.Module):
         self.register_buffer("ffn_perm", ffn_perm.clone(), persistent=False)
         self._state = GateState()
         self.relaxation = Relaxation()
+        self._execution: Execution | None = None  # set by running(): overrides gate_config.execution
         self.last: ForwardInfo | None = None
         # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
         self.calibration = Calibration()
@@ -245,8 +249,31 @@ class GatedModel(nn.Module):
         batched with left padding; per-sample budgets."""
         return gated_generate(self, args, kwargs, budget)
 
+    @contextmanager
+    def running(
+        self, execution: Execution | None = None, backend: Backend | None = None
+    ) -> Iterator[GatedModel]:
+        """Forwards inside the block run on ``execution`` ("masked": HF layers x gate multipliers,
+        "gathered": only kept units, "auto": by train/eval mode) and/or ``backend`` instead of what
+        ``gate_config`` says. The config object is never changed (it describes the model and is
+        saved with its gates); the previous choice is back when the block ends, even on error."""
+        if execution is not None:
+            check_choice("execution", execution, EXECUTIONS)
+        if backend is not None:
+            check_choice("backend", backend, BACKENDS)
+        saved_execution, saved_config = self._execution, self.gate_config
+        self._execution = execution or saved_execution
+        if backend is not None:
+            # the backend dispatch (_backend, dynprune.exec) reads gate_config.backend: inside the
+            # block it sees a copy with this backend, the model's own config object is left as it is
+            self.gate_config = dataclasses.replace(saved_config, backend=backend)
+        try:
+            yield self
+        finally:
+            self._execution, self.gate_config = saved_execution, saved_config
+
     def _use_gathered(self) -> bool:
-        mode = self.gate_config.execution
+        mode = self._execution or self.gate_config.execution
         if mode == "auto":
             return not self.training
         return mode == "gathered"

@@ -199,9 +199,8 @@ def _e2e_rows(batches, seqs, keeps, dtype, device, timer, smoke: bool) -> list[d
                     assert info is not None
                     ideal = float(info.dense_flops * batch / info.flops.sum())  # dynprune.flops
                     kept = float(info.flops.sum() / (info.dense_flops * batch))
-                    gm.gate_config.backend = "torch"  # error vs the gathered PyTorch path, same masks
-                    ref = gm(input_ids=ids, attention_mask=attn, masks=masks).last_hidden_state
-                    gm.gate_config.backend = "triton"
+                    with gm.running(backend="torch"):  # error vs the gathered PyTorch path, same masks
+                        ref = gm(input_ids=ids, attention_mask=attn, masks=masks).last_hidden_state
                     err = (out.float() - ref.float()).abs().max().item()
                     shape = Shape("minilm-e2e", 384, 1536, 12, 12, "gelu", False)
                     rows.append(

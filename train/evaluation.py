@@ -64,9 +64,9 @@ def collect(
 ) -> Records:
     """Run ``model`` over ``dataloader`` (batches from :func:`dynprune.train.data.make_dataloader`).
 
-    ``execution``: for a GatedModel, override ``GateConfig.execution`` for this call
-    ("gathered": only kept units run, as served; "masked": the training path with
-    the same hard masks; None: the model's own setting).
+    ``execution``: for a GatedModel, the path of this call (``GatedModel.running``;
+    "gathered": only kept units run, as served; "masked": the training path with
+    the same hard masks; None: the model's own ``GateConfig.execution``).
     """
     gated = isinstance(model, GatedModel)
     if budget is not None and not gated and (isinstance(budget, MeanBudget) or float(budget) != 1.0):
@@ -75,21 +75,22 @@ def collect(
         )
     dense_fn = None if gated else _dense_flops_fn(model)
     was_training = model.training
-    saved_execution = model.gate_config.execution if gated else None
-    if gated and execution is not None:
-        model.gate_config.execution = execution
     model.eval()
     rows: dict[str, list] = {k: [] for k in ("index", "labels", "loss", "probs", "flops", "dense", "len")}
     masks: dict[str, list] = {"head": [], "ffn": [], "layer": []}
-    try:
-        iterator = dataloader
-        if progress:
-            from tqdm.auto import tqdm
+    iterator = dataloader
+    if progress:
+        from tqdm.auto import tqdm
 
-            iterator = tqdm(dataloader, desc=f"eval b={budget}", leave=False)
+        iterator = tqdm(dataloader, desc=f"eval b={budget}", leave=False)
+    try:
         for batch in iterator:
             inputs = model_inputs(batch)
-            out = model(**inputs, budget=budget) if gated else model(**inputs)
+            if gated:
+                with model.running(execution=execution):
+                    out = model(**inputs, budget=budget)
+            else:
+                out = model(**inputs)
             logits = out.logits.float()
             labels = batch["labels"]
             if labels.numel() and int(labels.max()) >= logits.shape[-1]:
@@ -119,8 +120,6 @@ def collect(
             )
     finally:
         model.train(was_training)
-        if gated:
-            model.gate_config.execution = saved_execution
     if not rows["index"]:
         raise DataError("evaluation data is empty")
     order = torch.argsort(torch.cat(rows["index"]))

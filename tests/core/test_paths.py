@@ -1,5 +1,7 @@
 """The gathered path (really skips work) equals the masked path (multiplies by gates)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,13 +14,9 @@ ATOL = 1e-5  # fp32; documented in docs/architecture.md
 
 
 def _run(gated, batch, execution, **kw):
-    gated.gate_config.execution = execution
-    try:
-        with torch.no_grad():
-            out = gated(**batch, **kw).logits
-        return out, gated.last
-    finally:
-        gated.gate_config.execution = "auto"
+    with gated.running(execution=execution), torch.no_grad():
+        out = gated(**batch, **kw).logits
+    return out, gated.last
 
 
 @pytest.mark.parametrize("model_type", ENCODER_TYPES)
@@ -78,3 +76,47 @@ def test_minilm_paths_agree_with_per_sample_budgets(minilm_dir, minilm_tokenizer
     gathered, info = _run(gated, batch, "gathered", budget=budgets)
     torch.testing.assert_close(gathered, masked, atol=ATOL, rtol=0)
     assert bool((info.flops_ratio <= budgets.double() + 1e-9).all())
+
+
+def _ran_hf_query(gated, batch) -> bool:
+    """Whether a gated forward called HF's own query projection of the first layer: the masked
+    path runs the HF layer, the gathered path projects Q/K/V from the packed weights instead."""
+    calls = []
+    query = gated.model.bert.encoder.layer[0].attention.self.query
+    handle = query.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            gated(**batch, budget=0.5)
+    finally:
+        handle.remove()
+    return bool(calls)
+
+
+def test_running_chooses_the_path_for_the_block_only_and_never_changes_the_config():
+    gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32)).eval()
+    config = gated.gate_config
+    before = dataclasses.asdict(config)
+    batch = tiny_batch(batch=2)
+    assert not _ran_hf_query(gated, batch)  # eval mode, execution="auto": gathered
+    with gated.running(execution="masked"):
+        assert _ran_hf_query(gated, batch)
+        with gated.running(backend="torch"):  # nested: keeps the outer execution
+            assert _ran_hf_query(gated, batch)
+        assert gated.gate_config is config and dataclasses.asdict(config) == before
+    assert not _ran_hf_query(gated, batch)
+    with pytest.raises(RuntimeError, match="inside"), gated.running(execution="masked"):
+        raise RuntimeError("inside")
+    assert not _ran_hf_query(gated, batch)
+    assert gated.gate_config is config and dataclasses.asdict(config) == before
+    with pytest.raises(ValueError, match="execution"), gated.running(execution="fast"):
+        pass
+
+
+def test_running_backend_is_scoped_and_leaves_the_config_object_alone():
+    gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32, backend="onnxruntime")).eval()
+    config = gated.gate_config
+    with gated.running(backend="torch"):
+        assert gated.gate_config.backend == "torch"
+    assert gated.gate_config is config and config.backend == "onnxruntime"
+    with pytest.raises(ValueError, match="backend"), gated.running(backend="cuda"):
+        pass

@@ -18,13 +18,9 @@ ATOL = 1e-5
 def _both(gated, batch, **kw):
     outs = []
     for backend in ("torch", "onnxruntime"):
-        gated.gate_config.backend = backend
-        try:
-            with torch.inference_mode():
-                outs.append(gated(**batch, **kw).logits)
-                outs.append(gated.last)
-        finally:
-            gated.gate_config.backend = "auto"
+        with gated.running(backend=backend), torch.inference_mode():
+            outs.append(gated(**batch, **kw).logits)
+            outs.append(gated.last)
     return outs
 
 

@@ -17,12 +17,8 @@ ATOL = 1e-5
 def _both(gated, batch, **kw):
     outs = []
     for execution in ("masked", "gathered"):
-        gated.gate_config.execution = execution
-        try:
-            with torch.no_grad():
-                outs.append(gated(**batch, **kw).logits)
-        finally:
-            gated.gate_config.execution = "auto"
+        with gated.running(execution=execution), torch.no_grad():
+            outs.append(gated(**batch, **kw).logits)
     return outs
 
 

@@ -83,8 +83,8 @@ def test_every_inference_route_reads_the_budget_in_the_hidden_layer():
     with torch.no_grad():
         fast = gated(**batch, budget=budget)
         fast_masks = gated.last.masks
-    gated.gate_config.execution = "masked"  # the general routing path (autograd on) + masked layers
-    with torch.enable_grad():
+    # the general routing path (autograd on) + masked layers
+    with gated.running(execution="masked"), torch.enable_grad():
         slow = gated(**batch, budget=budget)
         slow_masks = gated.last.masks
     for kind in ("head", "ffn", "layer"):
