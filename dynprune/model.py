@@ -16,26 +16,16 @@ from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
 from dynprune.exec import engine_for
 from dynprune.flops import FlopsModel, build_flops_model
-from dynprune.gates import (
-    Gates,
-    GateScores,
-    UnitMasks,
-    add_noise,
-    fill_ungated,
-    probabilities,
-    relaxed,
-    select_under_budget,
-    straight_through,
-)
+from dynprune.gates import UnitMasks
 from dynprune.generation import ForwardLike, gated_generate, reject_forward_like
 from dynprune.kv_cache import GatedKVCache
 from dynprune.layers import LayerBinding, gate_layer, ungate_layer
-from dynprune.magnitude import ActivationRecorder
 from dynprune.ordering import apply_orders, identity_orders, undo_orders, weight_norm_orders
-from dynprune.plan import plan_forward
 from dynprune.qkv_layout import PackedWeights
 from dynprune.router import Router
+from dynprune.routing import route, route_hook
 from dynprune.state import ForwardInfo, GateState, Relaxation
+from dynprune.training_free import decide_from_prefill, prefill_recorder
 
 Tensor = torch.Tensor
 _MARK = "_dynprune_wrapped"
@@ -174,46 +164,9 @@ class GatedModel(nn.Module):
             self.last = self._state.end()
         return out
 
-    def _training_free_prefill(
-        self, held: Any, masks: UnitMasks | None, budgets: Tensor
-    ) -> ActivationRecorder | None:
-        """A recorder when this forward is a training-free router's prefill (run dense), else None."""
-        if self.gate_config.router != "griffin" or held is not None or masks is not None:
-            return None
-        if bool((budgets >= 1.0).all()):
-            return None
-        if self.training:
-            raise ValueError(
-                "the griffin router is training-free and chooses gates in eval mode: call gated.eval()"
-            )
-        gated = self.parts.parts[self.gate_config.router_layer :]
-        return ActivationRecorder(gated, self.parts.n_heads, self.n_slices)
-
-    def _decide_from_prefill(self, cache: GatedKVCache | None, batch: int) -> None:
-        """After a training-free dense prefill: gates from its activations through the one selection
-        (``_route``), the cache cut down to the kept units, and the decision held for later steps."""
-        state = self._state
-        hidden, recorder = state.route_input, state.recorder
-        if hidden is None:
-            raise RuntimeError("the router hook did not run during the prefill")
-        seq = hidden.shape[1]
-        tokens = (
-            state.valid.sum(1) if state.valid is not None else torch.full((batch,), seq, device=hidden.device)
-        )
-        fm = self.flops
-        scores = recorder.scores(
-            self.gate_config.heads, self.gate_config.ffn, tokens, fm.head_cost(seq), fm.slice_cost(seq)
-        )
-        decided = self._route(hidden, state, scores)
-        assert decided.masks is not None
-        m = decided.masks
-        plans = plan_forward(m.head, m.ffn, m.layer)
-        if cache is not None:
-            cache.restrict(plans)
-            cache.hold(decided, plans, batch)
-        dense = self.flops.dense(seq)
-        ran = torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
-        state.info = ForwardInfo(decided.budget, seq, dense, ran, decided=decided)
+    # training-free router (GateConfig.griffin): dynprune/training_free.py
+    _training_free_prefill = prefill_recorder
+    _decide_from_prefill = decide_from_prefill
 
     def _decoder_cache(self, kwargs: dict, budgets: Tensor, masks: UnitMasks | None) -> GatedKVCache | None:
         """The GatedKVCache of a gated decoder call (made when ``use_cache=True``), or None.
@@ -284,103 +237,9 @@ class GatedModel(nn.Module):
             return "triton" if device.type == "cuda" else "torch"
         return "torch" if choice == "onnxruntime" else choice  # onnxruntime: dynprune.exec, else torch
 
-    # -- routing (a forward hook on the router's input) --------------------------------
-    def _route_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        state = self._state
-        if not state.active:
-            return
-        if state.held is not None:  # a later step of a generation: the prefill's decision holds
-            state.info, state.plans = state.held.info, state.held.plans
-            state.gates = state.info.gates
-            return
-        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
-        if state.recorder is not None:  # training-free prefill: runs dense, routed after it
-            state.route_input = hidden
-            return
-        state.info = self._route(hidden, state)
-        state.gates = state.info.gates
-
-    def _route(self, hidden: Tensor, state: GateState, given: GateScores | None = None) -> ForwardInfo:
-        """Gates of one forward: router logits (or ``given`` logits for the whole batch, from a
-        training-free router) -> the one selection under each sample's budget -> FLOPs."""
-        cfg, fm = self.gate_config, self.flops
-        batch, seq = hidden.shape[:2]
-        dense = fm.dense(seq)
-        assert state.budget is not None and state.router_budget is not None
-        budget, router_budget = state.budget, state.router_budget  # (B,) cap per sample, router's input
-        dims = (self.n_gated, self.parts.n_heads, self.n_slices)
-        if state.forced_masks is not None:
-            m = state.forced_masks
-            flops = fm.fixed(seq, with_router=False) + fm.gated_units(
-                m.head.double(), m.ffn.double(), m.layer.double(), seq
-            )
-            return ForwardInfo(budget, seq, dense, flops, gates=m.to_gates(hidden.dtype), masks=m)
-        routed = router_budget < 1.0
-        if not bool(routed.any()):
-            return ForwardInfo(
-                budget, seq, dense, torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
-            )
-        rows = None if bool(routed.all()) else routed.nonzero().squeeze(1)
-        sub = lambda t: t if (rows is None or t is None) else t.index_select(0, rows)  # noqa: E731
-        sub_budget = sub(budget)
-        available = sub_budget.double() * dense - fm.fixed(seq)  # (n,) FLOPs the gated layers may spend
-        if bool((available < 0).any()):
-            least = fm.fixed(seq) / dense
-            raise ValueError(
-                f"budget {float(sub_budget.min()):.4f} is below the smallest this gated model can run at "
-                f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
-                f"{cfg.router_layer} dense layer(s) always run)"
-            )
-        if given is None:
-            scores = self.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
-        else:
-            scores = given if rows is None else given.index_rows(rows)
-        n = sub_budget.shape[0]
-        probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
-        expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
-        masks = None
-        if self.training:
-            noisy = add_noise(scores, cfg.nested)
-            soft = fill_ungated(relaxed(noisy, self.relaxation.temperature), n, *dims, like=hidden)
-            if self.relaxation.hard:
-                masks = select_under_budget(noisy, available, fm, seq, state.threshold)
-                gates_sub = straight_through(masks, soft)
-            else:
-                gates_sub = soft
-        else:
-            masks = select_under_budget(scores, available, fm, seq, state.threshold)
-            gates_sub = masks.to_gates(hidden.dtype)
-        gates = _scatter_rows(gates_sub, rows, batch, dims, hidden)
-        if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
-            full_masks = masks
-            flops = fm.fixed(seq) + fm.gated_units(
-                masks.head.double(), masks.ffn.double(), masks.layer.double(), seq
-            )
-            return ForwardInfo(budget, seq, dense, flops, gates, full_masks, scores, rows, expected)
-        full_masks = None if masks is None else gates.masks()
-        if full_masks is not None:
-            used = fm.gated_units(
-                full_masks.head.double(), full_masks.ffn.double(), full_masks.layer.double(), seq
-            )
-            flops = torch.where(routed, fm.fixed(seq) + used, torch.full_like(used, dense))
-        else:
-            flops = torch.full((batch,), dense, dtype=torch.float64, device=hidden.device)
-            flops = (
-                flops.index_put((rows,), expected.detach().double())
-                if rows is not None
-                else expected.detach().double()
-            )
-        return ForwardInfo(
-            budget,
-            seq,
-            dense,
-            flops,
-            gates=gates,
-            masks=full_masks,
-            scores=scores,
-            routed_rows=rows,
-            expected_flops=expected,
-        )
+    # -- routing (a forward hook on the router's input): dynprune/routing.py --------------
+    _route_hook = route_hook
+    _route = route
 
     # -- unit order --------------------------------------------------------------------
     @contextmanager
@@ -400,26 +259,6 @@ class GatedModel(nn.Module):
         apply_orders(gated, head_perm, ffn_perm, self.parts.n_heads)
         self.head_perm.copy_(head_perm)
         self.ffn_perm.copy_(ffn_perm)
-
-
-def _scatter_rows(
-    gates: Gates, rows: Tensor | None, batch: int, dims: tuple[int, int, int], like: Tensor
-) -> Gates:
-    """Gates for the routed rows -> full batch (unrouted rows: all ones = dense)."""
-    if rows is None:
-        return gates
-    n_layers, n_heads, n_slices = dims
-
-    def full(part: Tensor, *shape: int) -> Tensor:
-        out = torch.ones(batch, *shape, dtype=part.dtype, device=part.device)
-        return out.index_put((rows,), part)
-
-    return Gates(
-        full(gates.head, n_layers, n_heads),
-        full(gates.ffn, n_layers, n_slices),
-        full(gates.layer, n_layers),
-        gates.hard,
-    )
 
 
 def wrap(

@@ -94,7 +94,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
             args.append(a)
     if config_path is not None and not Path(config_path).is_file():
         raise ConfigError(f"config file {config_path!r} does not exist")
-    from dynprune.train.config import removed_key_note
+    from dynprune.train.config_compat import removed_key_note
 
     for a in args:
         note = removed_key_note(a.removeprefix("--").split("=", 1)[0])

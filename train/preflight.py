@@ -19,7 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from dynprune.train.config import TrainConfig, config_diff
+from dynprune.train.config import TrainConfig
+from dynprune.train.config_compat import config_diff
 from dynprune.train.data import TaskData, load_task_data
 
 

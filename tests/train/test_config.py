@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from dynprune.train.cli import ConfigError, dump_config, main, parse_config
-from dynprune.train.config import GateSection, TrainConfig, config_diff
+from dynprune.train.config import GateSection, TrainConfig
+from dynprune.train.config_compat import config_diff
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = [
