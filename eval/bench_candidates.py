@@ -7,11 +7,10 @@ own block of calls after a pause (eval/timing.py ``time_blocks``):
 
 - ``dense_ort`` / ``dense_ort_nospin``: the dense model on ONNX Runtime, spinning on (its default) / off;
 - ``dense_eager``: PyTorch eager;
-- ``ort_default``: the gated model on dynprune.exec at its defaults (spinning off;
-  after the first sighting of a count vector, one whole-model session for it);
-- ``ort_model_spin``: the same with ORT's default spinning;
-- ``ort_layers_nospin`` / ``ort_layers_stop``: per-layer sessions only (no whole-model
-  sessions), spinning off / stopped at the end of each run;
+- ``ort_default``: the gated model on dynprune.exec at its defaults (one session for any
+  counts; its threads spin within a run and stop at its end);
+- ``ort_spin_on`` / ``ort_spin_off``: the same with ORT's default spinning (threads keep
+  spinning after a run) / with spinning off (threads sleep between ops);
 - ``torch_path``: the PyTorch gathered path (the reference);
 - ``sliced_ort``: the physically sliced model of one sample's units exported to ORT.
 
@@ -32,9 +31,8 @@ from dynprune.eval.timing import paired_ratio, runtime_env, time_blocks
 
 GATED_VARIANTS = {
     "ort_default": {},
-    "ort_model_spin": dict(spinning="on"),
-    "ort_layers_nospin": dict(max_model_sessions=0),
-    "ort_layers_stop": dict(spinning="stop", max_model_sessions=0),
+    "ort_spin_on": dict(spinning="on"),
+    "ort_spin_off": dict(spinning="off"),
 }
 
 

@@ -53,6 +53,8 @@ from dynprune.eval.bench_engines import (
 )
 from dynprune.eval.timing import paired_ratio, runtime_env, time_blocks
 
+from dynprune.exec import current_engine
+
 COLUMNS = [
     "model", "batch", "seq", "mask_mode", "budget", "flops_ratio", "dense_ms", "gated_ms", "speedup",
     "ideal_speedup", "ratio_to_ideal", "limit_ms", "router_share", "distinct_masks",
@@ -220,7 +222,7 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
         "blocks_per_layer": blocks,
         "repeats": stats["gated"].n,
         "router_note": bm.router_note,
-        "gated_engine": "onnxruntime" if gated.__dict__.get("_fast_encoder") else "torch",
+        "gated_engine": "onnxruntime" if current_engine(gated) is not None else "torch",
         **engine_columns(stats),
     }
     if limit is not None:

@@ -1,11 +1,12 @@
 """Fast execution engines for gated models (CPU): ``dynprune.exec``.
 
-Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``; opt-in with
-``GateConfig(backend="onnxruntime")``):
+Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``; the default on
+CPU in eval mode, ``GateConfig(backend="auto")``):
 
 - :func:`ort_available` — whether the optional extra ``dynprune[onnx]`` is installed;
 - :func:`engine_for` — the cached :class:`FastEncoder` of a gated model, or None
   when the model cannot use it (then the PyTorch gathered path runs);
+- :func:`current_engine` — the engine a gated model has been running on, if any;
 - :meth:`FastEncoder.swapped` — a context manager putting the engine in place of
   the HF encoder module for one forward: the HF model's own embeddings, router
   hook and task head run as usual, the encoder layers run on ONNX Runtime
@@ -15,6 +16,7 @@ Interface used by :class:`dynprune.GatedModel` (one hook in ``forward``; opt-in 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,7 +40,9 @@ class FastEncoder(nn.Module):
         from dynprune.exec.ort_engine import OrtLayers
 
         object.__setattr__(self, "gated", gated)  # not a submodule (no cycle in the module tree)
-        self.layers = OrtLayers(gated, threads, **options)  # options: spinning, fuse_layers
+        self.layers = OrtLayers(gated, threads, **options)  # options: spinning, max_groups
+        self.fallbacks = 0  # forwards handed to the PyTorch path (too many distinct count vectors)
+        self._original: nn.Module | None = None
         path = gated.parts.spec.layers.rsplit(".", 1)
         self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
         owner = gated.parts.backbone
@@ -65,12 +69,16 @@ class FastEncoder(nn.Module):
             masks = info.masks if info is not None and info.masks is not None else gates.masks()
             masks = masks.canonical()
         y = self.layers.forward(hidden_states, state.attention_mask, masks, skip_prefix=bool(prefix))
+        if y is None:  # many distinct per-sample count vectors: the PyTorch path's per-layer blocks
+            self.fallbacks += 1
+            return self._original(*args, **kwargs)
         return Output(last_hidden_state=y.to(hidden_states.dtype))
 
     @contextmanager
     def swapped(self):
         """The HF encoder module replaced by this engine for the duration of the block."""
         original = self._owner._modules[self._name]
+        object.__setattr__(self, "_original", original)  # not a submodule
         self._owner._modules[self._name] = self
         try:
             yield
@@ -78,36 +86,67 @@ class FastEncoder(nn.Module):
             self._owner._modules[self._name] = original
 
 
-def engine_for(gated: Any, device: torch.device) -> FastEncoder | None:
+def unsupported_reason(gated: Any) -> str | None:
+    """Why the engine cannot run ``gated`` (None: it can, as far as can be told before building it)."""
+    if not ort_available():
+        return f"onnxruntime is not installed ({INSTALL_HINT})"
+    if not gated.gate_config.nested:
+        return "nested=False masks are not prefixes of the unit order"
+    dtype = next(gated.model.parameters()).dtype
+    if dtype != torch.float32:
+        return f"the engine runs fp32 weights, this model is {dtype}"
+    return None
+
+
+def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> FastEncoder | None:
     """The ORT encoder for ``gated`` on ``device`` (created once and cached), or None.
 
-    Opt-in: only ``GateConfig.backend="onnxruntime"`` on CPU uses it (with
-    ``auto`` the PyTorch gathered path runs: on the benchmark machine the engine
-    was measured *slower* than that path, see results/cpu_bench/ENGINES.md).
-    When it cannot run (extra not installed, nested=False masks, a model outside
-    what it builds) a RuntimeError says why.
+    ``GateConfig.backend="auto"`` (the default) uses it in eval mode on CPU whenever it
+    can run the model — on the benchmark machine it is the fastest way to run gated
+    layers (results/cpu_bench/) — and otherwise runs the PyTorch gathered path: with a
+    one-line warning when only the optional extra is missing, silently for models the
+    engine does not build (decoders, pre-LN encoders, non-fp32 weights, nested=False).
+    ``backend="onnxruntime"`` insists: a RuntimeError says why it cannot run.
+    ``kwargs`` asking for attentions or hidden states (which the engine does not
+    return) send the call to the PyTorch path.
     """
     cfg = gated.gate_config
-    if device.type != "cpu" or cfg.backend != "onnxruntime":
+    if device.type != "cpu" or cfg.backend not in ("auto", "onnxruntime"):
+        return None
+    insist = cfg.backend == "onnxruntime"
+    if kwargs and (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")):
+        if insist:
+            raise RuntimeError(
+                "GateConfig.backend='onnxruntime' returns the last hidden state only: run with "
+                "backend='torch' for attentions or hidden states"
+            )
         return None
     cached = gated.__dict__.get("_fast_encoder")
-    if cached is not None:
-        return cached if cached is not False else None
-    reason = None
-    if not ort_available():
-        reason = f"onnxruntime is not installed ({INSTALL_HINT})"
-    elif not cfg.nested:
-        reason = "nested=False masks are not prefixes of the unit order"
-    engine: FastEncoder | None = None
-    if reason is None:
-        try:
-            engine = FastEncoder(gated)
-        except ValueError as err:
-            reason = str(err)
-    if engine is None:
-        raise RuntimeError(f"GateConfig.backend='onnxruntime' cannot run this model: {reason}")
-    gated.__dict__["_fast_encoder"] = engine
-    return engine
+    if cached is None:  # decide once per model: the engine, or why not
+        cached = unsupported_reason(gated)
+        if cached is None:
+            try:
+                cached = FastEncoder(gated)
+            except ValueError as err:
+                cached = str(err)
+        gated.__dict__["_fast_encoder"] = cached
+        if isinstance(cached, str) and not insist and not ort_available():
+            warnings.warn(
+                f"dynprune: {cached}; running the slower PyTorch gathered path on CPU", stacklevel=3
+            )
+    if cached is False:  # engine_override(gated, None): the reference path
+        return None
+    if isinstance(cached, str):
+        if insist:
+            raise RuntimeError(f"GateConfig.backend='onnxruntime' cannot run this model: {cached}")
+        return None
+    return cached
+
+
+def current_engine(gated: Any) -> FastEncoder | None:
+    """The engine ``gated`` has been running on (None: it has run the PyTorch path, or not run yet)."""
+    cached = gated.__dict__.get("_fast_encoder")
+    return cached if isinstance(cached, FastEncoder) else None
 
 
 @contextmanager

@@ -32,7 +32,7 @@ def test_bench_cpu_ort_engines(tiny_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     for r in rows:
-        assert r["gated_engine"] == "torch"  # the default CPU path (the ORT engine is opt-in)
+        assert r["gated_engine"] == "onnxruntime"  # the default CPU path
         assert r["fastest_dense"] in ("eager", "ort")
         for key in ("ort_ms", "limit_ort_ms", "gated_torch_ms", "speedup_vs_ort", "gated_vs_limit_ort"):
             assert float(r[key]) > 0

@@ -10,7 +10,8 @@ pytest.importorskip("onnxruntime")
 
 import dynprune
 from dynprune import GateConfig
-from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model
+from dynprune.exec import current_engine, reference_path
+from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_decoder, tiny_model
 
 ATOL = 1e-5
 
@@ -45,7 +46,7 @@ def test_forced_masks_equal_reference(gated, mode, padded):
     if mode == "shared":
         masks = _shared(masks, 7)
     ref, _, fast, _ = _both(gated, batch, masks=masks)
-    assert gated.__dict__.get("_fast_encoder"), "the ORT engine did not run"
+    assert current_engine(gated) is not None, "the ORT engine did not run"
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
 
 
@@ -99,11 +100,42 @@ def _without_onnxruntime(monkeypatch):
     )
 
 
-def test_auto_backend_runs_torch_path():
+def test_auto_backend_runs_engine_on_cpu_eval():
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
+    batch = tiny_batch(batch=2, seq=7)
     with torch.inference_mode():
+        fast = gated(**batch, budget=0.5).logits
+        with reference_path(gated):
+            ref = gated(**batch, budget=0.5).logits
+    assert current_engine(gated) is not None
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+
+
+def test_auto_backend_without_extra_warns_and_runs_torch(monkeypatch):
+    _without_onnxruntime(monkeypatch)
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
+    with pytest.warns(UserWarning, match=r"dynprune\[onnx\]"), torch.inference_mode():
         gated(**tiny_batch(batch=2, seq=7), budget=0.5)
-    assert "_fast_encoder" not in gated.__dict__
+    assert gated.__dict__["_fast_encoder"] == "onnxruntime is not installed (pip install 'dynprune[onnx]')"
+
+
+def test_auto_backend_leaves_unsupported_models_to_torch():
+    """A decoder (pre-LN) is not built by the engine: auto runs the PyTorch path, silently."""
+    gated = dynprune.wrap(tiny_decoder("llama", layers=2), GateConfig(ffn_slice_size=16)).eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            gated(**tiny_batch(batch=2, seq=7), budget=0.5)
+    assert current_engine(gated) is None and "the ORT engine supports" in gated.__dict__["_fast_encoder"]
+
+
+def test_hidden_states_requests_run_torch_path(gated):
+    batch = tiny_batch(batch=2, seq=7)
+    with torch.inference_mode():
+        out = gated(**batch, budget=0.5, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == 5
 
 
 def test_explicit_backend_without_extra_is_an_error(monkeypatch):
@@ -113,11 +145,30 @@ def test_explicit_backend_without_extra_is_an_error(monkeypatch):
         gated.eval()(**tiny_batch(batch=1, seq=5), budget=0.5)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_whole_model_session_on_repeated_masks(gated, batch_size):
-    batch = tiny_batch(batch=batch_size, seq=9, padded=False)
-    masks = _shared(random_masks(gated, batch_size, 0.5, seed=5, nested=True, skip_layers=True), batch_size)
-    for _ in range(2):  # the second sighting of the count vector builds the whole-model session
+def test_one_session_runs_every_count_vector(gated):
+    """Different count vectors (and per-sample masks) run on the one session, built once."""
+    engine = None
+    for seed in range(3):
+        batch = tiny_batch(batch=3, seq=9, padded=seed == 1)
+        masks = random_masks(gated, 3, 0.4 + 0.2 * seed, seed=seed, nested=True, skip_layers=True)
         ref, _, fast, _ = _both(gated, batch, masks=masks)
         torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
-    assert len(gated.__dict__["_fast_encoder"].layers._model_sessions) == 1
+        session = current_engine(gated).layers._session
+        assert engine is None or session is engine, "the session was rebuilt for another count vector"
+        engine = session
+
+
+def test_many_distinct_count_vectors_go_to_torch_path(gated):
+    """More distinct per-sample count vectors than ``max_groups``: the batch runs the PyTorch path
+    (per-layer blocks); at most that many: one ORT call per group. Both equal the reference."""
+    batch = tiny_batch(batch=8, seq=9, padded=True)
+    masks = random_masks(gated, 8, 0.5, seed=4, nested=True, skip_layers=True)
+    engine = None
+    for max_groups, fallback in ((1, True), (8, False)):
+        engine = dynprune.exec.FastEncoder(gated, max_groups=max_groups)
+        with dynprune.exec.engine_override(gated, engine), torch.inference_mode():
+            fast = gated(**batch, masks=masks).logits
+        with reference_path(gated), torch.inference_mode():
+            ref = gated(**batch, masks=masks).logits
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+        assert engine.fallbacks == int(fallback)
