@@ -54,7 +54,7 @@ class GateConfig:
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
     backend: Backend = (
-        "auto"  # gathered path: triton on CUDA, torch on CPU; "onnxruntime": dynprune.exec (CPU, opt-in)
+        "auto"  # gathered path: triton on CUDA; on CPU in eval the ONNX Runtime engine (dynprune.exec) when it can run the model, else torch
     )
 
     def __post_init__(self) -> None:

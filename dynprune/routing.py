@@ -81,8 +81,10 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     else:
         scores = given if rows is None else given.index_rows(rows)
     n = sub_budget.shape[0]
-    probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
-    expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
+    expected = None  # FLOPs of the soft gates: the training objective's, not computed in eval
+    if gm.training:
+        probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
+        expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
     masks = None
     if gm.training:
         noisy = add_noise(scores, cfg.nested)

@@ -43,6 +43,7 @@ class FastEncoder(nn.Module):
         self.layers = OrtLayers(gated, threads, **options)  # options: spinning, max_groups
         self.fallbacks = 0  # forwards handed to the PyTorch path (too many distinct count vectors)
         self._original: nn.Module | None = None
+        self._torch_threads = torch.get_num_threads()
         path = gated.parts.spec.layers.rsplit(".", 1)
         self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
         owner = gated.parts.backbone
@@ -71,18 +72,28 @@ class FastEncoder(nn.Module):
         y = self.layers.forward(hidden_states, state.attention_mask, masks, skip_prefix=bool(prefix))
         if y is None:  # many distinct per-sample count vectors: the PyTorch path's per-layer blocks
             self.fallbacks += 1
-            return self._original(*args, **kwargs)
+            torch.set_num_threads(self._torch_threads)
+            try:
+                return self._original(*args, **kwargs)
+            finally:
+                torch.set_num_threads(1)
         return Output(last_hidden_state=y.to(hidden_states.dtype))
 
     @contextmanager
     def swapped(self):
-        """The HF encoder module replaced by this engine for the duration of the block."""
+        """The HF encoder module replaced by this engine for the duration of the block, and PyTorch
+        single-threaded in it: the ops around the engine (embeddings, router, selection, head) are
+        tiny, and PyTorch's OpenMP threads spinning after them took the cores from ONNX Runtime's
+        pool (the engine's layers ran up to 2x slower, docs/cpu_engine.md)."""
         original = self._owner._modules[self._name]
         object.__setattr__(self, "_original", original)  # not a submodule
+        self._torch_threads = torch.get_num_threads()
         self._owner._modules[self._name] = self
+        torch.set_num_threads(1)
         try:
             yield
         finally:
+            torch.set_num_threads(self._torch_threads)
             self._owner._modules[self._name] = original
 
 

@@ -199,15 +199,18 @@ class OrtLayers:
         ``max_groups``); the PyTorch path's per-layer blocks run such a batch faster."""
         batch = hidden.shape[0]
         counts = self.counts(masks, batch)  # (B, L, 3): keep, heads, slices
-        vectors, group = np.unique(counts.reshape(batch, -1), axis=0, return_inverse=True)
-        limit = self.max_groups if self.max_groups is not None else max(1, batch // 4)
-        if len(vectors) > limit and not self.prefix:
-            return None
+        flat = counts.reshape(batch, -1)  # (B, 3L): one count vector per sample
+        shared = batch == 1 or bool((flat == flat[0]).all())
+        if not shared:
+            vectors, group = np.unique(flat, axis=0, return_inverse=True)
+            limit = self.max_groups if self.max_groups is not None else max(1, batch // 4)
+            if len(vectors) > limit and not self.prefix:
+                return None
         sess = self.warm()
         x, mask = self._inputs(hidden, attention_mask)
         if self.prefix and not skip_prefix:
             x = self._prefix_session.run(None, {"x": x, "mask": mask})[0]
-        if len(vectors) == 1:
+        if shared:
             return torch.from_numpy(sess.run(None, self._feed(x, mask, counts[0]))[0])
         out = np.empty_like(x)
         for g in range(len(vectors)):

@@ -172,3 +172,21 @@ def test_many_distinct_count_vectors_go_to_torch_path(gated):
             ref = gated(**batch, masks=masks).logits
         torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
         assert engine.fallbacks == int(fallback)
+
+
+def test_torch_threads_are_restored(gated):
+    """The engine runs PyTorch single-threaded around the ORT call and restores the count after,
+    also on the fallback path and on error."""
+    torch.set_num_threads(2)
+    batch = tiny_batch(batch=8, seq=9)
+    masks = random_masks(gated, 8, 0.5, seed=4, nested=True, skip_layers=True)
+    engine = dynprune.exec.FastEncoder(gated, max_groups=1)
+    seen = []
+    real = engine.layers.forward
+    engine.layers.forward = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+    with dynprune.exec.engine_override(gated, engine), torch.inference_mode():
+        gated(**batch, masks=masks)  # many count vectors: falls back to the PyTorch path
+        gated(**tiny_batch(batch=1, seq=9), budget=0.5)
+        with pytest.raises(ValueError):
+            gated(**batch, budget=float("nan"))
+    assert seen == [1, 1] and torch.get_num_threads() == 2
