@@ -117,8 +117,10 @@ def engine_env(args: Any) -> dict[str, str]:
         "threads": f"{args.threads} (torch.set_num_threads; ORT intra_op_num_threads for every session)",
         "ort_dense_spinning": "on (ORT default); each variant runs in its own block of "
         f"{args.block} timed calls after a {args.pause_ms:g} ms pause and one untimed call",
-        "gated_path": "GatedModel's default CPU path (the PyTorch gathered path unless "
-        "GateConfig.backend='onnxruntime'; the ORT engine's sessions do not spin: dynprune bench candidates)",
+        "gated_path": "GatedModel's default CPU path: the ONNX Runtime engine (dynprune.exec; one session, "
+        "threads spin within a run and stop at its end, PyTorch single-threaded around it), which hands "
+        "batches of more than 128 tokens or many distinct count vectors to the PyTorch gathered path "
+        "(column gated_engine)",
     }
     try:
         import onnxruntime

@@ -40,8 +40,8 @@ class FastEncoder(nn.Module):
         from dynprune.exec.ort_engine import OrtLayers
 
         object.__setattr__(self, "gated", gated)  # not a submodule (no cycle in the module tree)
-        self.layers = OrtLayers(gated, threads, **options)  # options: spinning, max_groups
-        self.fallbacks = 0  # forwards handed to the PyTorch path (too many distinct count vectors)
+        self.layers = OrtLayers(gated, threads, **options)  # options: spinning, max_groups, max_tokens
+        self.fallbacks = 0  # forwards handed to the PyTorch path (OrtLayers.max_tokens / max_groups)
         self._original: nn.Module | None = None
         self._torch_threads = torch.get_num_threads()
         path = gated.parts.spec.layers.rsplit(".", 1)
@@ -70,7 +70,7 @@ class FastEncoder(nn.Module):
             masks = info.masks if info is not None and info.masks is not None else gates.masks()
             masks = masks.canonical()
         y = self.layers.forward(hidden_states, state.attention_mask, masks, skip_prefix=bool(prefix))
-        if y is None:  # many distinct per-sample count vectors: the PyTorch path's per-layer blocks
+        if y is None:  # a large batch, or many distinct per-sample count vectors: the PyTorch path
             self.fallbacks += 1
             torch.set_num_threads(self._torch_threads)
             try:

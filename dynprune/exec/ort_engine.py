@@ -122,7 +122,12 @@ class OrtLayers:
     """The gated layers of one GatedModel on ONNX Runtime (see the module docstring)."""
 
     def __init__(
-        self, gated: Any, threads: int | None = None, spinning: str = "stop", max_groups: int | None = None
+        self,
+        gated: Any,
+        threads: int | None = None,
+        spinning: str = "stop",
+        max_groups: int | None = None,
+        max_tokens: int | None = 128,
     ) -> None:
         cfg, parts = gated.gate_config, gated.parts
         act = activation_name(gated.model.config)
@@ -152,6 +157,12 @@ class OrtLayers:
         #: per-sample masks: the most ORT calls (groups of samples sharing a count vector) per forward
         #: before the batch goes to the PyTorch path instead (None: max(1, batch // 4))
         self.max_groups = max_groups
+        #: batches of more tokens (batch x padded length) go to the PyTorch path (None: no limit). On the
+        #: benchmark machine ORT won below ~128 tokens (per-op overhead dominates) and PyTorch's GEMMs
+        #: won above (8 x 32: 1.15x, 16 x 32: 1.2x; results/cpu_bench/ENGINES.md)
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+        self.max_tokens = max_tokens
 
     # -- the session ----------------------------------------------------------------------
     def warm(self) -> ort.InferenceSession:
@@ -195,9 +206,11 @@ class OrtLayers:
     ) -> Tensor | None:
         """hidden (B, T, H) -> last hidden state (B, T, H). ``masks``: canonical UnitMasks of the gated
         layers, or None (dense); ``skip_prefix``: ``hidden`` is already past the un-gated layers.
-        None: the samples' count vectors are too many distinct ones for one call each (more than
-        ``max_groups``); the PyTorch path's per-layer blocks run such a batch faster."""
-        batch = hidden.shape[0]
+        None: the batch is one the PyTorch path runs faster (more than ``max_tokens`` tokens, or
+        more distinct per-sample count vectors than ``max_groups``: one call each would not pay)."""
+        batch, seq = hidden.shape[:2]
+        if self.max_tokens is not None and batch * seq > self.max_tokens and not self.prefix:
+            return None
         counts = self.counts(masks, batch)  # (B, L, 3): keep, heads, slices
         flat = counts.reshape(batch, -1)  # (B, 3L): one count vector per sample
         shared = batch == 1 or bool((flat == flat[0]).all())

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 
 import dynprune
 from dynprune import GateConfig
-from dynprune.exec import current_engine, reference_path
+from dynprune.exec import FastEncoder, current_engine, engine_override, reference_path
 from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_decoder, tiny_model
 
 ATOL = 1e-5
@@ -35,7 +35,10 @@ def _shared(masks, batch):
 
 @pytest.fixture(params=ENCODER_TYPES)
 def gated(request):
-    return dynprune.wrap(tiny_model(request.param, layers=4), GateConfig(ffn_slice_size=16)).eval()
+    """A tiny gated encoder whose engine runs every batch (no ``max_tokens`` hand-off to PyTorch)."""
+    model = dynprune.wrap(tiny_model(request.param, layers=4), GateConfig(ffn_slice_size=16)).eval()
+    with engine_override(model, FastEncoder(model, max_tokens=None)):
+        yield model
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -84,8 +87,8 @@ def test_weights_changed_rebuilds_sessions(gated):
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
 
 
-def test_training_mode_does_not_use_engine(gated):
-    gated.train()
+def test_training_mode_does_not_use_engine():
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).train()
     batch = tiny_batch(batch=2, seq=7)
     gated(**batch, budget=0.5)
     assert "_fast_encoder" not in gated.__dict__
@@ -165,8 +168,8 @@ def test_many_distinct_count_vectors_go_to_torch_path(gated):
     masks = random_masks(gated, 8, 0.5, seed=4, nested=True, skip_layers=True)
     engine = None
     for max_groups, fallback in ((1, True), (8, False)):
-        engine = dynprune.exec.FastEncoder(gated, max_groups=max_groups)
-        with dynprune.exec.engine_override(gated, engine), torch.inference_mode():
+        engine = FastEncoder(gated, max_groups=max_groups, max_tokens=None)
+        with engine_override(gated, engine), torch.inference_mode():
             fast = gated(**batch, masks=masks).logits
         with reference_path(gated), torch.inference_mode():
             ref = gated(**batch, masks=masks).logits
@@ -180,13 +183,27 @@ def test_torch_threads_are_restored(gated):
     torch.set_num_threads(2)
     batch = tiny_batch(batch=8, seq=9)
     masks = random_masks(gated, 8, 0.5, seed=4, nested=True, skip_layers=True)
-    engine = dynprune.exec.FastEncoder(gated, max_groups=1)
+    engine = FastEncoder(gated, max_groups=1, max_tokens=None)
     seen = []
     real = engine.layers.forward
     engine.layers.forward = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
-    with dynprune.exec.engine_override(gated, engine), torch.inference_mode():
+    with engine_override(gated, engine), torch.inference_mode():
         gated(**batch, masks=masks)  # many count vectors: falls back to the PyTorch path
         gated(**tiny_batch(batch=1, seq=9), budget=0.5)
         with pytest.raises(ValueError):
             gated(**batch, budget=float("nan"))
     assert seen == [1, 1] and torch.get_num_threads() == 2
+
+
+def test_large_batches_go_to_torch_path():
+    """More tokens than ``max_tokens`` (default 128): the PyTorch path runs the batch; equal outputs."""
+    gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16)).eval()
+    small, large = tiny_batch(batch=2, seq=9), tiny_batch(batch=7, seq=19, padded=True)
+    with torch.inference_mode():
+        for batch, fell_back in ((small, 0), (large, 1)):
+            fast = gated(**batch, budget=0.5).logits
+            assert current_engine(gated).fallbacks == fell_back
+            with reference_path(gated):
+                torch.testing.assert_close(fast, gated(**batch, budget=0.5).logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        FastEncoder(gated, max_tokens=0)
