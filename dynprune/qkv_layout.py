@@ -28,6 +28,12 @@ from dynprune.arch import LayerParts
 Tensor = torch.Tensor
 
 
+class KernelInputError(ValueError):
+    """Bad input to a dynprune Triton kernel (shape, dtype, device, layout, index range), or
+    Q/K/V weights that do not fit this layout. Defined here, with the layout the kernels read,
+    so that :func:`pack_qkv` raises it for both paths; ``dynprune.kernels.common`` exports it."""
+
+
 def pack_qkv(
     w_q: Tensor,
     w_k: Tensor,
@@ -40,19 +46,20 @@ def pack_qkv(
 ) -> tuple[Tensor, Tensor | None]:
     """nn.Linear-style Q (nh*d, H), K/V (n_kv*d, H) -> packed (n_kv*(G+2)*d, H) weight and bias.
 
-    ``n_heads`` counts query heads. Bias: None when all three are None.
+    ``n_heads`` counts query heads. Bias: None when all three are None. Weights that do not fit
+    the layout: :class:`KernelInputError` (a ValueError), for the gathered path and the kernels.
     """
     n_kv = n_kv_heads or n_heads
     if n_heads % n_kv:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+        raise KernelInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     group = n_heads // n_kv
     hidden = w_q.shape[1]
     if w_q.shape[0] % n_heads:
-        raise ValueError(f"query width {w_q.shape[0]} is not divisible by n_heads={n_heads}")
+        raise KernelInputError(f"query width {w_q.shape[0]} is not divisible by n_heads={n_heads}")
     d = w_q.shape[0] // n_heads
     for name, w in (("w_k", w_k), ("w_v", w_v)):
         if tuple(w.shape) != (n_kv * d, hidden):
-            raise ValueError(f"{name} has shape {tuple(w.shape)}, expected ({n_kv * d}, {hidden})")
+            raise KernelInputError(f"{name} has shape {tuple(w.shape)}, expected ({n_kv * d}, {hidden})")
     parts = [
         w_q.reshape(n_kv, group, d, hidden),
         w_k.reshape(n_kv, 1, d, hidden),

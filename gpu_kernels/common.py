@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+# every kernel's input error; defined with the Q/K/V layout, whose pack_qkv raises it too
+from dynprune.qkv_layout import KernelInputError as KernelInputError
+
 Tensor = torch.Tensor
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,10 +90,6 @@ def _patch_old_interpreter() -> None:
 
 if interpreting():
     _patch_old_interpreter()
-
-
-class KernelInputError(ValueError):
-    """Bad input to a dynprune Triton kernel (shape, dtype, device, layout, index range)."""
 
 
 def require_runnable(*tensors: Tensor | None, what: str = "Triton kernels") -> None:

@@ -52,31 +52,13 @@ from dynprune.kernels.common import (
 from dynprune.kernels.gathered_gemm import unit_contract, unit_expand
 from dynprune.kernels.tiles import AttentionTiles, Tiles, default_attention_tiles
 
-from dynprune import qkv_layout
+from dynprune.qkv_layout import pack_qkv as pack_qkv  # the one Q/K/V layout, for kernel users
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- packing + keep lists
-def pack_qkv(
-    w_q: Tensor,
-    w_k: Tensor,
-    w_v: Tensor,
-    b_q: Tensor | None,
-    b_k: Tensor | None,
-    b_v: Tensor | None,
-    n_heads: int,
-    n_kv_heads: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """nn.Linear-style Q (nh*d, H), K/V (n_kv*d, H) -> packed (n_kv*(G+2)*d, H) weight and bias:
-    :func:`dynprune.qkv_layout.pack_qkv` (the one layout), with kernel-style input errors."""
-    try:
-        return qkv_layout.pack_qkv(w_q, w_k, w_v, b_q, b_k, b_v, n_heads, n_kv_heads)
-    except ValueError as err:
-        raise KernelInputError(str(err)) from err
-
-
 def qkv_keep(head_keep: Tensor, n_kv_heads: int) -> KeepLists:
     """(B, n_heads) bool -> keep lists over the packed Q/K/V units (no host sync)."""
     batch, n_heads = head_keep.shape

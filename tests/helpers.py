@@ -24,41 +24,47 @@ def tiny_model(
     hidden: int = 64,
     ffn: int = 128,
     num_labels: int = 2,
+    vocab: int = VOCAB,
+    context: int = 160,
+    **config: object,
 ) -> torch.nn.Module:
-    """A tiny randomly initialised ForSequenceClassification model in eval mode."""
+    """A tiny randomly initialised ForSequenceClassification model in eval mode (the one
+    encoder builder of the tests). ``config``: further HF config fields (labels, init, ...)."""
     torch.manual_seed(seed)
     if model_type == "bert":
         cfg = BertConfig(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
             intermediate_size=ffn,
-            max_position_embeddings=160,
+            max_position_embeddings=context,
             num_labels=num_labels,
+            **config,
         )
         model = BertForSequenceClassification(cfg)
     elif model_type == "roberta":
         cfg = RobertaConfig(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
             intermediate_size=ffn,
-            max_position_embeddings=160,
+            max_position_embeddings=context,
             num_labels=num_labels,
-            pad_token_id=1,
+            **{"pad_token_id": 1, **config},
         )
         model = RobertaForSequenceClassification(cfg)
     elif model_type == "distilbert":
         cfg = DistilBertConfig(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             dim=hidden,
             n_layers=layers,
             n_heads=heads,
             hidden_dim=ffn,
-            max_position_embeddings=160,
+            max_position_embeddings=context,
             num_labels=num_labels,
+            **config,
         )
         model = DistilBertForSequenceClassification(cfg)
     else:
@@ -106,10 +112,19 @@ DECODER_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 
 
 def tiny_decoder(
-    model_type: str = "llama", seed: int = 0, layers: int = 3, hidden: int = 64, ffn: int = 128
+    model_type: str = "llama",
+    seed: int = 0,
+    layers: int = 3,
+    hidden: int = 64,
+    ffn: int = 128,
+    vocab: int = VOCAB,
+    context: int = 96,
+    pad_token_id: int = 0,
+    **config: object,
 ) -> torch.nn.Module:
-    """A tiny randomly initialised causal LM in eval mode (no dropout). Llama / Qwen2 / Mistral
-    use GQA (4 query heads, 2 KV heads); Qwen2 has Q/K/V biases; GPT-2 has fused Conv1D Q/K/V."""
+    """A tiny randomly initialised causal LM in eval mode (no dropout): the one decoder builder of
+    the tests. Llama / Qwen2 / Mistral use GQA (4 query heads, 2 KV heads); Qwen2 has Q/K/V
+    biases; GPT-2 has fused Conv1D Q/K/V. ``config``: further HF config fields (token ids, ...)."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -123,14 +138,15 @@ def tiny_decoder(
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=96,
-        pad_token_id=0,
+        max_position_embeddings=context,
+        pad_token_id=pad_token_id,
+        **config,
     )
     if model_type == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
@@ -140,21 +156,22 @@ def tiny_decoder(
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif model_type == "gpt2":
         cfg = GPT2Config(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             n_embd=hidden,
             n_inner=ffn,
             n_layer=layers,
             n_head=4,
-            n_positions=96,
+            n_positions=context,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            pad_token_id=0,
+            pad_token_id=pad_token_id,
+            **config,
         )
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(model_type)
-    model.generation_config.pad_token_id = 0
+    model.generation_config.pad_token_id = pad_token_id
     return model.eval()
 
 

@@ -6,27 +6,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
 import dynprune
+from tests.helpers import tiny_decoder, tiny_model
 
 
-def tiny_classifier(tokenizer, seed: int = 0, layers: int = 2) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=160,
-        num_labels=2,
+def tiny_classifier(tokenizer, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A tiny BERT for ``tokenizer``'s vocabulary, with named labels (served as label names)."""
+    return tiny_model(
+        "bert",
+        seed,
+        layers,
+        hidden=32,
+        ffn=64,
+        vocab=tokenizer.vocab_size,
         initializer_range=0.3,  # outputs far from uniform, so wrong answers show
         id2label={0: "negative", 1: "positive"},
         label2id={"negative": 0, "positive": 1},
         architectures=["BertForSequenceClassification"],
     )
-    return BertForSequenceClassification(cfg).eval()
 
 
 def save_tiny_model(directory: Path, minilm_dir: Path, seed: int = 0, layers: int = 2) -> Path:
@@ -72,24 +71,19 @@ def lm_tokenizer(vocab_size: int = 512):
 def tiny_lm(tokenizer, seed: int = 0, context: int = 2048):
     """A tiny Llama (GQA: 4 query heads, 2 KV heads; FFN 256 = 2 slices of 128, so ``--model``
     can wrap it with the default GateConfig) for ``tokenizer``'s vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
+    return tiny_decoder(
+        "llama",
+        seed,
+        layers=2,
+        ffn=256,
+        vocab=len(tokenizer),
+        context=context,
+        pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2,  # peaked next-token distributions: greedy ties are unlikely
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         architectures=["LlamaForCausalLM"],
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def save_tiny_lm(directory: Path, tokenizer, seed: int = 0) -> Path:

@@ -7,6 +7,23 @@ import json
 import pytest
 
 from dynprune.serve.bench import main
+from dynprune.serve.bench_report import goal_verdict
+
+
+@pytest.mark.parametrize(
+    ("ratio", "p99", "verdict", "bound"),
+    [
+        (1.94, 0.49, "met", "at least 1.94 >= 1.6"),  # a lower bound above the goal
+        (1.39, 0.67, "not established", "at least 1.39, which is below 1.6"),  # lower bound below it
+        (1.20, 1.30, "NOT met", "at most 1.20 < 1.6"),  # an upper bound below the goal
+        (1.90, 1.30, "not established", "at most 1.90, which is above 1.6"),  # upper bound above it
+        (1.60, 1.00, "met", "at least 1.60 >= 1.6"),
+        (1.59, 1.00, "NOT met", "at most 1.59 < 1.6"),
+    ],
+)
+def test_goal_verdict_follows_from_the_bound_the_measurement_gives(ratio, p99, verdict, bound):
+    got, why = goal_verdict(ratio, p99)
+    assert got == verdict and bound in why, (got, why)
 
 
 @pytest.mark.slow
@@ -22,6 +39,11 @@ def test_bench_serve_finds_no_lost_or_wrong_answers_and_overload_gets_429(tiny_c
     assert set(statuses) <= {"200", "429"} and statuses.get("429", 0) > 0
     assert report["overload"]["all_429_have_retry_after"]
     assert report["exit_codes"] == {"batching on": 0, "batching off": 0, "overload": 0}
-    assert "Goal" in (out / "bench_serve.md").read_text()
+    on = report["summary"]
+    verdict, why = goal_verdict(
+        on["gated0.5_over_dense_throughput (batching on)"]["median"],
+        on["gated0.5_over_dense_p99 (batching on)"]["median"],
+    )
+    assert f"**{verdict}** ({why})" in (out / "bench_serve.md").read_text()
     with pytest.raises(SystemExit, match="exists"):
         main(argv)  # never overwrites results silently

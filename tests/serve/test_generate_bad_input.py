@@ -7,22 +7,21 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.serve.bad_input import BadInput, body, check_corpus, check_refused, raw, send_all
 from tests.serve.server import metric
-from tests.serve.test_bad_input import JSON, body, raw
 from tests.serve.test_generate import reference
 
 G, C = "/v1/generate", "/v1/completions"
 LONG_PROMPT = " word" * 3000  # > 2048 tokens (the tiny LM's context), < 20000 characters
 
-# (name, path, payload bytes, status, field, substring of the message)
 GEN_CASES = [
-    ("empty prompt", G, body({"prompt": ""}), 422, "prompt", "empty"),
-    ("blank prompt", C, body({"prompt": " \n "}), 422, "prompt", "empty"),
-    ("missing prompt", C, body({"max_tokens": 3}), 422, "prompt", "required"),
-    ("prompt is a number", G, body({"prompt": 42}), 422, "prompt", "string"),
-    ("prompt is a list", C, body({"prompt": ["a", "b"]}), 422, "prompt", "string"),
-    ("prompt longer than the context", G, body({"prompt": LONG_PROMPT}), 422, "prompt", "context"),
-    (
+    BadInput("empty prompt", G, body({"prompt": ""}), 422, "prompt", "empty"),
+    BadInput("blank prompt", C, body({"prompt": " \n "}), 422, "prompt", "empty"),
+    BadInput("missing prompt", C, body({"max_tokens": 3}), 422, "prompt", "required"),
+    BadInput("prompt is a number", G, body({"prompt": 42}), 422, "prompt", "string"),
+    BadInput("prompt is a list", C, body({"prompt": ["a", "b"]}), 422, "prompt", "string"),
+    BadInput("prompt longer than the context", G, body({"prompt": LONG_PROMPT}), 422, "prompt", "context"),
+    BadInput(
         "prompt + max_new_tokens beyond the context",
         G,
         body({"prompt": " word" * 900, "max_new_tokens": 1500}),
@@ -30,7 +29,7 @@ GEN_CASES = [
         "max_new_tokens",
         "exceeds",
     ),
-    (
+    BadInput(
         "prompt + max_tokens beyond the context",
         C,
         body({"prompt": " word" * 900, "max_tokens": 1500}),
@@ -38,10 +37,12 @@ GEN_CASES = [
         "max_tokens",
         "exceeds",
     ),
-    ("prompt over the character limit", G, body({"prompt": "x" * 30_000}), 422, "prompt", "at most 20000"),
-    ("NUL in prompt", G, body({"prompt": "a\u0000b"}), 422, "prompt", "U+0000"),
-    ("lone surrogate in prompt", C, raw('{"prompt": "a \\udc00 b"}'), 422, "prompt", "surrogate"),
-    (
+    BadInput(
+        "prompt over the character limit", G, body({"prompt": "x" * 30_000}), 422, "prompt", "at most 20000"
+    ),
+    BadInput("NUL in prompt", G, body({"prompt": "a\u0000b"}), 422, "prompt", "U+0000"),
+    BadInput("lone surrogate in prompt", C, raw('{"prompt": "a \\udc00 b"}'), 422, "prompt", "surrogate"),
+    BadInput(
         "max_new_tokens 0",
         G,
         body({"prompt": "hi", "max_new_tokens": 0}),
@@ -49,7 +50,7 @@ GEN_CASES = [
         "max_new_tokens",
         "greater than or equal to 1",
     ),
-    (
+    BadInput(
         "max_new_tokens huge",
         G,
         body({"prompt": "hi", "max_new_tokens": 10**12}),
@@ -57,7 +58,7 @@ GEN_CASES = [
         "max_new_tokens",
         "less than or equal to 4096",
     ),
-    (
+    BadInput(
         "max_new_tokens float",
         G,
         body({"prompt": "hi", "max_new_tokens": 2.5}),
@@ -65,7 +66,7 @@ GEN_CASES = [
         "max_new_tokens",
         "integer",
     ),
-    (
+    BadInput(
         "max_new_tokens boolean",
         G,
         body({"prompt": "hi", "max_new_tokens": True}),
@@ -73,7 +74,7 @@ GEN_CASES = [
         "max_new_tokens",
         "integer",
     ),
-    (
+    BadInput(
         "max_tokens negative",
         C,
         body({"prompt": "hi", "max_tokens": -5}),
@@ -81,10 +82,10 @@ GEN_CASES = [
         "max_tokens",
         "greater than or equal to 1",
     ),
-    ("budget 0", G, body({"prompt": "hi", "budget": 0}), 422, "budget", "(0, 1]"),
-    ("budget NaN", C, raw('{"prompt": "hi", "budget": NaN}'), 422, "budget", "(0, 1]"),
-    ("budget boolean", G, body({"prompt": "hi", "budget": True}), 422, "budget", "bool"),
-    (
+    BadInput("budget 0", G, body({"prompt": "hi", "budget": 0}), 422, "budget", "(0, 1]"),
+    BadInput("budget NaN", C, raw('{"prompt": "hi", "budget": NaN}'), 422, "budget", "(0, 1]"),
+    BadInput("budget boolean", G, body({"prompt": "hi", "budget": True}), 422, "budget", "bool"),
+    BadInput(
         "budget below the model's floor",
         G,
         body({"prompt": "hi", "budget": 0.1}),
@@ -92,9 +93,11 @@ GEN_CASES = [
         "budget",
         "smallest budget",
     ),
-    ("budget list", G, body({"prompt": "hi", "budget": [0.5]}), 422, "budget", "one number"),
-    ("budget mean object", C, body({"prompt": "hi", "budget": {"mean": 0.5}}), 422, "budget", "one number"),
-    (
+    BadInput("budget list", G, body({"prompt": "hi", "budget": [0.5]}), 422, "budget", "one number"),
+    BadInput(
+        "budget mean object", C, body({"prompt": "hi", "budget": {"mean": 0.5}}), 422, "budget", "one number"
+    ),
+    BadInput(
         "beam search",
         G,
         body({"prompt": "hi", "num_beams": 4}),
@@ -102,9 +105,9 @@ GEN_CASES = [
         "num_beams",
         "beam search is not supported",
     ),
-    ("best_of", C, body({"prompt": "hi", "best_of": 3}), 422, "best_of", "not supported"),
-    ("n > 1", C, body({"prompt": "hi", "n": 2}), 422, "n", "less than or equal to 1"),
-    (
+    BadInput("best_of", C, body({"prompt": "hi", "best_of": 3}), 422, "best_of", "not supported"),
+    BadInput("n > 1", C, body({"prompt": "hi", "n": 2}), 422, "n", "less than or equal to 1"),
+    BadInput(
         "temperature negative",
         G,
         body({"prompt": "hi", "temperature": -1}),
@@ -112,7 +115,7 @@ GEN_CASES = [
         "temperature",
         "greater than or equal to 0",
     ),
-    (
+    BadInput(
         "temperature huge",
         C,
         body({"prompt": "hi", "temperature": 100}),
@@ -120,14 +123,18 @@ GEN_CASES = [
         "temperature",
         "less than or equal to 10",
     ),
-    ("top_p 0", G, body({"prompt": "hi", "top_p": 0}), 422, "top_p", "greater than 0"),
-    ("top_p > 1", C, body({"prompt": "hi", "top_p": 1.5}), 422, "top_p", "less than or equal to 1"),
-    ("top_k negative", G, body({"prompt": "hi", "top_k": -1}), 422, "top_k", "greater than or equal to 0"),
-    ("seed negative", G, body({"prompt": "hi", "seed": -1}), 422, "seed", "greater than or equal to 0"),
-    ("seed string", C, body({"prompt": "hi", "seed": "7"}), 422, "seed", "integer"),
-    ("stream string", G, body({"prompt": "hi", "stream": "yes"}), 422, "stream", "boolean"),
-    ("unknown field stop", C, body({"prompt": "hi", "stop": ["\n"]}), 422, "stop", "unknown field"),
-    (
+    BadInput("top_p 0", G, body({"prompt": "hi", "top_p": 0}), 422, "top_p", "greater than 0"),
+    BadInput("top_p > 1", C, body({"prompt": "hi", "top_p": 1.5}), 422, "top_p", "less than or equal to 1"),
+    BadInput(
+        "top_k negative", G, body({"prompt": "hi", "top_k": -1}), 422, "top_k", "greater than or equal to 0"
+    ),
+    BadInput(
+        "seed negative", G, body({"prompt": "hi", "seed": -1}), 422, "seed", "greater than or equal to 0"
+    ),
+    BadInput("seed string", C, body({"prompt": "hi", "seed": "7"}), 422, "seed", "integer"),
+    BadInput("stream string", G, body({"prompt": "hi", "stream": "yes"}), 422, "stream", "boolean"),
+    BadInput("unknown field stop", C, body({"prompt": "hi", "stop": ["\n"]}), 422, "stop", "unknown field"),
+    BadInput(
         "unknown field do_sample",
         G,
         body({"prompt": "hi", "do_sample": True}),
@@ -135,7 +142,7 @@ GEN_CASES = [
         "do_sample",
         "unknown field",
     ),
-    ("invalid JSON", G, raw('{"prompt": "hi"'), 422, "body", "not valid JSON"),
+    BadInput("invalid JSON", G, raw('{"prompt": "hi"'), 422, "body", "not valid JSON"),
 ]
 
 
@@ -146,21 +153,12 @@ def client(lm_server):
 
 
 def test_generation_corpus_is_large_and_named_uniquely():
-    assert len(GEN_CASES) >= 30 and len({c[0] for c in GEN_CASES}) == len(GEN_CASES)
+    check_corpus(GEN_CASES, at_least=30)
 
 
-@pytest.mark.parametrize(
-    ("name", "path", "payload", "status", "field", "says"), GEN_CASES, ids=[c[0] for c in GEN_CASES]
-)
-def test_bad_generation_input_gets_json_4xx_naming_the_field(
-    client, name, path, payload, status, field, says
-):
-    r = client.post(path, content=payload, headers=JSON)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert err["field"] == field, err
-    assert says.lower() in err["message"].lower(), err
+@pytest.mark.parametrize("case", GEN_CASES, ids=[c.name for c in GEN_CASES])
+def test_bad_generation_input_gets_json_4xx_naming_the_field(client, case):
+    check_refused(client, case)
 
 
 def test_bad_stream_request_is_refused_before_streaming(client):
@@ -169,8 +167,7 @@ def test_bad_stream_request_is_refused_before_streaming(client):
 
 
 def test_server_generates_correctly_after_the_corpus(client, lm_engine):
-    for _, path, payload, *_ in GEN_CASES:
-        client.post(path, content=payload, headers=JSON)
+    send_all(client, GEN_CASES)
     r = client.post(G, json={"prompt": "And God said", "max_new_tokens": 6, "temperature": 0, "budget": 0.5})
     assert r.status_code == 200, r.text
     got = r.json()

@@ -18,6 +18,7 @@ from dynprune.train.lm_data import load_lm_data, read_texts
 from dynprune.train.pipeline import run
 
 import dynprune
+from tests.helpers import tiny_decoder
 from tests.train.tiny import sentiment_rows, tiny_tokenizer
 
 SEQ = 24
@@ -27,22 +28,9 @@ SEQ = 24
 def lm_dir(tmp_path_factory) -> Path:
     """A tiny Llama causal LM (4 query / 2 KV heads) + tokenizer, briefly fitted to the text so the
     teacher has structure worth keeping (a random teacher is near-uniform)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tiny_llama")
     tok = tiny_tokenizer(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_decoder("llama", seed=0, layers=3, vocab=len(tok), context=128).train()
     ids = _windows(tok, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(40):

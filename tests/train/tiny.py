@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
-
 POS = ["good", "great", "fine", "wonderful", "funny", "smart", "moving", "best"]
 NEG = ["bad", "awful", "dull", "boring", "worst", "weak", "stupid", "poor"]
 FILL = ["the", "movie", "film", "was", "a", "story", "and", "it", "plot", "actors", "really", "very"]
@@ -31,21 +29,21 @@ def tiny_model_dir(
     path: Path, *, layers: int = 2, hidden: int = 64, ffn: int = 128, num_labels: int = 2
 ) -> Path:
     """A randomly initialised tiny BERT classifier with its own small tokenizer, saved as a HF dir."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from tests.helpers import tiny_model
 
     tok = tiny_tokenizer(path)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=ffn,
-        max_position_embeddings=128,
+    model = tiny_model(
+        "bert",
+        0,
+        layers,
+        hidden=hidden,
+        ffn=ffn,
         num_labels=num_labels,
+        vocab=len(tok),
+        context=128,
         pad_token_id=0,
     )
-    BertForSequenceClassification(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     return path
 
 
