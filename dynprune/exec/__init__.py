@@ -97,8 +97,23 @@ class FastEncoder(nn.Module):
             self._owner._modules[self._name] = original
 
 
-def unsupported_reason(gated: Any) -> str | None:
-    """Why the engine cannot run ``gated`` (None: it can, as far as can be told before building it)."""
+#: backend="auto" builds the engine only when its per-count weights fit in this many bytes
+AUTO_MAX_ENGINE_BYTES = 2 * 2**30
+
+
+def engine_bytes(gated: Any) -> int:
+    """Bytes of fp32 weights the engine's If-tree leaves hold: every kept count of every gated
+    layer's heads and FFN slices has its own copy, (n + 1) / 2 times the layer's weights."""
+    parts, cfg = gated.parts, gated.gate_config
+    n_slices = parts.ffn_dim // cfg.ffn_slice_size
+    attention = 4 * parts.hidden * parts.n_heads * parts.head_dim * (parts.n_heads + 1) / 2
+    ffn = 2 * parts.hidden * parts.ffn_dim * (n_slices + 1) / 2
+    return int(4 * (attention + ffn) * (parts.n_layers - cfg.router_layer))
+
+
+def unsupported_reason(gated: Any, insist: bool = False) -> str | None:
+    """Why the engine cannot (or, under ``backend="auto"``, should not) run ``gated``; None: it can,
+    as far as can be told before building it."""
     if not ort_available():
         return f"onnxruntime is not installed ({INSTALL_HINT})"
     if not gated.gate_config.nested:
@@ -106,6 +121,12 @@ def unsupported_reason(gated: Any) -> str | None:
     dtype = next(gated.model.parameters()).dtype
     if dtype != torch.float32:
         return f"the engine runs fp32 weights, this model is {dtype}"
+    size = engine_bytes(gated)
+    if not insist and size > AUTO_MAX_ENGINE_BYTES:
+        return (
+            f"the engine would hold {size / 2**30:.1f} GiB of per-count weights (more than "
+            f"{AUTO_MAX_ENGINE_BYTES / 2**30:.0f} GiB); GateConfig(backend='onnxruntime') builds it anyway"
+        )
     return None
 
 
@@ -134,7 +155,7 @@ def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> 
         return None
     cached = gated.__dict__.get("_fast_encoder")
     if cached is None:  # decide once per model: the engine, or why not
-        cached = unsupported_reason(gated)
+        cached = unsupported_reason(gated, insist)
         if cached is None:
             try:
                 cached = FastEncoder(gated)

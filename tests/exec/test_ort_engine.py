@@ -207,3 +207,23 @@ def test_large_batches_go_to_torch_path():
                 torch.testing.assert_close(fast, gated(**batch, budget=0.5).logits, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="max_tokens"):
         FastEncoder(gated, max_tokens=0)
+
+
+def test_engine_bytes_counts_every_leaf():
+    """(n + 1) / 2 copies of each layer's attention and FFN weights (fp32), gated layers only."""
+    gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16))
+    hidden, heads, ffn, slices = 64, 4, 128, 8
+    per_layer = 4 * (4 * hidden * hidden * (heads + 1) / 2 + 2 * hidden * ffn * (slices + 1) / 2)
+    assert dynprune.exec.engine_bytes(gated) == int(3 * per_layer)
+
+
+def test_auto_skips_an_engine_too_large(monkeypatch):
+    monkeypatch.setattr(dynprune.exec, "AUTO_MAX_ENGINE_BYTES", 1000)
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
+    with torch.inference_mode():
+        gated(**tiny_batch(batch=1, seq=5), budget=0.5)
+        assert current_engine(gated) is None and "GiB of per-count weights" in gated.__dict__["_fast_encoder"]
+        with gated.running(backend="onnxruntime"):  # insisting builds it anyway
+            gated.__dict__.pop("_fast_encoder")
+            gated(**tiny_batch(batch=1, seq=5), budget=0.5)
+        assert current_engine(gated) is not None
