@@ -75,7 +75,11 @@ class StructureRunner(Runner):
 
 
 class GatedRunner(Runner):
-    """A GatedModel at one budget: router-chosen masks, per sample."""
+    """A GatedModel at one budget: router-chosen masks, per sample.
+
+    Runs the PyTorch gathered path (``backend="torch"``), like every other runner here runs
+    PyTorch eager: the sweep compares methods on one engine. Engines (ONNX Runtime dense, the
+    gated model's default ORT engine on CPU) are compared by ``dynprune bench cpu``."""
 
     def __init__(self, gated: GatedModel, budget: float, name: str = "dynamic") -> None:
         super().__init__()
@@ -84,7 +88,8 @@ class GatedRunner(Runner):
 
     def __call__(self, batch: Batch) -> Tensor:
         gated = self.model
-        logits = _logits(gated(**model_inputs(batch), budget=self.budget))
+        with gated.running(backend="torch"):
+            logits = _logits(gated(**model_inputs(batch), budget=self.budget))
         info = gated.last
         assert info is not None
         self.last_flops = info.flops.detach().double().cpu()

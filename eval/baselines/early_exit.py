@@ -24,6 +24,7 @@ the mean FLOPs ratio is the largest one not above the target.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +97,16 @@ class EarlyExitModel(nn.Module):
         mask = inputs.get("attention_mask")
         if mask is None:
             return emb, None
-        attn, _ = backbone._create_attention_masks(
+        create = backbone._create_attention_masks
+        # transformers >= 5.25 also asks for position_ids (None: positions 0..T-1)
+        extra = {"position_ids": None} if "position_ids" in inspect.signature(create).parameters else {}
+        attn, _ = create(
             attention_mask=mask,
             encoder_attention_mask=None,
             embedding_output=emb,
             encoder_hidden_states=None,
             cache=None,
+            **extra,
         )  # the backbone's own mask for its attention implementation, (B, 1, T|1, T) or None
         return emb, attn
 
