@@ -227,3 +227,34 @@ def test_auto_skips_an_engine_too_large(monkeypatch):
             gated.__dict__.pop("_fast_encoder")
             gated(**tiny_batch(batch=1, seq=5), budget=0.5)
         assert current_engine(gated) is not None
+
+
+@pytest.mark.real
+def test_minilm_engine_equals_reference(minilm_dir):
+    """The packaged MiniLM: the engine equals the PyTorch path, router-chosen masks at three budgets
+    and per-sample masks with padding (one ORT call per sample: ``max_groups`` allows it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+    gated = dynprune.wrap(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (3, 40), generator=g)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1:, 25:] = 0
+    masks = random_masks(gated, 3, 0.5, seed=2, nested=True, skip_layers=True)
+    runs = [dict(budget=b) for b in (0.25, 0.5, 1.0)] + [dict(masks=masks)]
+    engine = FastEncoder(gated, max_groups=3)
+    with torch.inference_mode(), engine_override(gated, engine):
+        for kw in runs:
+            for rows in (slice(0, 1), slice(0, 3)):  # batch 1, and a padded per-sample batch
+                batch = {"input_ids": ids[rows], "attention_mask": attention_mask[rows]}
+                call = dict(kw)
+                if "masks" in kw:
+                    m = kw["masks"]
+                    call["masks"] = dynprune.UnitMasks(m.head[rows], m.ffn[rows], m.layer[rows])
+                fast = gated(**batch, **call).logits
+                with reference_path(gated):
+                    ref = gated(**batch, **call).logits
+                torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+        assert current_engine(gated) is engine and engine.fallbacks == 0
