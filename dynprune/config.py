@@ -123,6 +123,14 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"GateConfig.{name} must be one of {choices}, got {value!r}")
 
 
+def check_positive(section: str, **values: float | int) -> None:
+    """Every value is a finite number > 0, else a ValueError naming ``section.name`` (the
+    training and sweep configs' sections validate their counts and rates with it)."""
+    for name, value in values.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{section}.{name} must be a finite number > 0, got {value!r}")
+
+
 def check_budget_value(budget: float, what: str = "budget") -> float:
     """Validate one budget (fraction of dense FLOPs); nothing is clamped."""
     try:

@@ -8,19 +8,12 @@ training configs. ``--quick`` applies the ``quick`` section on top.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from dynprune.eval.report import METHODS
 
-from dynprune.config import check_budget_value
-
-
-def _positive(section: str, **values: float | int) -> None:
-    for name, value in values.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{section}.{name} must be a finite number > 0, got {value!r}")
+from dynprune.config import check_budget_value, check_positive
 
 
 @dataclass
@@ -42,9 +35,9 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _positive("finetune", batch_size=self.batch_size)
+        check_positive("finetune", batch_size=self.batch_size)
         if self.lr is not None:
-            _positive("finetune", lr=self.lr)
+            check_positive("finetune", lr=self.lr)
         if self.steps is not None and self.steps <= 0:
             raise ValueError(f"finetune.steps must be > 0 or null, got {self.steps}")
 
@@ -61,8 +54,8 @@ class StructuredConfig:
     iterative_rounds: int = 3
 
     def __post_init__(self) -> None:
-        _positive("structured", norm=self.norm, neuron_multiple=self.neuron_multiple)
-        _positive("structured", iterative_rounds=self.iterative_rounds)
+        check_positive("structured", norm=self.norm, neuron_multiple=self.neuron_multiple)
+        check_positive("structured", iterative_rounds=self.iterative_rounds)
 
 
 @dataclass
@@ -81,7 +74,7 @@ class SearchConfig:
     score: Literal["kl", "loss"] = "kl"
 
     def __post_init__(self) -> None:
-        _positive("search", candidates=self.candidates, calibration_examples=self.calibration_examples)
+        check_positive("search", candidates=self.candidates, calibration_examples=self.calibration_examples)
         if self.generations < 0 or self.children < 0 or self.population < 1:
             raise ValueError("search.generations / children must be >= 0 and population >= 1")
         if not 0.0 <= self.min_ratio <= 1.0:
@@ -96,7 +89,7 @@ class EvalSection:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _positive("evaluation", batch_size=self.batch_size)
+        check_positive("evaluation", batch_size=self.batch_size)
         if self.max_examples is not None and self.max_examples <= 0:
             raise ValueError(f"evaluation.max_examples must be > 0 or null, got {self.max_examples}")
 
@@ -112,7 +105,7 @@ class TimingConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        _positive("timing", repeats=self.repeats, threads=self.threads)
+        check_positive("timing", repeats=self.repeats, threads=self.threads)
         if self.bs1_inputs < 0 or self.bs16_batches < 0 or self.warmup < 0:
             raise ValueError("timing.bs1_inputs / bs16_batches / warmup must be >= 0")
 
@@ -142,7 +135,7 @@ class StatsConfig:
     min_seeds: int = 3
 
     def __post_init__(self) -> None:
-        _positive("stats", resamples=self.resamples, min_seeds=self.min_seeds)
+        check_positive("stats", resamples=self.resamples, min_seeds=self.min_seeds)
         if not 0.5 < self.confidence < 1.0:
             raise ValueError(f"stats.confidence must be in (0.5, 1), got {self.confidence}")
 

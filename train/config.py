@@ -15,15 +15,9 @@ from typing import Any, Literal
 
 from dynprune.train.lm_config import LMSection
 
-from dynprune.config import GateConfig, check_budget_value
+from dynprune.config import GateConfig, check_budget_value, check_positive
 
 STAGES = ("dense", "gated", "static")
-
-
-def _positive(section: str, **values: float | int) -> None:
-    for name, value in values.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{section}.{name} must be a finite number > 0, got {value!r}")
 
 
 def _fraction(section: str, name: str, value: float, *, low_open: bool = False) -> None:
@@ -72,7 +66,7 @@ class DataConfig:
     max_eval_examples: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("data", max_length=self.max_length)
+        check_positive("data", max_length=self.max_length)
         if not self.text_column or not self.label_column:
             raise ValueError("data.text_column and data.label_column must be non-empty column names")
         if self.text_column == self.label_column:
@@ -123,8 +117,8 @@ class GateSection(GateConfig):
     budget_sampling: Literal["uniform", "log_uniform"] = "log_uniform"
 
     def __post_init__(self) -> None:
-        _positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
-        _positive("gate", importance_batches=self.importance_batches)
+        check_positive("gate", temperature=self.temperature, temperature_end=self.temperature_end)
+        check_positive("gate", importance_batches=self.importance_batches)
         _fraction("gate", "hard_from", self.hard_from)
         check_budget_value(self.budget_min, "gate.budget_min")
         check_budget_value(self.budget_max, "gate.budget_max")
@@ -179,7 +173,7 @@ class OptimConfig:
     group_by_length: bool = True
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive(
             "optim",
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,
@@ -212,7 +206,7 @@ class RegularizerConfig:
     target_warmup: float = 0.2
 
     def __post_init__(self) -> None:
-        _positive("regularizer", lambda_lr=self.lambda_lr)
+        check_positive("regularizer", lambda_lr=self.lambda_lr)
         if self.lambda2_init < 0:
             raise ValueError(f"regularizer.lambda2_init must be >= 0, got {self.lambda2_init}")
         _fraction("regularizer", "target_warmup", self.target_warmup)
@@ -229,7 +223,7 @@ class DistillConfig:
     hidden_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("distill", temperature=self.temperature)
+        check_positive("distill", temperature=self.temperature)
         for name in ("task_weight", "logits_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
@@ -252,7 +246,7 @@ class LoggingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _positive("logging", log_every=self.log_every)
+        check_positive("logging", log_every=self.log_every)
         if self.eval_every is not None and self.eval_every <= 0:
             raise ValueError(f"logging.eval_every must be > 0 or null, got {self.eval_every}")
 
@@ -264,7 +258,7 @@ class CheckpointConfig:
     keep_last: int = 2
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", every_steps=self.every_steps, keep_last=self.keep_last)
+        check_positive("checkpoint", every_steps=self.every_steps, keep_last=self.keep_last)
 
 
 @dataclass

@@ -24,7 +24,6 @@ the mean FLOPs ratio is the largest one not above the target.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,24 +89,19 @@ class EarlyExitModel(nn.Module):
         return len(self.heads)
 
     def _embed(self, inputs: Batch) -> tuple[Tensor, Tensor | None]:
-        backbone = self.parts.backbone
+        from transformers.masking_utils import create_bidirectional_mask
+
         emb = self.parts.embeddings(
             input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids")
         )  # (B, T, H)
         mask = inputs.get("attention_mask")
         if mask is None:
             return emb, None
-        create = backbone._create_attention_masks
-        # transformers >= 5.25 also asks for position_ids (None: positions 0..T-1)
-        extra = {"position_ids": None} if "position_ids" in inspect.signature(create).parameters else {}
-        attn, _ = create(
-            attention_mask=mask,
-            encoder_attention_mask=None,
-            embedding_output=emb,
-            encoder_hidden_states=None,
-            cache=None,
-            **extra,
-        )  # the backbone's own mask for its attention implementation, (B, 1, T|1, T) or None
+        # the mask HF's encoders build for their attention implementation, (B, 1, T|1, T) or None
+        # (public API: the backbone's private _create_attention_masks changed its signature in 5.25)
+        attn = create_bidirectional_mask(
+            config=self.parts.backbone.config, inputs_embeds=emb, attention_mask=mask
+        )
         return emb, attn
 
     def _layer(self, k: int, hidden: Tensor, attn: Tensor | None) -> Tensor:

@@ -268,19 +268,12 @@ def test_bad_input_gets_json_4xx_naming_the_field(client, case):
     check_refused(client, case)
 
 
-def test_mean_budget_form_is_refused_clearly_without_the_library_mode(client):
+def test_mean_budget_on_an_uncalibrated_checkpoint_is_refused_saying_how_to_calibrate(client):
     r = client.post("/v1/classify", json={"texts": ["a"], "budget": {"mean": 0.3, "cap": 0.6}})
-    import dynprune
-
-    if getattr(dynprune, "MeanBudget", None) is None:
-        assert r.status_code == 422
-        assert r.json()["error"]["field"] == "budget" and "mean-budget" in r.json()["error"]["message"]
-    else:  # served in a forward of its own; an uncalibrated checkpoint refuses it, naming budget
-        assert r.status_code in (200, 422), r.text
-        if r.status_code == 200:
-            assert len(r.json()["items"]) == 1
-        else:
-            assert r.json()["error"]["field"] == "budget"
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "budget", err
+    assert "no calibration for mean:0.3,cap:0.6" in err["message"] and "dynprune calibrate" in err["message"]
 
 
 def test_wrong_method_and_unknown_path_are_json_errors(client):
