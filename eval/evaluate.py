@@ -115,6 +115,19 @@ def where_compute_goes(ratio: np.ndarray, lengths: np.ndarray, dense_conf: np.nd
     }
 
 
+def _onnx_session(model: torch.nn.Module, directory: Path) -> Any:
+    """The frozen model also as a plain ONNX file (``directory/model.onnx``, inputs ``input_ids`` and
+    ``attention_mask``, output ``logits``) and an ONNX Runtime session of it; None without the extra."""
+    from dynprune.eval.onnx_export import export_onnx, ort_session
+
+    from dynprune.exec import ort_available
+
+    if not ort_available():
+        return None
+    export_onnx(model, path=directory / "model.onnx")
+    return ort_session(directory / "model.onnx", threads=torch.get_num_threads())
+
+
 def _export_frozen(
     gated: GatedModel, ckpt: Path, tokenizer: Any, rec: Any, budget: float, batches: list, root: Path
 ) -> dict[str, Any]:
@@ -129,17 +142,35 @@ def _export_frozen(
     plain = _load_dense(ckpt)  # original unit order: the structure is in original indices
     info = export_static(plain, structure, root / f"budget_{budget_spec(budget)}", tokenizer)
     model = load_pruned(info.directory)
-    correct = n = 0
+    onnx = _onnx_session(model, info.directory)
+    correct = n = agree = 0
+    max_diff = 0.0
     with torch.inference_mode():
         for batch in batches:
             inputs = {
                 k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
             }
-            pred = model(**inputs).logits.argmax(-1)
+            logits = model(**inputs).logits
+            pred = logits.argmax(-1)
             correct += int((pred == batch["labels"]).sum())
             n += pred.shape[0]
+            if onnx is not None:  # the plain ONNX model must give the same predictions
+                feed = {i.name: inputs[i.name].numpy() for i in onnx.get_inputs()}
+                ort_logits = torch.from_numpy(onnx.run(None, feed)[0])
+                agree += int((ort_logits.argmax(-1) == pred).sum())
+                max_diff = max(max_diff, float((ort_logits - logits).abs().max()))
     seq = int(np.median([b["input_ids"].shape[1] for b in batches]))
+    onnx_row = (
+        {
+            "onnx": str(info.directory / "model.onnx"),
+            "onnx_agreement": agree / n,
+            "onnx_max_abs_logit_diff": max_diff,
+        }
+        if onnx is not None
+        else {"onnx": None}
+    )
     return {
+        **onnx_row,
         "directory": str(info.directory),
         "mask_share": share,
         "accuracy": correct / n,

@@ -36,6 +36,10 @@ def test_eval_table_json_csv_and_frozen_export(tiny_run, tmp_path, capsys):
             r["gates"]["distinct_masks"] >= 1 and len(r["keep_rate_per_layer"]["head"]) == 4
         )  # tests/eval/tiny_run.py: 4 layers
         assert (tmp_path / "frozen" / f"budget_{b:g}" / "config.json").is_file()
+        # the frozen model as a plain ONNX file: the same predictions as the exported HF model
+        frozen = r["frozen_export"]
+        assert (tmp_path / "frozen" / f"budget_{b:g}" / "model.onnx").is_file() and frozen["onnx"]
+        assert frozen["onnx_agreement"] == 1.0 and frozen["onnx_max_abs_logit_diff"] < 1e-4
     assert rows[0.3]["flops_ratio_mean"] < rows[0.5]["flops_ratio_mean"]
     header = (out / "eval-0.5_0.3.csv").read_text().splitlines()[0]
     assert "accuracy" in header and "speedup_bs1" in header
