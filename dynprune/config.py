@@ -53,9 +53,7 @@ class GateConfig:
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
-    backend: Backend = (
-        "auto"  # gathered path: triton on CUDA; on CPU in eval the ONNX Runtime engine (dynprune.exec) when it can run the model, else torch
-    )
+    backend: Backend = "auto"  # gathered path: triton on CUDA; on CPU in eval the ONNX Runtime engine (dynprune.exec) when it can run the model, else torch
 
     def __post_init__(self) -> None:
         if not (self.heads or self.ffn or self.layers):

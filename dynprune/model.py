@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +61,7 @@ class GatedModel(nn.Module):
         self._state = GateState()
         self.relaxation = Relaxation()
         self._execution: Execution | None = None  # set by running(): overrides gate_config.execution
+        self._backend_choice: Backend | None = None  # set by running(): overrides gate_config.backend
         self.last: ForwardInfo | None = None
         # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
         self.calibration = Calibration()
@@ -214,16 +214,13 @@ class GatedModel(nn.Module):
             check_choice("execution", execution, EXECUTIONS)
         if backend is not None:
             check_choice("backend", backend, BACKENDS)
-        saved_execution, saved_config = self._execution, self.gate_config
-        self._execution = execution or saved_execution
-        if backend is not None:
-            # the backend dispatch (_backend, dynprune.exec) reads gate_config.backend: inside the
-            # block it sees a copy with this backend, the model's own config object is left as it is
-            self.gate_config = dataclasses.replace(saved_config, backend=backend)
+        saved = self._execution, self._backend_choice
+        self._execution = execution or saved[0]
+        self._backend_choice = backend or saved[1]
         try:
             yield self
         finally:
-            self._execution, self.gate_config = saved_execution, saved_config
+            self._execution, self._backend_choice = saved
 
     def _use_gathered(self) -> bool:
         mode = self._execution or self.gate_config.execution
@@ -231,8 +228,13 @@ class GatedModel(nn.Module):
             return not self.training
         return mode == "gathered"
 
+    @property
+    def backend_choice(self) -> Backend:
+        """The backend forwards use now: ``running(backend=...)``'s, else ``gate_config.backend``."""
+        return self._backend_choice or self.gate_config.backend
+
     def _backend(self, device: torch.device) -> str:
-        choice = self.gate_config.backend
+        choice = self.backend_choice
         if choice == "auto":
             return "triton" if device.type == "cuda" else "torch"
         return "torch" if choice == "onnxruntime" else choice  # onnxruntime: dynprune.exec, else torch

@@ -142,10 +142,10 @@ def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> 
     ``kwargs`` asking for attentions or hidden states (which the engine does not
     return) send the call to the PyTorch path.
     """
-    cfg = gated.gate_config
-    if device.type != "cpu" or cfg.backend not in ("auto", "onnxruntime"):
+    choice = gated.backend_choice
+    if device.type != "cpu" or choice not in ("auto", "onnxruntime"):
         return None
-    insist = cfg.backend == "onnxruntime"
+    insist = choice == "onnxruntime"
     if kwargs and (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")):
         if insist:
             raise RuntimeError(

@@ -116,7 +116,8 @@ def test_running_backend_is_scoped_and_leaves_the_config_object_alone():
     gated = dynprune.wrap(tiny_model("bert"), GateConfig(ffn_slice_size=32, backend="onnxruntime")).eval()
     config = gated.gate_config
     with gated.running(backend="torch"):
-        assert gated.gate_config.backend == "torch"
+        assert gated.backend_choice == "torch" and gated.gate_config is config
     assert gated.gate_config is config and config.backend == "onnxruntime"
+    assert gated.backend_choice == "onnxruntime"
     with pytest.raises(ValueError, match="backend"), gated.running(backend="cuda"):
         pass
