@@ -258,3 +258,14 @@ def test_minilm_engine_equals_reference(minilm_dir):
                     ref = gated(**batch, **call).logits
                 torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
         assert current_engine(gated) is engine and engine.fallbacks == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(dict(threads=0), "threads must be >= 1"), (dict(threads=-2), "threads must be >= 1"),
+     (dict(spinning="sometimes"), "spinning must be one of"), (dict(max_tokens=0), "max_tokens")],
+)  # fmt: skip
+def test_bad_engine_options_are_refused_at_construction(options, message):
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
+    with pytest.raises(ValueError, match=message):
+        FastEncoder(gated, **options)
