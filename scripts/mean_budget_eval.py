@@ -43,6 +43,7 @@ import yaml
 from dynprune.train.config import DataConfig
 from dynprune.train.data import Collator, encode, eval_batches, load_task_data
 from dynprune.train.evaluation import Records, collect
+from dynprune.train.report import machine
 
 import dynprune
 from dynprune.calibration_fit import fit
@@ -109,7 +110,7 @@ def main() -> None:
         })  # fmt: skip
         rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_rec.labels),
                      "accuracy": round(float((dense_rec.preds == dense_rec.labels).mean()), 6),
-                     "flops_ratio_mean": 1.0})  # fmt: skip
+                     "flops_ratio_mean": 1.0, "machine": machine()})  # fmt: skip
         _write(args.out, rows, per_example)
     dense_conf = per_example[key]
 
@@ -132,6 +133,7 @@ def main() -> None:
             "spearman_flops_length": _spearman(rec.lengths, r),
             "spearman_flops_dense_conf": _spearman(dense_conf, r),
             "n_test": len(r),
+            "machine": machine(),
             **(extra or {}),
         }
         rows.append(row)

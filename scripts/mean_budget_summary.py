@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-MACHINE = "2-core AMD EPYC VM (shared with other sessions), CPU only, torch 2.13.0+cpu, 2 threads"
+#: rows written before the eval recorded its machine
+MACHINE = "2-core AMD EPYC VM, CPU only, torch 2.13.0+cpu, 2 threads"
 ORDER = (
     "dense", "static_cap", "static_cascade", "dynamic_cap", "dynamic_cascade", "mean_ckpt_cap", "mean_threshold",
 )  # fmt: skip
@@ -88,11 +89,12 @@ def main(root: Path) -> None:
     for r in rows:
         groups[(r["method"], float(r["target"]))].append(r)
     seeds = sorted({int(r["seed"]) for r in rows})
+    machines = sorted({r.get("machine") or MACHINE for r in rows})
     out_rows, md = [], []
     md += [
         "# Mean budgets vs caps per input (MiniLM / Rotten Tomatoes, quick recipe)",
         "",
-        f"Machine: {MACHINE}. Seeds: {', '.join(map(str, seeds))} (training seed; the data split is",
+        f"Machine: {'; '.join(machines)} (shared with other sessions; accuracy and FLOPs only, no timing). Seeds: {', '.join(map(str, seeds))} (training seed; the data split is",
         "the same for every seed: split_seed 0). Test split, batch 64; every mean-budget policy was",
         "calibrated on the validation split and evaluated on test. Produced by",
         "`scripts/mean_budget_eval.py` + `scripts/mean_budget_summary.py`.",
