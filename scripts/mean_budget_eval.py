@@ -82,7 +82,16 @@ def main() -> None:
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
     seed_dir = args.runs / f"seed{args.seed}"
-    cfg = yaml.safe_load((seed_dir / "static" / "config.yaml").read_text())
+    # the recipe (data, trained budget range, teacher): the control's run, else the mean-trained one
+    cfg_file = next(
+        (
+            f
+            for f in (seed_dir / "static" / "config.yaml", seed_dir / args.mean_variant / "config.yaml")
+            if f.is_file()
+        ),
+        seed_dir / "static" / "config.yaml",
+    )
+    cfg = yaml.safe_load(cfg_file.read_text())
     gate = cfg.get("gate") or {}
     trained = (float(gate.get("budget_min", 0.2)), float(gate.get("budget_max", 0.8)))
     dense_dir = Path(cfg["model"]["teacher_path"])
