@@ -17,6 +17,16 @@ A variant is a stage (``gated`` = dynamic router, ``static`` = the control), con
 overrides, and optionally a patch applied in the child only (experiments, not knobs).
 Rows record the git commit they were produced at: a variant whose patch is gone from
 the code base is kept in the table with the commit that ran it.
+
+A variant trained with ``gate.budget_mode=mean`` (``dynamic_mean``) is recorded at *mean*
+budgets: after training, the child evaluates the test split at ``MeanBudget(b)`` for every
+budget of the recipe with the threshold calibrated on validation at the end of the stage
+(``gates/calibration.json``; ``report/mean_budget.csv``), and those rows carry
+``budget_kind=mean`` (``budget`` = the target, ``flops_ratio_mean`` = what the inputs
+executed on average). Its pipeline report at caps per input goes in as ``<variant>_at_cap``
+(``budget_kind=cap``): how the mean-trained router does under a cap, not the comparison
+that matters. ``--seed-major`` runs every variant of one seed before the next seed (an early
+signal on seed 0); the default is variant-major (a cut leaves whole variants).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ FIELDS = [
     "variant",
     "seed",
     "budget",
+    "budget_kind",
     "accuracy",
     "flops_ratio_mean",
     "hamming_frac",
@@ -54,6 +65,7 @@ class Variant:
     stage: str = "gated"  # gated (dynamic router) | static (control) | dense (the teacher)
     overrides: list[str] = field(default_factory=list)
     patch: Callable[[], contextlib.AbstractContextManager] | None = None
+    budget_mode: str = "cap"  # "mean": trained with --gate.budget_mode=mean, recorded at mean budgets
 
 
 @contextlib.contextmanager
@@ -114,7 +126,15 @@ VARIANTS: dict[str, Variant] = {
         "dynamic router reading the output of layer 1 (always dense) instead of the embeddings",
         overrides=["--gate.router_layer=1"],
     ),
+    "dynamic_mean": Variant(
+        "dynamic router trained for mean budgets (gate.budget_mode=mean), test at MeanBudget(b) "
+        "with its threshold calibrated on validation",
+        overrides=["--gate.budget_mode=mean"],
+        budget_mode="mean",
+    ),
 }
+#: table labels of rows that are not a variant of their own: a mean-mode variant at a cap per input
+AT_CAP = "_at_cap"
 
 
 def _git_commit() -> str:
@@ -156,14 +176,57 @@ def run_one(config: str, runs: Path, seed: int, variant: str, extra: list[str]) 
         args += [f"--stages=[{v.stage}]", f"--model.teacher_path={teacher}", *v.overrides]
     args += extra
     cfg = parse_config(args)
-    with v.patch() if v.patch else contextlib.nullcontext():
-        run(cfg, dump_config(cfg))
+    if not (out / "report" / "results.csv").is_file():
+        with v.patch() if v.patch else contextlib.nullcontext():
+            run(cfg, dump_config(cfg))
+    if v.budget_mode == "mean":
+        mean_eval(cfg, out / v.stage, out / "report" / "mean_budget.csv")
+
+
+def mean_eval(cfg, ckpt: Path, dest: Path) -> None:
+    """Test split at MeanBudget(b) for every recipe budget b < 1, with the calibration saved with
+    the gates (fitted on the whole validation split at the end of the stage, evaluation batches
+    of ``optim.eval_batch_size``: the same batching here). Writes ``dest`` (atomically)."""
+    import transformers
+    from dynprune.train.adaptivity import mask_stats
+    from dynprune.train.data import Collator, encode, eval_batches, load_task_data
+    from dynprune.train.evaluation import collect, summarize
+
+    import dynprune
+
+    gated, tok = dynprune.load_gated_model(ckpt)
+    missing = [b for b in cfg.evaluation.budgets if b < 1 and f"mean:{b:g}" not in gated.calibration.entries]
+    if missing:
+        raise SystemExit(f"{ckpt}: no saved calibration for mean budgets {missing}")
+    transformers.logging.set_verbosity_error()
+    ex = encode(load_task_data(cfg.data), tok, cfg.data.max_length)[cfg.evaluation.split]
+    collate = Collator(tok.pad_token_id, getattr(tok, "padding_side", "right"))
+    loader = [collate([ex[i] for i in b]) for b in eval_batches(ex, cfg.optim.eval_batch_size)]
+    rows = []
+    for b in (b for b in cfg.evaluation.budgets if b < 1):
+        entry = gated.calibration.entries[f"mean:{b:g}"]
+        rec = collect(gated, loader, budget=dynprune.MeanBudget(b), keep_masks=True)
+        s = summarize(rec)
+        rows.append({
+            "budget": b, "accuracy": s["accuracy"], "flops_ratio_mean": s["flops_ratio_mean"],
+            "flops_ratio_p5": s["flops_ratio_p5"], "flops_ratio_p50": s["flops_ratio_p50"],
+            "flops_ratio_p95": s["flops_ratio_p95"], "val_flops_ratio": entry.fitted.get("flops_ratio_mean"),
+            "calibration_n": entry.fitted.get("n"), "policy": json.dumps(entry.policy.__dict__),
+            **{k: mask_stats(rec)[k] for k in ("hamming_frac", "distinct_masks")},
+        })  # fmt: skip
+    tmp = dest.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(dest)
 
 
 def _rows_of_run(out: Path, seed: int, variant: str, commit: str) -> list[dict]:
     from dynprune.train.report import machine
 
-    stage = VARIANTS[variant].stage
+    v = VARIANTS[variant]
+    stage = v.stage
     results = list(csv.DictReader((out / "report" / "results.csv").open()))
     adapt_file = out / "report" / "adaptivity.csv"
     adapt_rows = list(csv.DictReader(adapt_file.open())) if adapt_file.is_file() else []
@@ -182,9 +245,10 @@ def _rows_of_run(out: Path, seed: int, variant: str, commit: str) -> list[dict]:
         a = adapt.get(r["budget"], {})
         rows.append(
             {
-                "variant": variant,
+                "variant": variant + (AT_CAP if v.budget_mode == "mean" and stage != "dense" else ""),
                 "seed": seed,
                 "budget": float(r["budget"]),
+                "budget_kind": "cap",
                 "accuracy": float(r["accuracy"]),
                 "flops_ratio_mean": float(r["flops_ratio_mean"]),
                 "hamming_frac": a.get("hamming_frac", ""),
@@ -194,7 +258,22 @@ def _rows_of_run(out: Path, seed: int, variant: str, commit: str) -> list[dict]:
                 "machine": machine(),
             }
         )
+    if v.budget_mode == "mean":
+        for r in csv.DictReader((out / "report" / "mean_budget.csv").open()):
+            rows.append({
+                "variant": variant, "seed": seed, "budget": float(r["budget"]), "budget_kind": "mean",
+                "accuracy": float(r["accuracy"]), "flops_ratio_mean": float(r["flops_ratio_mean"]),
+                "hamming_frac": r["hamming_frac"], "distinct_masks": r["distinct_masks"],
+                "train_seconds": train_s, "commit": commit, "machine": machine(),
+            })  # fmt: skip
     return rows
+
+
+def _finished(runs: Path, seed: int, variant: str) -> bool:
+    out = _run_dir(runs, seed, variant) / "report"
+    return (out / "results.csv").is_file() and (
+        VARIANTS[variant].budget_mode != "mean" or (out / "mean_budget.csv").is_file()
+    )
 
 
 @contextlib.contextmanager
@@ -230,7 +309,12 @@ def write_table(rows: list[dict], path: Path, order: list[str]) -> None:
     by: dict[tuple[str, float], list[float]] = {}
     hamming: dict[tuple[str, float], list[float]] = {}
     commits: dict[str, set[str]] = {}
+    flops: dict[tuple[str, float], list[float]] = {}
     for r in rows:
+        if r.get("budget_kind") == "mean":
+            flops.setdefault((r["variant"], float(r["budget"])), []).append(
+                100 * float(r["flops_ratio_mean"])
+            )
         key = (r["variant"], float(r["budget"]))
         by.setdefault(key, []).append(100 * float(r["accuracy"]))
         if r["hamming_frac"] not in ("", None):
@@ -267,11 +351,24 @@ def write_table(rows: list[dict], path: Path, order: list[str]) -> None:
         h = hamming.get((v, 0.5), [])
         hcell = f"{statistics.mean(h):.3f}" if h else ""
         desc = VARIANTS[v].description if v in VARIANTS else v
+        if v.endswith(AT_CAP) and v[: -len(AT_CAP)] in VARIANTS:
+            desc = f"{v[: -len(AT_CAP)]} evaluated at a cap per input (not what it was trained for)"
         lines.append(
             f"| {v}: {desc} | {n_seeds} | "
             + " | ".join(cells)
             + f" | {hcell} | {', '.join(sorted(commits[v]))} |"
         )
+    if flops:
+        lines += [
+            "",
+            "Mean-budget rows (trained with `gate.budget_mode=mean`, test at `MeanBudget(b)`): executed",
+            "mean FLOPs % of dense per budget, mean ± std over seeds (the target is b; every other row",
+            "is a cap per input, about b for every input):",
+            "",
+        ]
+        for (v, b), f in sorted(flops.items()):
+            cell = f"{f[0]:.2f}" if len(f) == 1 else f"{statistics.mean(f):.2f} ± {statistics.stdev(f):.2f}"
+            lines.append(f"- {v} @ mean {b:g}: {cell} ({len(f)} seed{'s' if len(f) > 1 else ''})")
     lines += _paired_lines(rows, variants, budgets)
     path.write_text("\n".join(lines) + "\n")
 
@@ -289,6 +386,8 @@ def _paired_lines(rows: list[dict], variants: list[str], budgets: list[float]) -
         "## Paired with the static control (same seed, same teacher)",
         "",
         "Accuracy difference in points, mean [95 % t-interval] over the seeds both ran.",
+        "A mean-budget row (`dynamic_mean`) is paired with the control's cap b: the same mean FLOPs",
+        "target, not the same per-input cost (its executed mean FLOPs are listed above).",
         "",
         "| variant | " + " | ".join(f"Δ @ {b:g}" for b in budgets if b < 1) + " |",
         "|---|" + "---|" * sum(b < 1 for b in budgets),
@@ -325,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--set", action="append", default=[], help="extra override for every run: --set=--optim.max_steps=2"
     )
+    p.add_argument("--seed-major", action="store_true", help="every variant of a seed before the next seed")
     p.add_argument("--one", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     runs, out = Path(a.runs), Path(a.out)
@@ -338,19 +438,20 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = out / "ladder.csv"
     order = list(VARIANTS)
     # variant-major (all seeds of one variant before the next): cut short, it leaves whole variants
-    todo = [
-        (seed, v)
-        for v in ["dense", *[v for v in a.variants if v != "dense"]]
-        for seed in a.seeds
-        if not _done(csv_path, seed, v)
-    ]
+    variants = ["dense", *[v for v in a.variants if v != "dense"]]
+    pairs = (
+        [(s, v) for s in a.seeds for v in variants]
+        if a.seed_major
+        else [(s, v) for v in variants for s in a.seeds]
+    )
+    todo = [(seed, v) for seed, v in pairs if not _done(csv_path, seed, v)]
     if not todo:
         write_table(read_rows(csv_path), out / "ladder.md", order)
         return 0
     lock = contextlib.nullcontext() if a.collect else _cpu_lock(a.lock)
     with lock:  # every pending run under one hold of the shared CPU lock
         for seed, variant in todo:
-            finished = (_run_dir(runs, seed, variant) / "report" / "results.csv").is_file()
+            finished = _finished(runs, seed, variant)
             if a.collect and not finished:
                 continue
             if not finished:

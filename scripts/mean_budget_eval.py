@@ -2,11 +2,15 @@
 
     nice -n 10 python scripts/mean_budget_eval.py --runs ../ladder/runs/ablation \
         --mean-runs runs/mean_budget --seed 0 --out results/minilm_rt/mean_budget
+    nice -n 5 python scripts/mean_budget_eval.py --runs /work/runs-mean/ablation --models static \
+        --seed 0 --out results/minilm_rt/mean_budget_trained      # mean router: RUNS/seed0/dynamic_mean
 
 Checkpoints (read only; calibrations are fitted in memory, never written there):
 ``RUNS/seed<S>/static/static`` (static control), ``RUNS/seed<S>/dynamic/gated`` (cap-trained
-dynamic router), ``MEAN_RUNS/seed<S>/gated`` (router trained with ``gate.budget_mode=mean``);
-the dense teacher is the runs' ``model.teacher_path``. Whatever exists is evaluated.
+dynamic router), ``MEAN_RUNS/seed<S>/gated`` (router trained with ``gate.budget_mode=mean``;
+without ``--mean-runs``: the ladder's ``RUNS/seed<S>/<--mean-variant>/gated``, default
+``dynamic_mean``); the dense teacher is the runs' ``model.teacher_path``. Whatever exists is
+evaluated.
 
 Per target t in (0.25, 0.5), on the test split, calibrated on the validation split (batch 64,
 the batches evaluation uses, so that padded lengths and FLOPs match):
@@ -14,6 +18,11 @@ the batches evaluation uses, so that padded lengths and FLOPs match):
 - ``<model>_cascade``: ``MeanBudget(t)`` with the cascade policy (run low, re-run the least
   confident inputs high; both passes counted)
 - ``mean_threshold``: the mean-trained router, ``MeanBudget(t)`` with the threshold policy
+  (re-fitted here on the same validation batches as the cascades; the threshold saved at the
+  end of training, fitted on all of validation at the training's evaluation batch size, is
+  recorded beside it as ``saved_threshold``)
+- ``mean_ckpt_cap``: the mean-trained router at a cap per input = t (not what it was trained
+  for: a reference, not the comparison that matters)
 Writes ``rows.csv`` (one row per seed x method x target) and ``per_example.npz`` (correct /
 FLOPs ratio per test example, for paired intervals) after every row; a re-run skips the rows
 that exist (resumable; delete them to redo). ``--calibration-examples N`` fits on the first N
@@ -34,6 +43,7 @@ import yaml
 from dynprune.train.config import DataConfig
 from dynprune.train.data import Collator, encode, eval_batches, load_task_data
 from dynprune.train.evaluation import Records, collect
+from dynprune.train.report import machine
 
 import dynprune
 from dynprune.calibration_fit import fit
@@ -58,6 +68,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, required=True, help="ladder root with seed<S>/{static,dynamic}")
     p.add_argument("--mean-runs", type=Path, default=None, help="root with seed<S>/gated (budget_mode=mean)")
+    p.add_argument(
+        "--mean-variant", default="dynamic_mean", help="without --mean-runs: RUNS/seed<S>/<this>/gated"
+    )
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=64)
@@ -69,7 +82,16 @@ def main() -> None:
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
     seed_dir = args.runs / f"seed{args.seed}"
-    cfg = yaml.safe_load((seed_dir / "static" / "config.yaml").read_text())
+    # the recipe (data, trained budget range, teacher): the control's run, else the mean-trained one
+    cfg_file = next(
+        (
+            f
+            for f in (seed_dir / "static" / "config.yaml", seed_dir / args.mean_variant / "config.yaml")
+            if f.is_file()
+        ),
+        seed_dir / "static" / "config.yaml",
+    )
+    cfg = yaml.safe_load(cfg_file.read_text())
     gate = cfg.get("gate") or {}
     trained = (float(gate.get("budget_min", 0.2)), float(gate.get("budget_max", 0.8)))
     dense_dir = Path(cfg["model"]["teacher_path"])
@@ -97,7 +119,7 @@ def main() -> None:
         })  # fmt: skip
         rows.append({"seed": args.seed, "method": "dense", "target": 1.0, "n_test": len(dense_rec.labels),
                      "accuracy": round(float((dense_rec.preds == dense_rec.labels).mean()), 6),
-                     "flops_ratio_mean": 1.0})  # fmt: skip
+                     "flops_ratio_mean": 1.0, "machine": machine()})  # fmt: skip
         _write(args.out, rows, per_example)
     dense_conf = per_example[key]
 
@@ -120,6 +142,7 @@ def main() -> None:
             "spearman_flops_length": _spearman(rec.lengths, r),
             "spearman_flops_dense_conf": _spearman(dense_conf, r),
             "n_test": len(r),
+            "machine": machine(),
             **(extra or {}),
         }
         rows.append(row)
@@ -130,6 +153,7 @@ def main() -> None:
         return (args.seed, method, target) not in done
 
     def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str, passes: dict) -> None:
+        saved = gated.calibration.entries.get(dynprune.MeanBudget(t).spec)
         entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained, passes=passes)
         gated.calibration.add(entry)
         extra = {
@@ -138,6 +162,8 @@ def main() -> None:
             "val_flops_ratio": round(entry.fitted["flops_ratio_mean"], 6),
             "val_accuracy": round(entry.fitted["accuracy"], 6),
         }
+        if policy == "threshold" and saved is not None:
+            extra["saved_threshold"] = json.dumps(saved.policy.__dict__)
         record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
 
     for name in args.models:
@@ -153,7 +179,10 @@ def main() -> None:
                 record(f"{name}_cap", t, collect(gated, test, budget=t))
             if todo(f"{name}_cascade", t):
                 calibrated(f"{name}_cascade", gated, t, "cascade", passes)
-    mean_ckpt = None if args.mean_runs is None else args.mean_runs / f"seed{args.seed}" / "gated"
+    if args.mean_runs is None:
+        mean_ckpt = seed_dir / args.mean_variant / "gated"
+    else:
+        mean_ckpt = args.mean_runs / f"seed{args.seed}" / "gated"
     if mean_ckpt is not None and (mean_ckpt / "gates" / "gates.json").is_file():
         gated, _ = dynprune.load_gated_model(mean_ckpt)
         for t in args.targets:

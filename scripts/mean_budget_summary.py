@@ -8,6 +8,11 @@ on the same or the control checkpoint): a paired bootstrap over test examples (t
 split for every seed; each resample draws one set of example indices and averages the
 difference over the seeds), 95 % percentile interval of the accuracy difference, and the
 difference in executed mean FLOPs beside it.
+
+The example bootstrap holds the trained models fixed: it says how much the test sample
+moves the difference, not how much retraining with another seed would. So every pair also
+gets the per-seed differences and a 95 % t-interval over seeds (paired by seed: same dense
+teacher, same split); a verdict needs both intervals on the same side of 0.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-MACHINE = "2-core AMD EPYC VM (shared with other sessions), CPU only, torch 2.13.0+cpu, 2 threads"
+#: rows written before the eval recorded its machine
+MACHINE = "2-core AMD EPYC VM, CPU only, torch 2.13.0+cpu, 2 threads"
 ORDER = (
     "dense", "static_cap", "static_cascade", "dynamic_cap", "dynamic_cascade", "mean_ckpt_cap", "mean_threshold",
 )  # fmt: skip
@@ -39,7 +45,10 @@ PAIRS = (  # (mean-budget policy, cap mode it is compared with)
     ("dynamic_cascade", "static_cap"),
     ("mean_threshold", "mean_ckpt_cap"),
     ("mean_threshold", "static_cap"),
+    ("mean_threshold", "static_cascade"),
 )
+#: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 N_BOOT = 10_000
 
 
@@ -63,6 +72,15 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], seed: int = 0) ->
     return float(d.mean()), float(lo), float(hi)
 
 
+def seed_t_interval(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[list[float], float, float]:
+    """Per-seed accuracy differences and their 95 % t-interval over seeds (nan below 2 seeds)."""
+    d = [float(x.mean() - y.mean()) for x, y in zip(a, b)]
+    if len(d) < 2:
+        return d, float("nan"), float("nan")
+    half = T95.get(len(d) - 1, 1.96) * float(np.std(d, ddof=1)) / len(d) ** 0.5
+    return d, float(np.mean(d)) - half, float(np.mean(d)) + half
+
+
 def main(root: Path) -> None:
     with (root / "rows.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -71,11 +89,12 @@ def main(root: Path) -> None:
     for r in rows:
         groups[(r["method"], float(r["target"]))].append(r)
     seeds = sorted({int(r["seed"]) for r in rows})
+    machines = sorted({r.get("machine") or MACHINE for r in rows})
     out_rows, md = [], []
     md += [
         "# Mean budgets vs caps per input (MiniLM / Rotten Tomatoes, quick recipe)",
         "",
-        f"Machine: {MACHINE}. Seeds: {', '.join(map(str, seeds))} (training seed; the data split is",
+        f"Machine: {'; '.join(machines)} (shared with other sessions; accuracy and FLOPs only, no timing). Seeds: {', '.join(map(str, seeds))} (training seed; the data split is",
         "the same for every seed: split_seed 0). Test split, batch 64; every mean-budget policy was",
         "calibrated on the validation split and evaluated on test. Produced by",
         "`scripts/mean_budget_eval.py` + `scripts/mean_budget_summary.py`.",
@@ -90,7 +109,10 @@ def main(root: Path) -> None:
     cal = sorted({r["calibration_examples"] for r in rows if r.get("calibration_examples")})
     if cal:
         md.insert(
-            6, f"Calibration: the first {', '.join(cal)} validation examples (a random subset of the split)."
+            6,
+            "Calibration: all 1,276 validation examples (the whole split)."
+            if cal == ["1276"]
+            else f"Calibration: the first {', '.join(cal)} validation examples (a random subset of the split).",
         )
     for (method, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], ORDER.index(kv[0][0]))):
         acc = [float(r["accuracy"]) for r in rs]
@@ -121,10 +143,12 @@ def main(root: Path) -> None:
         "## Paired differences (mean-budget policy − cap mode), test split",
         "",
         f"Paired bootstrap over test examples ({N_BOOT} resamples; one set of indices per resample,",
-        "the difference averaged over the seeds both methods have); 95 % percentile interval.",
+        "the difference averaged over the seeds both methods have); 95 % percentile interval. It holds",
+        "the trained models fixed; the seed columns show the training noise: the difference per seed",
+        "and a 95 % t-interval over seeds. A verdict needs both intervals on the same side of 0.",
         "",
-        "| target | policy − cap | seeds | Δ accuracy pt [95 % CI] | Δ executed mean FLOPs pt | reading |",
-        "|---|---|---|---|---|---|",
+        "| target | policy − reference | seeds | Δ accuracy pt, example bootstrap [95 % CI] | Δ per seed pt | Δ over seeds [95 % t] | Δ executed mean FLOPs pt | reading |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for target in sorted({t for _, t in groups}):
         for a, b in PAIRS:
@@ -136,22 +160,32 @@ def main(root: Path) -> None:
             ca = [z[f"{s}/{a}/{target:g}/correct"] for s in both]
             cb = [z[f"{s}/{b}/{target:g}/correct"] for s in both]
             d, lo, hi = paired_bootstrap(ca, cb)
+            per_seed, tlo, thi = seed_t_interval(ca, cb)
             df = float(np.mean([z[f"{s}/{a}/{target:g}/ratio"].mean() - z[f"{s}/{b}/{target:g}/ratio"].mean()
                                 for s in both]))  # fmt: skip
             if len(both) < 3:
                 reading = "fewer than 3 seeds: no verdict"
-            elif lo > 0:
-                reading = "policy more accurate (interval above 0)"
-            elif hi < 0:
-                reading = "policy less accurate (interval below 0)"
+            elif lo > 0 and tlo > 0:
+                reading = "policy more accurate (both intervals above 0)"
+            elif hi < 0 and thi < 0:
+                reading = "policy less accurate (both intervals below 0)"
+            elif lo > 0 or hi < 0:
+                reading = "examples resolve it, seeds do not: no verdict"
             else:
                 reading = "no difference resolved (interval contains 0)"
+            seeds_cell = " / ".join(f"{100 * x:+.2f}" for x in per_seed)
+            t_cell = (
+                "–"
+                if np.isnan(tlo)
+                else f"{100 * np.mean(per_seed):+.2f} [{100 * tlo:+.2f}, {100 * thi:+.2f}]"
+            )
             md.append(
                 f"| {target:g} | {a} − {b} | {len(both)} | {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-                f"| {100 * df:+.2f} | {reading} |"
+                f"| {seeds_cell} | {t_cell} | {100 * df:+.2f} | {reading} |"
             )
             out_rows.append({"method": f"{a} - {b}", "target": target, "seeds": len(both),
-                             "accuracy_mean": d, "ci_low": lo, "ci_high": hi, "flops_ratio_mean": df})  # fmt: skip
+                             "accuracy_mean": d, "ci_low": lo, "ci_high": hi, "flops_ratio_mean": df,
+                             "seed_t_low": tlo, "seed_t_high": thi})  # fmt: skip
     keys: list[str] = []
     for r in out_rows:
         keys += [k for k in r if k not in keys]
