@@ -184,3 +184,19 @@ def left_padded(prompts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         ids[row, width - len(p) :] = p
         mask[row, width - len(p) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def minilm_gated(minilm_dir, batch: int, padded_from: int):
+    """(wrapped packaged MiniLM classifier, batch of ``batch`` random 40-token inputs whose rows from
+    ``padded_from`` on are padded after 25 tokens), seeded."""
+    from transformers import AutoModelForSequenceClassification
+
+    import dynprune
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (batch, 40), generator=g)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[padded_from:, 25:] = 0
+    return dynprune.wrap(model), {"input_ids": ids, "attention_mask": attention_mask}

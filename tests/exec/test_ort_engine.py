@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 import dynprune
 from dynprune import GateConfig
 from dynprune.exec import FastEncoder, current_engine, engine_override, reference_path
-from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_decoder, tiny_model
+from tests.helpers import ENCODER_TYPES, minilm_gated, random_masks, tiny_batch, tiny_decoder, tiny_model
 
 ATOL = 1e-5
 
@@ -233,15 +233,8 @@ def test_auto_skips_an_engine_too_large(monkeypatch):
 def test_minilm_engine_equals_reference(minilm_dir):
     """The packaged MiniLM: the engine equals the PyTorch path, router-chosen masks at three budgets
     and per-sample masks with padding (one ORT call per sample: ``max_groups`` allows it)."""
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
-    gated = dynprune.wrap(model)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 20000, (3, 40), generator=g)
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1:, 25:] = 0
+    gated, inputs = minilm_gated(minilm_dir, batch=3, padded_from=1)
+    ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     masks = random_masks(gated, 3, 0.5, seed=2, nested=True, skip_layers=True)
     runs = [dict(budget=b) for b in (0.25, 0.5, 1.0)] + [dict(masks=masks)]
     engine = FastEncoder(gated, max_groups=3)

@@ -9,7 +9,7 @@ import torch
 
 import dynprune
 from dynprune import GateConfig, UnitMasks
-from tests.helpers import ENCODER_TYPES, random_masks, tiny_batch, tiny_model
+from tests.helpers import ENCODER_TYPES, minilm_gated, random_masks, tiny_batch, tiny_model
 
 ATOL = 1e-5
 
@@ -97,16 +97,7 @@ def test_router_chosen_masks_with_dense_prefix_layer():
 @pytest.mark.real
 @pytest.mark.parametrize("mode", ["shared", "different"])
 def test_minilm_fast_path_equals_masked(minilm_dir, mode):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
-    gated = dynprune.wrap(model)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 20000, (6, 40), generator=g)
-    attention_mask = torch.ones_like(ids)
-    attention_mask[3:, 25:] = 0  # padding in half of the rows
-    batch = {"input_ids": ids, "attention_mask": attention_mask}
+    gated, batch = minilm_gated(minilm_dir, batch=6, padded_from=3)  # padding in half of the rows
     masks = random_masks(gated, 6, 0.5, seed=2, nested=True, skip_layers=True)
     if mode == "shared":
         masks = _shared(masks, 6)
