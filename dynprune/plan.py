@@ -149,7 +149,7 @@ def _general_kind(mask: np.ndarray, kept: np.ndarray, device: torch.device) -> K
     return KindPlan(rows, order_t, blocks, computed)
 
 
-def _prefix_counts(mask: np.ndarray) -> np.ndarray | None:
+def prefix_counts(mask: np.ndarray) -> np.ndarray | None:
     """Counts (B, L) if every row of ``mask`` (B, L, U) is a prefix, else None."""
     counts = mask.sum(axis=-1)
     prefix = np.arange(mask.shape[-1]) < counts[..., None]
@@ -163,8 +163,8 @@ def plan_forward(head: Tensor, ffn: Tensor, layer: Tensor) -> list[LayerPlan]:
     ffn_np = ffn.detach().cpu().numpy()
     layer_np = layer.detach().cpu().numpy()
     batch, n_layers = layer_np.shape
-    head_counts = _prefix_counts(head_np)
-    ffn_counts = _prefix_counts(ffn_np)
+    head_counts = prefix_counts(head_np)
+    ffn_counts = prefix_counts(ffn_np)
     plans = []
     for i in range(n_layers):
         kept = layer_np[:, i]

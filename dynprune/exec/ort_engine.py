@@ -40,6 +40,7 @@ from dynprune.exec.onnx_pieces import (
     dense_layers_model,
     gated_layers_model,
 )
+from dynprune.plan import prefix_counts
 
 Tensor = torch.Tensor
 
@@ -239,12 +240,11 @@ class OrtLayers:
             out = np.empty((batch, n_layers, 3), dtype=np.int64)
             out[..., 0], out[..., 1:] = 1, self._full
             return out
-        head = masks.head.detach().cpu().numpy().astype(bool, copy=False)
-        ffn = masks.ffn.detach().cpu().numpy().astype(bool, copy=False)
         layer = masks.layer.detach().cpu().numpy().astype(bool, copy=False)
-        n_head, n_ffn = head.sum(-1), ffn.sum(-1)  # (B, L)
-        for name, m, n in (("head", head, n_head), ("FFN", ffn, n_ffn)):
-            if not (m == (np.arange(m.shape[-1]) < n[..., None])).all():
+        n_head = prefix_counts(masks.head.detach().cpu().numpy())  # (B, L), None if not prefixes
+        n_ffn = prefix_counts(masks.ffn.detach().cpu().numpy())
+        for name, n in (("head", n_head), ("FFN", n_ffn)):
+            if n is None:
                 raise ValueError(
                     f"the ORT engine runs nested (prefix) masks only; a {name} mask is not a prefix"
                 )
