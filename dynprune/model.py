@@ -147,7 +147,7 @@ class GatedModel(nn.Module):
         self._state.held = held
         recorder = self._training_free_prefill(held, masks, budgets)
         self._state.recorder = recorder
-        fast = None if self.training or not self._use_gathered() else engine_for(self, device, kwargs)
+        fast = None if self.training or not self._use_gathered() else engine_for(self, device, kwargs, args)
         try:
             if fast is not None:  # CPU eval: encoder layers on ONNX Runtime (dynprune.exec)
                 with fast.swapped():

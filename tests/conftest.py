@@ -44,4 +44,4 @@ def _reference_gathered_path(request, monkeypatch):
     """Outside tests/exec, GatedModel runs the PyTorch gathered path (the reference the ONNX Runtime
     engine is tested against in tests/exec), so those tests keep covering it and stay fast."""
     if "exec" not in request.node.path.parts:
-        monkeypatch.setattr("dynprune.model.engine_for", lambda gated, device, kwargs=None: None)
+        monkeypatch.setattr("dynprune.model.engine_for", lambda gated, device, kwargs=None, args=(): None)

@@ -70,7 +70,7 @@ class FastEncoder(nn.Module):
             masks = info.masks if info is not None and info.masks is not None else gates.masks()
             masks = masks.canonical()
         y = self.layers.forward(hidden_states, state.attention_mask, masks, skip_prefix=bool(prefix))
-        if y is None:  # a large batch, or many distinct per-sample count vectors: the PyTorch path
+        if y is None:  # many distinct per-sample count vectors: the PyTorch path's per-layer blocks
             self.fallbacks += 1
             torch.set_num_threads(self._torch_threads)
             try:
@@ -130,7 +130,17 @@ def unsupported_reason(gated: Any, insist: bool = False) -> str | None:
     return None
 
 
-def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> FastEncoder | None:
+def _tokens(args: tuple, kwargs: dict) -> int | None:
+    """Batch x sequence length of a forward's inputs (None: not given as a tensor)."""
+    for t in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[0] * t.shape[1])
+    return None
+
+
+def engine_for(
+    gated: Any, device: torch.device, kwargs: dict | None = None, args: tuple = ()
+) -> FastEncoder | None:
     """The ORT encoder for ``gated`` on ``device`` (created once and cached), or None.
 
     ``GateConfig.backend="auto"`` (the default) uses it in eval mode on CPU whenever it
@@ -140,7 +150,9 @@ def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> 
     engine does not build (decoders, pre-LN encoders, non-fp32 weights, nested=False).
     ``backend="onnxruntime"`` insists: a RuntimeError says why it cannot run.
     ``kwargs`` asking for attentions or hidden states (which the engine does not
-    return) send the call to the PyTorch path.
+    return) send the call to the PyTorch path, and so do inputs of more than the engine's
+    ``max_tokens`` tokens (counted in ``FastEncoder.fallbacks``): the model is never
+    swapped, nor PyTorch's threads touched, for a forward the engine does not run.
     """
     choice = gated.backend_choice
     if device.type != "cpu" or choice not in ("auto", "onnxruntime"):
@@ -171,6 +183,10 @@ def engine_for(gated: Any, device: torch.device, kwargs: dict | None = None) -> 
     if isinstance(cached, str):
         if insist:
             raise RuntimeError(f"GateConfig.backend='onnxruntime' cannot run this model: {cached}")
+        return None
+    limit, tokens = cached.layers.max_tokens, _tokens(args, kwargs or {})
+    if limit is not None and tokens is not None and tokens > limit and not cached.layers.prefix:
+        cached.fallbacks += 1  # a large batch: the PyTorch path's GEMMs are faster
         return None
     return cached
 

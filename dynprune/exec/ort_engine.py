@@ -207,11 +207,10 @@ class OrtLayers:
     ) -> Tensor | None:
         """hidden (B, T, H) -> last hidden state (B, T, H). ``masks``: canonical UnitMasks of the gated
         layers, or None (dense); ``skip_prefix``: ``hidden`` is already past the un-gated layers.
-        None: the batch is one the PyTorch path runs faster (more than ``max_tokens`` tokens, or
-        more distinct per-sample count vectors than ``max_groups``: one call each would not pay)."""
-        batch, seq = hidden.shape[:2]
-        if self.max_tokens is not None and batch * seq > self.max_tokens and not self.prefix:
-            return None
+        None: more distinct per-sample count vectors than ``max_groups`` (one call each would not
+        pay; the PyTorch path's per-layer blocks run such a batch). Batches of more than
+        ``max_tokens`` tokens never reach the engine (``dynprune.exec.engine_for``)."""
+        batch = hidden.shape[0]
         counts = self.counts(masks, batch)  # (B, L, 3): keep, heads, slices
         flat = counts.reshape(batch, -1)  # (B, 3L): one count vector per sample
         shared = batch == 1 or bool((flat == flat[0]).all())
