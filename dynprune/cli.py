@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dynprune.eval.sweep",
         "accuracy-FLOPs-latency sweep of dynamic gates vs static pruning baselines",
     ),
+    "export": (
+        "dynprune.exec.export",
+        "export a gated checkpoint to ONNX + a numpy/onnxruntime runner (no torch needed to serve it)",
+    ),
     "bench": (
         "dynprune.bench",
         "benchmarks: `bench cpu` (gated vs dense on CPU), `bench kernels` (Triton vs dense)",

@@ -81,6 +81,19 @@ class UnitMasks:
         ones = lambda *s: torch.ones(*s, dtype=torch.bool, device=device)  # noqa: E731
         return cls(ones(batch, n_layers, n_heads), ones(batch, n_layers, n_slices), ones(batch, n_layers))
 
+    def counts(self) -> Tensor:
+        """(B, L, 3) int64 per sample and layer: kept (0/1), kept heads, kept FFN slices
+        (of the canonical masks: a skipped layer keeps no unit)."""
+        m = self.canonical()
+        return torch.stack([m.layer.long(), m.head.sum(-1), m.ffn.sum(-1)], dim=-1)
+
+    @classmethod
+    def from_counts(cls, counts: Tensor, n_heads: int, n_slices: int) -> UnitMasks:
+        """Prefix masks from (B, L, 3) counts (:meth:`counts` of nested masks, inverted)."""
+        heads = torch.arange(n_heads, device=counts.device) < counts[..., 1:2]  # (B, L, n_heads)
+        ffn = torch.arange(n_slices, device=counts.device) < counts[..., 2:3]  # (B, L, n_slices)
+        return cls(heads, ffn, counts[..., 0] > 0).canonical()
+
     def to_gates(self, dtype: torch.dtype = torch.float32) -> Gates:
         m = self.canonical()
         return Gates(m.head.to(dtype), m.ffn.to(dtype), m.layer.to(dtype), hard=True)
@@ -157,12 +170,23 @@ def fill_ungated(
     )
 
 
+def log_sigmoid(x: Tensor) -> Tensor:
+    """log σ(x) = min(x, 0) − log(1 + e^−|x|): exact for any x in float64, and exported to ONNX
+    without ``Log(Sigmoid(x))`` (which ONNX Runtime evaluates as −inf below x ≈ −37)."""
+    return x.clamp(max=0.0) - torch.log1p(torch.exp(-x.abs()))
+
+
 #: added to the (negative) keys of dropped layers' units so they sort after every kept layer's
 _REFILL_OFFSET = 1e6
 
 
 def select_under_budget(
-    scores: GateScores, available: Tensor, flops: FlopsModel, seq_len: int, threshold: float | None = None
+    scores: GateScores,
+    available: Tensor,
+    flops: FlopsModel,
+    seq_len: int,
+    threshold: float | None = None,
+    costs: tuple[Tensor, Tensor] | None = None,
 ) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
@@ -183,12 +207,20 @@ def select_under_budget(
        spent — in cap mode (no threshold) and only when every kind of unit is
        gated (no compulsory cost).
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
+
+    ``costs``: (head, slice) cost as 0-dim float64 tensors instead of ``flops``'s at ``seq_len``
+    (the same numbers, as graph inputs when the selection is exported to ONNX, dynprune.exec).
     """
     ref = next(t for t in (scores.head, scores.ffn, scores.layer) if t is not None)
     batch, n_layers = ref.shape[0], flops.n_gated_layers
     n_heads, n_slices = flops.n_heads, flops.n_slices
     device = ref.device
-    head_cost, slice_cost = flops.head_cost(seq_len), flops.slice_cost(seq_len)
+    if costs is None:
+        head_cost, slice_cost = flops.head_cost(seq_len), flops.slice_cost(seq_len)
+        log_cost = math.log
+    else:
+        head_cost, slice_cost = costs
+        log_cost = torch.log
     available = available.to(device=device, dtype=torch.float64)
 
     compulsory = 0.0
@@ -196,11 +228,12 @@ def select_under_budget(
         compulsory += n_heads * head_cost
     if scores.ffn is None:
         compulsory += n_slices * slice_cost
+    has_compulsory = scores.head is None or scores.ffn is None  # (static, whatever the costs' type)
 
     if scores.layer is not None:
         layer_logit = scores.layer.detach().double()
         keep_layer = layer_logit > (0.0 if threshold is None else threshold)
-        if compulsory > 0:
+        if has_compulsory:
             # keep the best-scored kept layers whose compulsory cost fits
             order = torch.argsort(layer_logit, dim=1, descending=True, stable=True)  # (B, L)
             kept_sorted = torch.gather(keep_layer, 1, order)
@@ -210,15 +243,15 @@ def select_under_budget(
     else:
         keep_layer = torch.ones(batch, n_layers, dtype=torch.bool, device=device)
         need = n_layers * compulsory
-        if compulsory > 0 and bool((available < need * (1 - 1e-12)).any()):
+        if has_compulsory and bool((available < need * (1 - 1e-12)).any()):
             raise ValueError(
                 "budget too small: the layers' un-gated units alone cost more than the budget allows; "
                 "gate more kinds of units (heads/ffn/layers) or raise the budget"
             )
     remaining = available - keep_layer.double().sum(1) * compulsory  # (B,)
-    refill = threshold is None and scores.layer is not None and compulsory == 0.0
+    refill = threshold is None and scores.layer is not None and not has_compulsory
 
-    keys, costs, slots = [], [], []
+    keys, unit_costs, slots = [], [], []
     for kind, t, cost, n in (
         ("head", scores.head, head_cost, n_heads),
         ("ffn", scores.ffn, slice_cost, n_slices),
@@ -226,13 +259,13 @@ def select_under_budget(
         if t is None:
             continue
         logit = t.detach().double()
-        key = F.logsigmoid(logit) - math.log(cost)  # (B, L, n), < 0
+        key = log_sigmoid(logit) - log_cost(cost)  # (B, L, n), < 0
         if threshold is not None:  # mean budgets: units above the threshold in kept layers only
             key = key.masked_fill(~keep_layer[..., None] | (logit <= threshold), float("-inf"))
         else:  # dropped layers: after every kept layer's unit (refill, step 3), or never
             key = torch.where(keep_layer[..., None], key, key - _REFILL_OFFSET if refill else float("-inf"))
         keys.append(key)
-        costs.append(torch.full((n_layers, n), cost, dtype=torch.float64, device=device))
+        unit_costs.append(torch.ones(n_layers, n, dtype=torch.float64, device=device) * cost)
         slots.append((kind, n))
     head_mask = torch.zeros(batch, n_layers, n_heads, dtype=torch.bool, device=device)
     ffn_mask = torch.zeros(batch, n_layers, n_slices, dtype=torch.bool, device=device)
@@ -243,7 +276,7 @@ def select_under_budget(
     if keys:
         # (B, L, n_heads + n_slices) -> (B, U): layer-major, heads before slices
         key_all = torch.cat(keys, dim=-1).reshape(batch, -1)
-        cost_all = torch.cat(costs, dim=-1).reshape(-1)
+        cost_all = torch.cat(unit_costs, dim=-1).reshape(-1)
         order = torch.argsort(key_all, dim=1, descending=True, stable=True)
         key_sorted = torch.gather(key_all, 1, order)
         eligible = key_sorted > float("-inf")

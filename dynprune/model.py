@@ -13,7 +13,7 @@ from dynprune.arch import ModelParts, resolve
 from dynprune.budget import MeanBudget, ThresholdRoute, batch_and_device, route_budgets
 from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
-from dynprune.exec import engine_for
+from dynprune.exec import engine_for, whole_forward
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import UnitMasks
 from dynprune.generation import ForwardLike, gated_generate, reject_forward_like
@@ -125,6 +125,10 @@ class GatedModel(nn.Module):
             raise ValueError(
                 "mean budgets are implemented for encoders; a decoder takes a cap per sequence (a float)"
             )
+        if threshold is None and masks is None and not self.training and self._use_gathered():
+            out = whole_forward(self, device, args, kwargs, budgets)  # batch 1 on CPU: one ORT call
+            if out is not None:
+                return out
         if masks is not None:
             masks.check_shape(batch, self.n_gated, self.parts.n_heads, self.n_slices)
             masks = UnitMasks(masks.head.to(device), masks.ffn.to(device), masks.layer.to(device)).canonical()

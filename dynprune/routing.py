@@ -68,14 +68,7 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     rows = None if bool(routed.all()) else routed.nonzero().squeeze(1)
     sub = lambda t: t if (rows is None or t is None) else t.index_select(0, rows)  # noqa: E731
     sub_budget = sub(budget)
-    available = sub_budget.double() * dense - fm.fixed(seq)  # (n,) FLOPs the gated layers may spend
-    if bool((available < 0).any()):
-        least = fm.fixed(seq) / dense
-        raise ValueError(
-            f"budget {float(sub_budget.min()):.4f} is below the smallest this gated model can run at "
-            f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
-            f"{cfg.router_layer} dense layer(s) always run)"
-        )
+    available = spendable(gm, sub_budget, seq)
     if given is None:
         scores = gm.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
     else:
@@ -128,6 +121,22 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
         routed_rows=rows,
         expected_flops=expected,
     )
+
+
+def spendable(gm: GatedModel, budget: Tensor, seq: int) -> Tensor:
+    """(B,) FLOPs the gated layers may spend under each sample's cap ``budget`` (B,) at length
+    ``seq``; ValueError when a cap is below what always runs (router, task head, dense layers)."""
+    fm = gm.flops
+    dense = fm.dense(seq)
+    available = budget.double() * dense - fm.fixed(seq)
+    if bool((available < 0).any()):
+        least = fm.fixed(seq) / dense
+        raise ValueError(
+            f"budget {float(budget.min()):.4f} is below the smallest this gated model can run at "
+            f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
+            f"{gm.gate_config.router_layer} dense layer(s) always run)"
+        )
+    return available
 
 
 def scatter_rows(

@@ -180,6 +180,14 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
     computed, blocks = _computed_flops(gated, masks, seq)
     counted = _counted_flops(gated_torch_fn(gated, inputs, budget))  # the PyTorch path: countable ops
     route_fn, plan_fn = bm.route_and_plan_fns(inputs, budget)
+    router_engine = "torch"
+    whole = getattr(current_engine(gated), "_whole", None)
+    if whole is not None and whole.calls and batch == 1:  # batch 1 routed inside the whole ORT graph
+        from dynprune.exec.whole_graph import routing_timer
+
+        hidden = bm.router_input(inputs, budget)
+        route_fn = routing_timer(whole, hidden, inputs["attention_mask"], budget)
+        router_engine = "onnxruntime"
     fns = {
         **args.dense_engines.fns(inputs),
         "gated": lambda: gated(**inputs, budget=budget),
@@ -217,7 +225,8 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
         "speedup": speedup,
         "ideal_speedup": ideal,
         "ratio_to_ideal": speedup / ideal,
-        "router_share": stats["router"].median_ms / stats["dense"].median_ms,
+        "router_share": stats["router"].median_ms / stats["gated"].median_ms,  # of the gated forward
+        "router_engine": router_engine,
         "distinct_masks": _distinct_masks(masks),
         "dense_iqr_ms": stats["dense"].iqr_ms,
         "gated_iqr_ms": stats["gated"].iqr_ms,

@@ -21,10 +21,10 @@ class BenchModels:
     router_note: str
     text_inputs: bool
 
-    def route_and_plan_fns(self, inputs: dict[str, torch.Tensor], budget: float) -> tuple[Callable, Callable]:
-        """Callables running (router + gate selection) and (planning) exactly as a forward does."""
-        from dynprune.budget import normalize_budget
-        from dynprune.plan import plan_forward
+    def router_input(self, inputs: dict[str, torch.Tensor], budget: float = 0.5) -> torch.Tensor:
+        """The hidden states the router reads for ``inputs``, from a forward on the PyTorch path
+        (``gated.last`` is that forward's)."""
+        from dynprune.exec import reference_path
         from dynprune.state import GateState
 
         gated = self.gated
@@ -36,12 +36,22 @@ class BenchModels:
             return original(hidden, state)
 
         gated._route = capture
-        try:
-            with torch.inference_mode():
+        try:  # on the PyTorch path: the whole-forward graph (batch 1) routes inside ONNX Runtime
+            with torch.inference_mode(), reference_path(gated):
                 gated(**inputs, budget=budget)
         finally:
             del gated._route
-        hidden = captured["hidden"]
+        return captured["hidden"]
+
+    def route_and_plan_fns(self, inputs: dict[str, torch.Tensor], budget: float) -> tuple[Callable, Callable]:
+        """Callables running (router + gate selection) and (planning) exactly as a PyTorch-path
+        forward does."""
+        from dynprune.budget import normalize_budget
+        from dynprune.plan import plan_forward
+        from dynprune.state import GateState
+
+        gated = self.gated
+        hidden = self.router_input(inputs, budget)
         ids = inputs["input_ids"]
         budgets = normalize_budget(budget, ids.shape[0], ids.device)
         state = GateState()

@@ -20,8 +20,11 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+Tensor = torch.Tensor
 
 INSTALL_HINT = "pip install 'dynprune[onnx]'"
 
@@ -44,12 +47,17 @@ class FastEncoder(nn.Module):
         self.fallbacks = 0  # forwards handed to the PyTorch path (OrtLayers.max_tokens / max_groups)
         self._original: nn.Module | None = None
         self._torch_threads = torch.get_num_threads()
-        path = gated.parts.spec.layers.rsplit(".", 1)
-        self._owner_path, self._name = path[0].rsplit(".", 1) if "." in path[0] else ("", path[0])
-        owner = gated.parts.backbone
-        for part in filter(None, self._owner_path.split(".")):
-            owner = getattr(owner, part)
+        owner, self._name = encoder_slot(gated)
         object.__setattr__(self, "_owner", owner)  # not a submodule either
+        self._whole: Any = None  # WholeForward, built on the first batch-1 call
+
+    def whole(self) -> Any:
+        """The whole-forward session of this model (dynprune.exec.whole_graph), built lazily."""
+        if self._whole is None:
+            from dynprune.exec.whole_graph import WholeForward
+
+            self._whole = WholeForward(self.gated, self.layers, self._owner, self._name)
+        return self._whole
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
@@ -95,6 +103,16 @@ class FastEncoder(nn.Module):
         finally:
             torch.set_num_threads(self._torch_threads)
             self._owner._modules[self._name] = original
+
+
+def encoder_slot(gated: Any) -> tuple[nn.Module, str]:
+    """(module, attribute name) holding the HF encoder (``encoder`` / ``transformer``) of ``gated``."""
+    owner_path, _ = gated.parts.spec.layers.rsplit(".", 1)
+    parent, name = owner_path.rsplit(".", 1) if "." in owner_path else ("", owner_path)
+    owner = gated.parts.backbone
+    for part in filter(None, parent.split(".")):
+        owner = getattr(owner, part)
+    return owner, name
 
 
 #: backend="auto" builds the engine only when its per-count weights fit in this many bytes
@@ -214,3 +232,48 @@ def engine_override(gated: Any, engine: FastEncoder | None):
 def reference_path(gated: Any):
     """Run ``gated`` on the PyTorch gathered path inside the block (the reference the engine must equal)."""
     return engine_override(gated, None)
+
+
+#: keyword arguments the whole-forward session takes (anything else: the usual path)
+_WHOLE_KWARGS = frozenset({"input_ids", "attention_mask", "token_type_ids", "return_dict"})
+
+
+def whole_forward(gated: Any, device: torch.device, args: tuple, kwargs: dict, budget: Tensor) -> Any | None:
+    """Run one sample's whole gated forward as one ONNX Runtime call (dynprune.exec.whole_graph) and
+    return the HF output, with ``gated.last`` set; None when this call is not one it runs: the
+    caller then runs the usual path (PyTorch around the engine's layers). It runs batch-1 calls
+    of encoder classifiers under a cap budget, routed by a learned router on the embeddings,
+    with token inputs given as keyword tensors and nothing else asked for."""
+    if args or not kwargs.keys() <= _WHOLE_KWARGS or gated.gate_config.router not in ("dynamic", "static"):
+        return None
+    if gated.gate_config.router_layer != 0:
+        return None
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
+        return None
+    engine = engine_for(gated, device, kwargs)
+    if engine is None:
+        return None
+    whole = engine.whole()
+    if not all(isinstance(kwargs.get(n), torch.Tensor) or n not in kwargs for n in whole.token_inputs):
+        return None
+    from dynprune.exec.whole_graph import info_from_counts
+    from dynprune.routing import spendable
+
+    seq = int(ids.shape[1])
+    tokens = {}
+    for name in whole.token_inputs:
+        t = kwargs.get(name)
+        tokens[name] = (
+            np.zeros((1, seq), dtype=np.int64) if t is None and name == "token_type_ids"
+            else np.ones((1, seq), dtype=np.int64) if t is None
+            else t.detach().cpu().numpy().astype(np.int64, copy=False)
+        )  # fmt: skip
+    cap = float(budget[0])
+    available = float("inf") if cap >= 1.0 else float(spendable(gated, budget, seq)[0])
+    output, counts = whole.run(tokens, cap, available, seq)
+    gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=cap < 1.0)
+    value = torch.from_numpy(output)
+    if kwargs.get("return_dict") is False:
+        return (value,)
+    return whole.output_type(**{whole.output_key: value})

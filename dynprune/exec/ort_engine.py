@@ -171,19 +171,22 @@ class OrtLayers:
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._key or self._session is None:  # first call, or trained / reordered since
             self._session = None  # drop the old one before building (memory)
-            weights = [
-                layer_weights(lp, self.n_heads, self.head_dim, self.act) for lp in self.gated.parts.parts
-            ]
+            self._session = self.make_session.from_builder(self.gated_graph)
             first = len(self.prefix)
-            gated_w = weights[first:]
-            self._session = self.make_session.from_builder(
-                lambda ext: gated_layers_model(gated_w, self.slice_size, self.layer_gates, ext)
-            )
             self._prefix_session = (
-                self.make_session(dense_layers_model(weights[:first], self.slice_size)) if first else None
+                self.make_session(dense_layers_model(self._weights(self.prefix), self.slice_size))
+                if first
+                else None
             )
             self._key = key
         return self._session
+
+    def _weights(self, layers: list[LayerParts]) -> list[LayerWeights]:
+        return [layer_weights(lp, self.n_heads, self.head_dim, self.act) for lp in layers]
+
+    def gated_graph(self, external: ExternalData | None = None) -> Any:
+        """The ONNX graph of the gated layers at their current weights (any kept counts)."""
+        return gated_layers_model(self._weights(self.layers), self.slice_size, self.layer_gates, external)
 
     # -- execution ----------------------------------------------------------------------
     def _inputs(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[np.ndarray, np.ndarray]:

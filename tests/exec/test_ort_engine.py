@@ -189,7 +189,7 @@ def test_torch_threads_are_restored(gated):
     engine.layers.forward = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
     with engine_override(gated, engine), torch.inference_mode():
         gated(**batch, masks=masks)  # many count vectors: falls back to the PyTorch path
-        gated(**tiny_batch(batch=1, seq=9), budget=0.5)
+        gated(**tiny_batch(batch=2, seq=9), budget=0.5)
         with pytest.raises(ValueError):
             gated(**batch, budget=float("nan"))
     assert seen == [1, 1] and torch.get_num_threads() == 2

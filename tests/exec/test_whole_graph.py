@@ -1,0 +1,164 @@
+"""The whole gated forward as one ONNX Runtime call (dynprune.exec.whole_graph) equals the PyTorch
+gathered path at batch 1: outputs (atol 1e-5), the chosen units and the FLOPs; calls it does not run
+go to the usual path."""
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+import dynprune
+from dynprune import GateConfig
+from dynprune.budget import MeanBudget, ThresholdRoute
+from dynprune.exec import FastEncoder, current_engine, engine_override, reference_path
+from tests.helpers import ENCODER_TYPES, minilm_gated, random_masks, tiny_batch, tiny_model
+
+ATOL = 1e-5
+
+
+def _gated(model_type="bert", router="dynamic", **cfg):
+    model = tiny_model(model_type, layers=3)
+    gated = dynprune.wrap(model, GateConfig(ffn_slice_size=16, router=router, **cfg)).eval()
+    with torch.no_grad():  # a router whose choice differs per input and budget
+        g = torch.Generator().manual_seed(5)
+        for p in gated.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return gated
+
+
+def _run(gated, batch, **kw):
+    with torch.inference_mode():
+        out = gated(**batch, **kw)
+    return out, gated.last
+
+
+def _calls(gated):
+    engine = current_engine(gated)
+    return 0 if engine is None or engine._whole is None else engine._whole.calls
+
+
+def _same(gated, batch, **kw):
+    before = _calls(gated)
+    fast, fast_info = _run(gated, batch, **kw)
+    assert _calls(gated) == before + 1, "the whole-forward session did not run"
+    with reference_path(gated):
+        ref, ref_info = _run(gated, batch, **kw)
+    torch.testing.assert_close(fast[0], ref[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fast_info.flops, ref_info.flops)
+    if ref_info.masks is None:
+        assert fast_info.masks is None
+    else:
+        for kind in ("head", "ffn", "layer"):
+            assert torch.equal(getattr(fast_info.masks, kind), getattr(ref_info.masks, kind)), kind
+
+
+@pytest.mark.parametrize("model_type", ENCODER_TYPES)
+@pytest.mark.parametrize("router", ["dynamic", "static"])
+def test_batch_one_equals_reference(model_type, router):
+    gated = _gated(model_type, router)
+    for seed, budget in enumerate((0.3, 0.6, 1.0)):
+        for seq in (5, 17):  # one session for every length
+            _same(gated, tiny_batch(batch=1, seq=seq, seed=seed, padded=False), budget=budget)
+
+
+def test_padding_token_types_and_tuples():
+    gated = _gated("bert")
+    batch = tiny_batch(batch=1, seq=12, padded=False)
+    batch["attention_mask"][0, 8:] = 0  # a padded single sample
+    _same(gated, batch, budget=0.4)
+    _same(gated, {**batch, "token_type_ids": torch.ones_like(batch["input_ids"])}, budget=0.4)
+    _same(gated, {**batch, "return_dict": False}, budget=0.4)
+    _same(gated, {"input_ids": batch["input_ids"]}, budget=0.4)  # no mask: every token counts
+
+
+def test_counts_follow_the_router_input():
+    """A dynamic router's units differ between inputs on the one session (counts are computed in it)."""
+    gated = _gated("bert")
+    seen = set()
+    for seed in range(6):
+        _same(gated, tiny_batch(batch=1, seq=15, seed=seed, padded=False), budget=0.5)
+        seen.add(tuple(gated.last.masks.counts().flatten().tolist()))
+    assert len(seen) > 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        dict(batch=2),
+        dict(kw={"output_hidden_states": True}),
+        dict(kw={"labels": torch.tensor([1])}),
+        dict(kw={"masks": "random"}),
+        dict(kw={"budget": ThresholdRoute(target=0.5, threshold=0.0)}),
+    ],
+    ids=["batch2", "hidden_states", "labels", "masks", "threshold"],
+)
+def test_calls_it_does_not_run_take_the_usual_path(call):
+    gated = _gated("bert")
+    batch = tiny_batch(batch=call.get("batch", 1), seq=9, padded=False)
+    kw = dict(call.get("kw", {}))
+    if kw.get("masks") == "random":
+        kw["masks"] = random_masks(gated, 1, 0.5, seed=1, nested=True)
+    kw.setdefault("budget", 0.5) if "masks" not in kw else None
+    with torch.inference_mode():
+        gated(**batch, **kw)
+    assert _calls(gated) == 0
+
+
+@pytest.mark.parametrize("cfg", [dict(router="random"), dict(router_layer=1)], ids=["random", "router_layer"])
+def test_models_it_does_not_build_take_the_usual_path(cfg):
+    """(The random router draws new logits at every call, and the router reading layer 1's output
+    routes inside the engine's encoder: both keep the encoder-swap path.)"""
+    gated = _gated("bert", **cfg)
+    _run(gated, tiny_batch(batch=1, seq=9, padded=False), budget=0.5)
+    assert current_engine(gated) is not None and _calls(gated) == 0
+
+
+def test_training_mode_never_builds_it():
+    gated = _gated("bert").train()
+    gated(**tiny_batch(batch=1, seq=7, padded=False), budget=0.5)
+    assert current_engine(gated) is None
+    assert gated.training, "building the graph must not change the model's mode"
+
+
+def test_eval_mode_is_kept_after_the_build():
+    gated = _gated("bert")
+    _same(gated, tiny_batch(batch=1, seq=7, padded=False), budget=0.5)
+    assert not gated.training and not gated.model.training
+
+
+def test_new_weights_rebuild_the_session():
+    gated = _gated("bert")
+    batch = tiny_batch(batch=1, seq=11, padded=False)
+    _same(gated, batch, budget=0.5)
+    first = current_engine(gated)._whole._session
+    with torch.no_grad():
+        gated.router.out.bias.add_(torch.linspace(-3, 3, gated.router.out.bias.numel()))
+        gated.parts.parts[1].up.weight.mul_(1.5)
+    _same(gated, batch, budget=0.5)
+    assert current_engine(gated)._whole._session is not first
+
+
+def test_budget_below_the_minimum_is_the_same_error():
+    gated = _gated("bert")
+    batch = tiny_batch(batch=1, seq=7, padded=False)
+    _run(gated, batch, budget=0.5)
+    with pytest.raises(ValueError, match="below the smallest"):
+        _run(gated, batch, budget=1e-4)
+    with reference_path(gated), pytest.raises(ValueError, match="below the smallest"):
+        _run(gated, batch, budget=1e-4)
+
+
+def test_mean_budget_without_calibration_is_refused_before_the_engine():
+    gated = _gated("bert")
+    with pytest.raises(ValueError, match="calibrat"):
+        _run(gated, tiny_batch(batch=1, seq=7, padded=False), budget=MeanBudget(0.5))
+
+
+@pytest.mark.real
+def test_minilm_whole_forward_equals_reference(minilm_dir):
+    gated, inputs = minilm_gated(minilm_dir, batch=2, padded_from=1)
+    with engine_override(gated, FastEncoder(gated)):
+        for row in (0, 1):  # unpadded, padded
+            batch = {k: v[row : row + 1] for k, v in inputs.items()}
+            for budget in (0.25, 0.5, 1.0):
+                _same(gated, batch, budget=budget)
