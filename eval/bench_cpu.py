@@ -63,7 +63,7 @@ COLUMNS = [
     "counted_flops_ratio", "blocks_per_layer", "repeats", "router_note",
     "fastest_dense", "fastest_dense_ms", "speedup_vs_fastest", "compile_ms", "compile_vs_eager", "ort_ms",
     "ort_vs_eager", "speedup_vs_ort", "gated_torch_ms", "torch_path_speedup", "limit_ort_ms",
-    "limit_ort_vs_ort", "gated_vs_limit_ort", "gated_engine",
+    "limit_ort_vs_ort", "gated_vs_limit_ort", "gated_engine", "router_engine",
 ]  # fmt: skip
 
 
@@ -182,18 +182,20 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
     route_fn, plan_fn = bm.route_and_plan_fns(inputs, budget)
     router_engine = "torch"
     whole = getattr(current_engine(gated), "_whole", None)
+    extra: dict[str, Any] = {}
     if whole is not None and whole.calls and batch == 1:  # batch 1 routed inside the whole ORT graph
-        from dynprune.exec.whole_graph import routing_timer
+        from dynprune.exec.whole_session import routing_timers
 
-        hidden = bm.router_input(inputs, budget)
-        route_fn = routing_timer(whole, hidden, inputs["attention_mask"], budget)
-        router_engine = "onnxruntime"
+        timers = routing_timers(whole, inputs, budget)
+        extra = {"whole_routed": timers["routed"], "whole_fed": timers["fed"]}
+        router_engine = "onnxruntime (in the whole graph)"
     fns = {
         **args.dense_engines.fns(inputs),
         "gated": lambda: gated(**inputs, budget=budget),
         "gated_torch": gated_torch_fn(gated, inputs, budget),
         "router": route_fn,
         "plan": plan_fn,
+        **extra,
     }
     limit = None
     if not args.no_limit:
@@ -203,6 +205,7 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
             fns["limit_ort"] = limit_ort_fn(limit, inputs, args.threads)
     engine = current_engine(gated)
     handed_over = engine.fallbacks if engine is not None else 0
+    sliced_before = whole.sliced_calls if whole is not None else 0
     stats = time_blocks(
         fns, warmup=args.warmup, repeats=args.repeats, block=args.block, pause_s=args.pause_ms / 1e3
     )
@@ -211,7 +214,17 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
         gated_engine = "torch"
     else:  # the engine hands large / many-mask batches to the PyTorch path (OrtLayers.max_tokens, max_groups)
         gated_engine = "torch (handed over)" if engine.fallbacks > handed_over else "onnxruntime"
+        if whole is not None and whole.sliced_calls > sliced_before:
+            gated_engine = "onnxruntime (batch 1: sliced session)"
+        elif extra:
+            gated_engine = "onnxruntime (batch 1: whole forward)"
     speedup = paired_ratio(stats["dense"], stats["gated"])
+    router_ms = stats["router"].median_ms  # the PyTorch path's routing
+    if extra:  # routing inside the whole graph: the If-tree forward minus the same forward given its counts
+        router_ms = (
+            max(0.0, 1.0 - paired_ratio(stats["whole_fed"], stats["whole_routed"]))
+            * stats["whole_routed"].median_ms
+        )
     ideal = 1.0 / flops_ratio
     row: dict[str, Any] = {
         "model": bm.name,
@@ -225,12 +238,12 @@ def bench_one(bm: BenchModels, batch: int, seq: int, mode: str, budget: float, a
         "speedup": speedup,
         "ideal_speedup": ideal,
         "ratio_to_ideal": speedup / ideal,
-        "router_share": stats["router"].median_ms / stats["gated"].median_ms,  # of the gated forward
+        "router_share": router_ms / stats["gated"].median_ms,  # of the gated forward
         "router_engine": router_engine,
         "distinct_masks": _distinct_masks(masks),
         "dense_iqr_ms": stats["dense"].iqr_ms,
         "gated_iqr_ms": stats["gated"].iqr_ms,
-        "router_ms": stats["router"].median_ms,
+        "router_ms": router_ms,
         "plan_ms": stats["plan"].median_ms,
         "plan_share": stats["plan"].median_ms / stats["dense"].median_ms,
         "computed_flops_ratio": computed / (batch * dense_flops),

@@ -117,9 +117,11 @@ def engine_env(args: Any) -> dict[str, str]:
         "threads": f"{args.threads} (torch.set_num_threads; ORT intra_op_num_threads for every session)",
         "ort_dense_spinning": "on (ORT default); each variant runs in its own block of "
         f"{args.block} timed calls after a {args.pause_ms:g} ms pause and one untimed call",
-        "gated_path": "GatedModel's default CPU path: the ONNX Runtime engine (dynprune.exec; one session, "
-        "threads spin within a run and stop at its end, PyTorch single-threaded around it), which hands "
-        "batches of more than 128 tokens or many distinct count vectors to the PyTorch gathered path "
+        "gated_path": "GatedModel's default CPU path: the ONNX Runtime engine (dynprune.exec). Batch 1: "
+        "the whole forward (embeddings, router, selection, If-tree layers, head) in one ORT call; a static "
+        "router's count vector met again runs on its own sliced session. Batches: the engine's layer "
+        "session (threads spin within a run and stop at its end, PyTorch single-threaded around it); "
+        "batches of more than 128 tokens or many distinct count vectors go to the PyTorch gathered path "
         "(column gated_engine)",
     }
     try:

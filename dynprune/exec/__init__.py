@@ -54,7 +54,7 @@ class FastEncoder(nn.Module):
     def whole(self) -> Any:
         """The whole-forward session of this model (dynprune.exec.whole_graph), built lazily."""
         if self._whole is None:
-            from dynprune.exec.whole_graph import WholeForward
+            from dynprune.exec.whole_session import WholeForward
 
             self._whole = WholeForward(self.gated, self.layers, self._owner, self._name)
         return self._whole
@@ -257,7 +257,7 @@ def whole_forward(gated: Any, device: torch.device, args: tuple, kwargs: dict, b
     whole = engine.whole()
     if not all(isinstance(kwargs.get(n), torch.Tensor) or n not in kwargs for n in whole.token_inputs):
         return None
-    from dynprune.exec.whole_graph import info_from_counts
+    from dynprune.exec.whole_session import info_from_counts
     from dynprune.routing import spendable
 
     seq = int(ids.shape[1])

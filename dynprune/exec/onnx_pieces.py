@@ -264,12 +264,26 @@ def gated_layers_model(
 
 def dense_layers_model(lws: list[LayerWeights], slice_size: int) -> onnx.ModelProto:
     """Graph (x, mask) -> every layer of ``lws`` dense (the layers before the router)."""
-    g = _Graph()
+    full = [(1, lw.n_heads, lw.up_b.shape[0] // slice_size) for lw in lws]
+    return sliced_layers_model(lws, slice_size, full)
+
+
+def sliced_layers_model(
+    lws: list[LayerWeights],
+    slice_size: int,
+    counts: list[tuple[int, int, int]],
+    external: ExternalData | None = None,
+) -> onnx.ModelProto:
+    """Graph (x, mask) -> the layers of ``lws`` with fixed kept counts (keep, heads, slices) per layer:
+    a physically sliced model's graph (no If nodes; skipped layers left out)."""
+    g = _Graph(external=external)
     y = "x"
-    for j, lw in enumerate(lws):
+    for j, (lw, (keep, heads, slices)) in enumerate(zip(lws, counts, strict=True)):
+        if not keep:
+            continue
         g.prefix = f"l{j}_"
-        h = _attention(g, y, "mask", lw, lw.n_heads)
-        y = _ffn(g, h, lw, lw.up_b.shape[0])
+        h = _attention(g, y, "mask", lw, int(heads))
+        y = _ffn(g, h, lw, int(slices) * slice_size)
     return _model(g, [_x_input("x", lws[0].hidden), _mask_input()], y, lws[0].hidden)
 
 

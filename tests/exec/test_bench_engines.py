@@ -32,8 +32,12 @@ def test_bench_cpu_ort_engines(tiny_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     for r in rows:
-        # the default CPU path: the engine at batch 1; a per-sample batch of 3 distinct masks is handed over
-        assert r["gated_engine"] == ("onnxruntime" if r["batch"] == "1" else "torch (handed over)")
+        # the default CPU path: the whole forward at batch 1 (routing in the graph, timed there);
+        # a per-sample batch of 3 distinct masks is handed over to the PyTorch path
+        one = r["batch"] == "1"
+        assert r["gated_engine"] == ("onnxruntime (batch 1: whole forward)" if one else "torch (handed over)")
+        assert r["router_engine"] == ("onnxruntime (in the whole graph)" if one else "torch")
+        assert 0 <= float(r["router_share"]) < 1
         assert r["fastest_dense"] in ("eager", "ort")
         for key in ("ort_ms", "limit_ort_ms", "gated_torch_ms", "speedup_vs_ort", "gated_vs_limit_ort"):
             assert float(r[key]) > 0

@@ -162,3 +162,55 @@ def test_minilm_whole_forward_equals_reference(minilm_dir):
             batch = {k: v[row : row + 1] for k, v in inputs.items()}
             for budget in (0.25, 0.5, 1.0):
                 _same(gated, batch, budget=budget)
+
+
+def test_static_router_runs_sliced_sessions_for_counts_met_again():
+    """A static router's counts depend on (budget, length) only: remembered from the If-tree session,
+    a count vector met a second time runs on its own sliced session — equal outputs, units, FLOPs."""
+    gated = _gated("bert", "static")
+    batch = tiny_batch(batch=1, seq=13, padded=False)
+    for _ in range(4):
+        _same(gated, batch, budget=0.5)
+    whole = current_engine(gated)._whole
+    assert whole.sliced_calls == 2 and len(whole._sliced) == 1  # forwards 3 and 4
+    other = tiny_batch(batch=1, seq=13, seed=9, padded=False)  # same length: the same counts
+    _same(gated, other, budget=0.5)
+    assert whole.sliced_calls == 3
+
+
+def test_sliced_sessions_are_bounded_and_dropped_with_new_weights():
+    gated = _gated("bert", "static")
+    engine = FastEncoder(gated)
+    with engine_override(gated, engine):
+        whole = engine.whole()
+        whole.max_sliced = 1
+        batch = tiny_batch(batch=1, seq=9, padded=False)
+        for budget in (0.4, 0.4, 0.4, 0.7, 0.7, 0.7, 0.4, 0.4):
+            _same(gated, batch, budget=budget)
+        assert len(whole._sliced) == 1
+        with torch.no_grad():
+            gated.router.out.bias.add_(0.5)
+        _same(gated, batch, budget=0.4)
+        assert len(whole._sliced) == 0 and len(whole._static_counts) == 1  # rebuilt: one forward since
+
+
+def test_dynamic_router_never_uses_sliced_sessions():
+    gated = _gated("bert", "dynamic")
+    batch = tiny_batch(batch=1, seq=9, padded=False)
+    for _ in range(4):
+        _same(gated, batch, budget=0.5)
+    assert current_engine(gated)._whole.sliced_calls == 0
+
+
+def test_routing_timers_run_the_same_forward_with_and_without_routing():
+    from dynprune.exec.whole_session import routing_timers
+
+    gated = _gated("roberta", "dynamic")
+    batch = tiny_batch(batch=1, seq=11, padded=False)
+    _same(gated, batch, budget=0.5)
+    timers = routing_timers(current_engine(gated)._whole, batch, 0.5)
+    routed, counts = timers["routed"]()
+    fed = timers["fed"]()[0]
+    np_close = torch.testing.assert_close
+    np_close(torch.from_numpy(fed), torch.from_numpy(routed), atol=1e-6, rtol=0)
+    assert tuple(counts.shape) == (1, 3, 3)
