@@ -176,8 +176,7 @@ def export_front(
         "token_type_ids": torch.zeros(1, seq, dtype=torch.long),
     }
     args = (*(example[n] for n in token_inputs), *_routing_example(gated, seq))
-    axes = {n: {0: "batch", 1: "seq"} for n in token_inputs}
-    axes.update({"router_budget": {0: "batch"}, "available": {0: "batch"}, "output": {0: "batch"}})
+    axes = {n: {1: "seq"} for n in token_inputs}  # batch 1: shape arithmetic on it folds away
     if gated.training:
         raise RuntimeError("the whole-forward graph is built from a model in eval mode")
     module = _ExportForward(gated, token_inputs, owner, slot).eval()  # the export restores this mode
