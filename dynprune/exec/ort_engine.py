@@ -174,19 +174,20 @@ class OrtLayers:
             self._session = self.make_session.from_builder(self.gated_graph)
             first = len(self.prefix)
             self._prefix_session = (
-                self.make_session(dense_layers_model(self._weights(self.prefix), self.slice_size))
+                self.make_session(dense_layers_model(self.weights(self.prefix), self.slice_size))
                 if first
                 else None
             )
             self._key = key
         return self._session
 
-    def _weights(self, layers: list[LayerParts]) -> list[LayerWeights]:
+    def weights(self, layers: list[LayerParts]) -> list[LayerWeights]:
+        """Numpy copies of ``layers``' weights in their current (importance-ordered) unit order."""
         return [layer_weights(lp, self.n_heads, self.head_dim, self.act) for lp in layers]
 
     def gated_graph(self, external: ExternalData | None = None) -> Any:
         """The ONNX graph of the gated layers at their current weights (any kept counts)."""
-        return gated_layers_model(self._weights(self.layers), self.slice_size, self.layer_gates, external)
+        return gated_layers_model(self.weights(self.layers), self.slice_size, self.layer_gates, external)
 
     # -- execution ----------------------------------------------------------------------
     def _inputs(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[np.ndarray, np.ndarray]:

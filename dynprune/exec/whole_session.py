@@ -89,7 +89,7 @@ class WholeForward:
 
     def sliced_graph(self, counts: np.ndarray, external: Any = None) -> onnx.ModelProto:
         """The graph of the physically sliced model for one count vector (L, 3): no routing, no Ifs."""
-        weights = self.layers._weights(self.layers.layers)
+        weights = self.layers.weights(self.layers.layers)
         layers = sliced_layers_model(weights, self.layers.slice_size, counts.tolist(), external)
         whole = splice_layers(
             self.front(), layers, len(self.layers.layers), self.layers.layer_gates, counted=False
