@@ -42,7 +42,7 @@ import torch
 COLUMNS = [
     "model", "dtype", "batch", "prompt", "new", "budget", "flops_ratio", "prefill_flops_ratio",
     "dense_tok_s", "gated_tok_s", "speedup", "ideal_speedup", "ratio_to_ideal",
-    "prefill_ms_dense", "prefill_ms_gated", "kv_bytes_dense", "kv_bytes_gated", "repeats",
+    "prefill_ms_dense", "prefill_ms_gated", "kv_bytes_dense", "kv_bytes_gated", "select", "repeats",
 ]  # fmt: skip
 
 
@@ -187,8 +187,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "select": "gates" if args.gates else args.select, "repeats": repeats,
                 }  # fmt: skip
                 rows.append(row)
+                if set(row) != set(COLUMNS):  # fail at the first row, not when writing the CSV at the end
+                    raise RuntimeError(f"row keys differ from COLUMNS: {sorted(set(row) ^ set(COLUMNS))}")
                 print(",".join(str(row[c]) for c in COLUMNS), flush=True)
     return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV (every column of :data:`COLUMNS`, nothing else)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(",".join(COLUMNS), flush=True)
     rows = run(args)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(args.out, rows)
     if rows:
         print(f"median speedup over all rows: {statistics.median(r['speedup'] for r in rows):.3f}")
     return 0
