@@ -18,6 +18,10 @@ BENCHES = {
         "dynprune.eval.bench_candidates",
         "ways to run gated layers on CPU (ONNX Runtime engine settings, PyTorch path) vs ORT dense",
     ),
+    "calibrate": (
+        "dynprune.eval.bench_calibrate",
+        "measure this machine's cost table (ms per head / FFN slice / layer) for millisecond budgets",
+    ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
     "serve": (
         "dynprune.serve.bench",
