@@ -39,6 +39,9 @@ from dynprune.eval.timing import runtime_env, time_blocks
 
 from dynprune.cost_model import CostTable, LayerTiming, SeqCosts, fit_fixed, fit_layers, model_signature
 
+#: relative error of held-out timings above which the table is flagged as measured on a busy machine
+NOISY = 0.10
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -163,6 +166,17 @@ def calibrate(gated: Any, tokenizer: Any, args: Any) -> CostTable:
             + ")",
             flush=True,
         )
+    noisy = [
+        seq
+        for seq, e in held_errors.items()
+        if (e["layers_rel_error_median"] or 0) > NOISY or max(map(abs, e["forward_rel_error"])) > NOISY
+    ]
+    if noisy:
+        print(
+            f"WARNING: at T = {', '.join(noisy)} the held-out layer timings or the forwards are off the fit by "
+            f"more than {NOISY:.0%}: the machine was probably busy; calibrate again on a quiet machine",
+            flush=True,
+        )
     env = runtime_env()
     import onnxruntime
 
@@ -178,7 +192,13 @@ def calibrate(gated: Any, tokenizer: Any, args: Any) -> CostTable:
         "python": env["python"],
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    settings = {"grid": args.grid, "repeats": args.repeats, "budgets": args.budgets, "held_out": held_errors}
+    settings = {
+        "noisy_seqs": noisy,
+        "grid": args.grid,
+        "repeats": args.repeats,
+        "budgets": args.budgets,
+        "held_out": held_errors,
+    }
     return CostTable(model_signature(gated), tuple(points), machine, "onnxruntime", 1, settings)
 
 
