@@ -58,11 +58,14 @@ class MeanBudget:
 class TimeBudget:
     """At most ``ms`` milliseconds per input, by the cost table's prediction of a batch-1 forward.
 
-    Units are priced by their measured time on this machine (``GatedModel.cost_table``); the router
-    reads the budget as a fraction of the predicted dense time. A cap per input, for inference.
+    Units are priced by their measured time on this machine (``GatedModel.cost_table``). The router
+    reads ``router`` if given (a FLOPs fraction in (0, 1]), else the FLOPs budget with the same
+    share of the gated layers' dense cost as ``ms`` has of their predicted dense time. A cap per
+    input, for inference.
     """
 
     ms: float
+    router: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)):
@@ -71,10 +74,12 @@ class TimeBudget:
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"TimeBudget.ms must be a finite number of milliseconds > 0, got {self.ms!r}")
         object.__setattr__(self, "ms", value)
+        if self.router is not None:
+            object.__setattr__(self, "router", check_budget_value(self.router, "TimeBudget.router"))
 
     @property
     def spec(self) -> str:
-        return f"ms:{self.ms:g}"
+        return f"ms:{self.ms:g}" + ("" if self.router is None else f",router:{self.router:g}")
 
     def __str__(self) -> str:
         return self.spec
@@ -110,11 +115,13 @@ def parse_budget(text: str | float) -> float | MeanBudget | TimeBudget:
         return check_budget_value(text)
     s = str(text).strip().lower()
     if s.startswith("ms:"):
+        ms, sep, router = s[3:].partition(",router:")
         try:
-            value = float(s[3:])
+            return TimeBudget(float(ms), float(router) if sep else None)
         except ValueError:
-            raise ValueError(f"time budget {text!r} must look like 'ms:4' (milliseconds > 0)") from None
-        return TimeBudget(value)
+            raise ValueError(
+                f"time budget {text!r} must look like 'ms:4' (milliseconds > 0) or 'ms:4,router:0.25'"
+            ) from None
     if not s.startswith("mean:"):
         try:
             value = float(s)

@@ -123,12 +123,13 @@ class GatedModel(nn.Module):
         masks: UnitMasks | None,
     ) -> Any:
         batch, device = batch_and_device(args, kwargs)
-        time_ms = None
+        time_ms = time_router = None
         if isinstance(budget, TimeBudget):
             if self.training or self.parts.spec.causal:
                 raise ValueError("time budgets (ms) are for encoders in eval mode; train with FLOPs budgets")
             require_table(self)  # attached and measured for this model, else an error that says how
-            time_ms, budget = budget.ms, 1.0  # the FLOPs cap is lifted: the table's ms bound the units
+            # the FLOPs cap is lifted: the table's ms bound the units
+            time_ms, time_router, budget = budget.ms, budget.router, 1.0
         budgets, router_budgets, threshold = route_budgets(
             self.gate_config.default_budget if budget is None else budget, batch, device
         )
@@ -165,6 +166,7 @@ class GatedModel(nn.Module):
             router_budget=router_budgets,
             threshold=threshold,
             time_ms=time_ms,
+            time_router=time_router,
         )
         self._state.held = held
         recorder = self._training_free_prefill(held, masks, budgets)

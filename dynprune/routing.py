@@ -57,6 +57,8 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     prices, overhead, time_available = fm, 0.0, None  # FLOPs, or a TimeBudget's measured ms
     if state.time_ms is not None:
         prices, router_budget, time_available = time_route(gm, state.time_ms, seq, batch, hidden.device)
+        if state.time_router is not None:  # TimeBudget(ms, router=b): the router reads b
+            router_budget = torch.full_like(router_budget, state.time_router)
         overhead = prices.layer_overhead(seq)
     if state.forced_masks is not None:
         m = state.forced_masks

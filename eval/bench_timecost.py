@@ -5,8 +5,10 @@ pricings of the one selection:
 
 - **FLOPs-priced**: ``budget=b`` (a fraction of dense FLOPs; units priced by FLOPs);
 - **time-priced**: ``budget=TimeBudget(ms)`` with ``ms`` = the cost table's predicted time of the
-  FLOPs-priced choice *for the same input*: the same predicted time, units priced by measured time
-  (the router reads the same budget up to the table's fit; docs/cpu_engine.md).
+  FLOPs-priced choice *for the same input*: the same predicted time, units priced by measured time;
+  the router reads the FLOPs budget derived from ``ms`` (docs/cpu_engine.md), which is not ``b``;
+- **time-priced, same router input** (``time_r``): ``TimeBudget(ms, router=b)``: the router reads
+  ``b`` as in the FLOPs-priced run, so only the pricing differs.
 
 ``--part speed`` (run it on a quiet machine): for every length in ``--seqs``, one review packed to
 that many tokens, both pricings and the dense forward (budget 1.0, same engine) timed side by side
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pair(gated: Any, inputs: dict, budget: float) -> dict[str, Any]:
-    """Both pricings of one input: {pricing: (budget object, masks, FLOPs ratio, predicted ms)}."""
+    """Both pricings of one input: {pricing: (budget object, masks, FLOPs ratio, predicted ms, answer)};
+    ``time_r``: time-priced with the router reading the FLOPs budget (the pricing alone differs)."""
     table, seq = gated.cost_table, inputs["input_ids"].shape[1]
     out = {}
     with torch.inference_mode():
@@ -62,11 +65,11 @@ def _pair(gated: Any, inputs: dict, budget: float) -> dict[str, Any]:
         info = gated.last
         ms = float(table.predict(info.masks, seq)[0])
         out["flops"] = (budget, info.masks, float(info.flops_ratio[0]), ms, int(logits.argmax(-1)[0]))
-        tb = TimeBudget(ms)
-        logits = gated(**inputs, budget=tb).logits
-        info = gated.last
-        pred = float(table.predict(info.masks, seq)[0])
-        out["time"] = (tb, info.masks, float(info.flops_ratio[0]), pred, int(logits.argmax(-1)[0]))
+        for name, tb in (("time", TimeBudget(ms)), ("time_r", TimeBudget(ms, router=budget))):
+            logits = gated(**inputs, budget=tb).logits
+            info = gated.last
+            pred = float(table.predict(info.masks, seq)[0])
+            out[name] = (tb, info.masks, float(info.flops_ratio[0]), pred, int(logits.argmax(-1)[0]))
     return out
 
 
@@ -91,21 +94,26 @@ def speed(gated: Any, tokenizer: Any, args: Any) -> list[dict[str, Any]]:
                 fns[name] = lambda x=inputs, budget=budget: gated(**x, budget=budget)
             stats = time_blocks(fns, warmup=2, repeats=args.repeats, block=3, pause_s=0.0)
             (_, mf, ff, pf, _), (_, mt, ft, pt, _) = pair["flops"], pair["time"]
+            _, mr, fr, pr, _ = pair["time_r"]
             rows.append({
                 "seq": seq, "budget": b,
                 "dense_ms": stats["dense"].median_ms, "dense_pred_ms": gated.cost_table.dense(seq),
                 "flops_ms": stats["flops"].median_ms, "flops_pred_ms": pf, "flops_ratio_f": ff,
                 "time_ms": stats["time"].median_ms, "time_pred_ms": pt, "flops_ratio_t": ft,
                 "time_vs_flops": paired_ratio(stats["time"], stats["flops"]),
+                "time_r_ms": stats["time_r"].median_ms, "time_r_pred_ms": pr, "flops_ratio_r": fr,
+                "time_r_vs_flops": paired_ratio(stats["time_r"], stats["flops"]),
                 "speedup_flops": paired_ratio(stats["dense"], stats["flops"]),
                 "speedup_time": paired_ratio(stats["dense"], stats["time"]),
                 "same_units": bool(_units(mf) == _units(mt)), "units_f": _units(mf), "units_t": _units(mt),
+                "units_r": _units(mr),
             })  # fmt: skip
             r = rows[-1]
             print(
                 f"T={seq:3d} b={b:g}: FLOPs-priced {r['flops_ms']:.2f} ms (pred {pf:.2f}, FLOPs {ff:.3f}) | "
                 f"time-priced {r['time_ms']:.2f} ms (pred {pt:.2f}, FLOPs {ft:.3f}) | time/FLOPs-priced "
-                f"{r['time_vs_flops']:.3f} | dense {r['dense_ms']:.2f} ms (pred {r['dense_pred_ms']:.2f})",
+                f"{r['time_vs_flops']:.3f} | same router: {r['time_r_ms']:.2f} ms (pred {pr:.2f}, FLOPs {fr:.3f}, "
+                f"vs FLOPs-priced {r['time_r_vs_flops']:.3f}) | dense {r['dense_ms']:.2f} ms (pred {r['dense_pred_ms']:.2f})",
                 flush=True,
             )
     return rows
@@ -151,9 +159,9 @@ def accuracy(gated: Any, tokenizer: Any, args: Any) -> list[dict[str, Any]]:
     test = rotten_tomatoes_split()["test"][: args.examples]
     rows = []
     for b in args.budgets:
-        acc = {"flops": 0, "time": 0}
+        acc = {"flops": 0, "time": 0, "time_r": 0}
         sums = {k: [0.0, 0.0] for k in acc}
-        differ = same_units = 0
+        differ = same_units = differ_r = same_r = 0
         for text, label in test:
             enc = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
             pair = _pair(gated, dict(enc), b)
@@ -162,9 +170,12 @@ def accuracy(gated: Any, tokenizer: Any, args: Any) -> list[dict[str, Any]]:
                 sums[k][0] += fr
                 sums[k][1] += ms
             differ += int(pair["flops"][4] != pair["time"][4])
+            differ_r += int(pair["flops"][4] != pair["time_r"][4])
             same_units += int(_units(pair["flops"][1]) == _units(pair["time"][1]))
+            same_r += int(_units(pair["flops"][1]) == _units(pair["time_r"][1]))
         n = len(test)
-        row = {"budget": b, "n": n, "answers_differ": differ, "same_units": same_units}
+        row = {"budget": b, "n": n, "answers_differ": differ, "same_units": same_units,
+               "answers_differ_r": differ_r, "same_units_r": same_r}  # fmt: skip
         for k in acc:
             row[f"acc_{k}"] = acc[k] / n
             row[f"flops_{k}"] = sums[k][0] / n
@@ -173,7 +184,9 @@ def accuracy(gated: Any, tokenizer: Any, args: Any) -> list[dict[str, Any]]:
         print(
             f"b={b:g} (n={n}): FLOPs-priced acc {row['acc_flops']:.2%} FLOPs {row['flops_flops']:.3f} pred "
             f"{row['pred_ms_flops']:.2f} ms | time-priced acc {row['acc_time']:.2%} FLOPs {row['flops_time']:.3f} "
-            f"pred {row['pred_ms_time']:.2f} ms | answers differ on {differ}, same units on {same_units}",
+            f"pred {row['pred_ms_time']:.2f} ms | answers differ on {differ}, same units on {same_units} | "
+            f"same router: acc {row['acc_time_r']:.2%} FLOPs {row['flops_time_r']:.3f} pred "
+            f"{row['pred_ms_time_r']:.2f} ms, answers differ on {differ_r}, same units on {same_r}",
             flush=True,
         )
     return rows

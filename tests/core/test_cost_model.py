@@ -257,3 +257,36 @@ def test_a_table_from_another_machine_warns():
     gated.cost_table = table()  # measured on "test cpu"
     with pytest.warns(UserWarning, match="another CPU"), torch.inference_mode():
         gated(**tiny_batch(batch=1, seq=8), budget=TimeBudget(3.0))
+
+
+def test_time_budget_router_input():
+    assert parse_budget("ms:4,router:0.25") == TimeBudget(4.0, router=0.25)
+    assert budget_spec(TimeBudget(4, router=0.25)) == "ms:4,router:0.25"
+    for bad in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"TimeBudget\.router"):
+            TimeBudget(4.0, router=bad)
+    with pytest.raises(ValueError, match=r"ms:4,router:0\.25"):
+        parse_budget("ms:4,router:x")
+
+
+@pytest.mark.filterwarnings("ignore:dynprune. this cost table")
+def test_router_input_of_a_time_budget_changes_what_the_router_reads_not_the_bound():
+    gated = gated_tiny()
+    gated.cost_table = t = table()
+    batch = tiny_batch(batch=2, seq=20, padded=False)
+    seen = []
+    original = gated.router.forward
+    gated.router.forward = lambda h, m, b: (seen.append(b.clone()), original(h, m, b))[1]
+    with torch.inference_mode(), dynprune.exec.reference_path(gated):
+        gated(**batch, budget=TimeBudget(2.5, router=0.3))
+        assert bool((t.predict(gated.last.masks, 20) <= 2.5 * (1 + 1e-9)).all())
+        gated(**batch, budget=TimeBudget(2.5))
+    assert torch.allclose(seen[0].double(), torch.full((2,), 0.3, dtype=torch.float64))
+    assert not torch.allclose(seen[1].double(), seen[0].double())
+
+
+def test_eval_cli_takes_ms_budgets_outside_the_flops_range_check():
+    from dynprune.eval.cli import check_budgets
+
+    got = check_budgets(["0.5", "ms:5"], {"gate": {"budget_min": 0.2, "budget_max": 0.8}}, False)
+    assert got == [0.5, TimeBudget(5.0)]
