@@ -92,12 +92,12 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
         noisy = add_noise(scores, cfg.nested)
         soft = fill_ungated(relaxed(noisy, gm.relaxation.temperature), n, *dims, like=hidden)
         if gm.relaxation.hard:
-            masks = select_under_budget(noisy, available, prices, seq, state.threshold, overhead)
+            masks = select_under_budget(noisy, available, prices, seq, state.threshold, overhead=overhead)
             gates_sub = straight_through(masks, soft)
         else:
             gates_sub = soft
     else:
-        masks = select_under_budget(scores, available, prices, seq, state.threshold, overhead)
+        masks = select_under_budget(scores, available, prices, seq, state.threshold, overhead=overhead)
         gates_sub = masks.to_gates(hidden.dtype)
     gates = scatter_rows(gates_sub, rows, batch, dims, hidden)
     if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
