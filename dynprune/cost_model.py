@@ -291,6 +291,50 @@ def machine_mismatch(table: CostTable) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class WholeFeed:
+    """What the batch-1 whole-forward session (dynprune.exec) is fed for a ms budget."""
+
+    router: float  # the router's budget input
+    available: float  # ms for the units (every gated layer's overhead already paid)
+    costs: tuple[float, float]  # (head, slice) ms
+    full: tuple[int, int]  # (heads, slices) of a full layer
+
+    def accepts(self, counts: Any) -> bool:
+        """Whether the session's counts (1, L, 3) are exactly what ``routing.route`` would choose.
+
+        The exported selection has no per-layer overhead, so it was fed ``available`` with every
+        layer's overhead paid. That is the same selection when every layer was kept and at least
+        one is not full (then no dropped layer was refilled: a refill only starts once every kept
+        layer is full); otherwise the caller runs the usual path."""
+        c = np.asarray(counts).reshape(-1, 3)
+        if self.router >= 1.0:
+            return True
+        full = (c[:, 1] == self.full[0]) & (c[:, 2] == self.full[1])
+        return bool(c[:, 0].all()) and not bool(full.all())
+
+
+@dataclass(frozen=True)
+class TimePricing:
+    """A TimeBudget as one forward needs it: ms per input, and the router input if pinned."""
+
+    ms: float
+    router: float | None = None
+
+    def whole_feed(self, gated: Any, seq: int) -> WholeFeed | None:
+        """The whole-forward session's inputs at length ``seq``; None when the usual path must run
+        (the overheads of every gated layer do not fit: its selection drops layers)."""
+        from dynprune.routing import time_route
+
+        table, router, available = time_route(gated, self.ms, seq, 1, torch.device("cpu"))
+        r = float(router[0]) if self.router is None else self.router
+        left = float(available[0]) - table.n_gated_layers * table.layer_overhead(seq)
+        if left < 0 and r < 1.0:
+            return None
+        costs = (table.head_cost(seq), table.slice_cost(seq))
+        return WholeFeed(r, max(left, 0.0), costs, (table.n_heads, table.n_slices))
+
+
 # -- fitting (dynprune bench calibrate) -------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerTiming:

@@ -13,7 +13,7 @@ from dynprune.arch import ModelParts, resolve
 from dynprune.budget import MeanBudget, ThresholdRoute, TimeBudget, batch_and_device, route_budgets
 from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
-from dynprune.cost_model import CostTable, require_table
+from dynprune.cost_model import CostTable, TimePricing, require_table
 from dynprune.exec import engine_for, whole_forward
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import UnitMasks
@@ -137,14 +137,9 @@ class GatedModel(nn.Module):
             raise ValueError(
                 "mean budgets are implemented for encoders; a decoder takes a cap per sequence (a float)"
             )
-        if (
-            threshold is None
-            and time_ms is None
-            and masks is None
-            and not self.training
-            and self._use_gathered()
-        ):
-            out = whole_forward(self, device, args, kwargs, budgets)  # batch 1 on CPU: one ORT call
+        if threshold is None and masks is None and not self.training and self._use_gathered():
+            time = None if time_ms is None else TimePricing(time_ms, time_router)  # a ms budget
+            out = whole_forward(self, device, args, kwargs, budgets, time)  # batch 1 on CPU: one ORT call
             if out is not None:
                 return out
         if masks is not None:

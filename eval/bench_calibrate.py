@@ -10,9 +10,11 @@ layer keeps are inputs, so any count vector is one call):
    (:func:`dynprune.cost_model.fit_layers`); ``--validate`` random count vectors (random keeps
    and counts per layer) are timed too and only *predicted*: their error is the fit's held-out
    error, saved in the table;
-2. **the rest of a forward** — the whole gated forward on real reviews packed to T tokens, at
-   FLOPs budgets ``--budgets``; ``fixed`` = median of (measured forward - predicted layers):
-   embeddings, router, selection, task head, the engine call.
+2. **the rest of a forward** — whole gated forwards on real reviews packed to T tokens under ms
+   budgets (the path every ms budget runs: at batch 1 the engine's whole-forward session), one per
+   FLOPs budget in ``--budgets`` (the predicted layer time of its choice, the router reading that
+   budget); ``fixed`` = median of (measured forward - predicted layers): embeddings, router,
+   selection, task head, the engine call.
 
 Every variant is timed in interleaved rounds, each a block of 3 back-to-back calls after one
 untimed call (eval/timing.py ``time_blocks``: a steady stream of inputs with the same units, as a
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from dynprune.eval.timing import runtime_env, time_blocks
 
+from dynprune.budget import TimeBudget
 from dynprune.cost_model import CostTable, LayerTiming, SeqCosts, fit_fixed, fit_layers, model_signature
 
 #: relative error of held-out timings above which the table is flagged as measured on a busy machine
@@ -112,16 +115,22 @@ def measure_layers(layers: Any, seq: int, args: Any, rng: np.random.Generator) -
     return fit, held
 
 
-def measure_forward(gated: Any, inputs: dict, args: Any) -> list[tuple[float, Any]]:
-    """(median ms, masks) of the whole gated forward at each FLOPs budget."""
-    masks = {}
+def measure_forward(gated: Any, inputs: dict, args: Any, layers_of: Any) -> list[tuple[float, Any]]:
+    """(median ms, masks) of whole gated forwards under ms budgets, the path every ms budget runs:
+    for each FLOPs budget b, ``TimeBudget(layers_of(its masks), router=b)`` (``gated.cost_table``
+    is the provisional table, ``fixed`` = 0)."""
+    budgets = []
     with torch.inference_mode():
         for b in args.budgets:
             gated(**inputs, budget=b)
-            masks[b] = gated.last.masks
-    fns = {b: (lambda b=b: gated(**inputs, budget=b)) for b in args.budgets}
+            budgets.append(TimeBudget(max(layers_of(gated.last.masks), 1e-6), router=b))
+        masks = []
+        for tb in budgets:
+            gated(**inputs, budget=tb)
+            masks.append(gated.last.masks)
+    fns = {i: (lambda tb=tb: gated(**inputs, budget=tb)) for i, tb in enumerate(budgets)}
     stats = time_blocks(fns, warmup=args.warmup, repeats=args.repeats, block=3, pause_s=0.0)
-    return [(stats[b].median_ms, masks[b]) for b in args.budgets]
+    return [(stats[i].median_ms, masks[i]) for i in range(len(budgets))]
 
 
 def _layers_ms(m: Any, layer: float, head: float, slc: float) -> float:
@@ -140,24 +149,32 @@ def calibrate(gated: Any, tokenizer: Any, args: Any) -> CostTable:
             "pip install 'dynprune[onnx]'); ms budgets price that engine's time"
         )
     rng = np.random.default_rng(args.seed)
-    points, held_errors = [], {}
-    for seq in args.seqs:
+    machine = machine_info(args.threads)
+    fits, held_errors = {}, {}
+    for seq in args.seqs:  # 1. the layers, on the engine's session alone
         fit, held = measure_layers(engine.layers, seq, args, rng)
         base, layer, head, slc, rmse = fit_layers(fit)
-        layers_of = partial(_layers_ms, layer=layer, head=head, slc=slc)
-        forwards = measure_forward(gated, _reviews(tokenizer, seq), args)
-        fixed = fit_fixed([ms for ms, _ in forwards], [layers_of(m) for _, m in forwards])
-        point = SeqCosts(seq, fixed, layer, head, slc, rmse)
-        points.append(point)
+        fits[seq] = (layer, head, slc, rmse)
         pred = [base + layer * t.kept_layers + head * t.heads + slc * t.slices for t in held]
-        errors = [p / t.ms - 1 for p, t in zip(pred, held)]
-        fwd_err = [(fixed + layers_of(m)) / ms - 1 for ms, m in forwards]
+        errors = [abs(p / t.ms - 1) for p, t in zip(pred, held)]
         held_errors[str(seq)] = {
-            "layers_rel_error_median": float(np.median(np.abs(errors))) if errors else None,
-            "layers_rel_error_max": float(np.max(np.abs(errors))) if errors else None,
-            "forward_rel_error": [round(e, 4) for e in fwd_err],
+            "layers_rel_error_median": float(np.median(errors)) if errors else None,
+            "layers_rel_error_max": float(np.max(errors)) if errors else None,
             "engine_call_skip_all_ms": round(base, 4),
         }
+    signature = model_signature(gated)
+    gated.cost_table = CostTable(  # provisional: nothing outside the layers yet
+        signature, tuple(SeqCosts(t, 0.0, *fits[t]) for t in args.seqs), machine
+    )
+    points = []
+    for seq in args.seqs:  # 2. whole forwards under ms budgets: the rest of the forward
+        layer, head, slc, rmse = fits[seq]
+        layers_of = partial(_layers_ms, layer=layer, head=head, slc=slc)
+        forwards = measure_forward(gated, _reviews(tokenizer, seq), args, layers_of)
+        fixed = fit_fixed([ms for ms, _ in forwards], [layers_of(m) for _, m in forwards])
+        points.append(SeqCosts(seq, fixed, layer, head, slc, rmse))
+        fwd_err = [(fixed + layers_of(m)) / ms - 1 for ms, m in forwards]
+        held_errors[str(seq)]["forward_rel_error"] = [round(e, 4) for e in fwd_err]
         print(
             f"T={seq:4d}: fixed {fixed:.3f} ms, layer {layer:.4f}, head {head:.4f}, slice {slc:.4f} ms "
             f"(fit rmse {rmse:.3f} ms; held-out layers error median "
@@ -177,21 +194,6 @@ def calibrate(gated: Any, tokenizer: Any, args: Any) -> CostTable:
             f"more than {NOISY:.0%}: the machine was probably busy; calibrate again on a quiet machine",
             flush=True,
         )
-    env = runtime_env()
-    import onnxruntime
-
-    import dynprune
-
-    machine = {
-        "cpu": env["cpu"],
-        "logical_cpus": env["logical_cpus"],
-        "threads": str(args.threads),
-        "torch": env["torch"],
-        "onnxruntime": onnxruntime.__version__,
-        "dynprune": dynprune.__version__,
-        "python": env["python"],
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
     settings = {
         "noisy_seqs": noisy,
         "grid": args.grid,
@@ -199,7 +201,26 @@ def calibrate(gated: Any, tokenizer: Any, args: Any) -> CostTable:
         "budgets": args.budgets,
         "held_out": held_errors,
     }
-    return CostTable(model_signature(gated), tuple(points), machine, "onnxruntime", 1, settings)
+    return CostTable(signature, tuple(points), machine, "onnxruntime", 1, settings)
+
+
+def machine_info(threads: int) -> dict[str, str]:
+    """What the table's times depend on: CPU, threads, versions, when."""
+    import onnxruntime
+
+    import dynprune
+
+    env = runtime_env()
+    return {
+        "cpu": env["cpu"],
+        "logical_cpus": env["logical_cpus"],
+        "threads": str(threads),
+        "torch": env["torch"],
+        "onnxruntime": onnxruntime.__version__,
+        "dynprune": dynprune.__version__,
+        "python": env["python"],
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
