@@ -135,10 +135,13 @@ def landing(gated: Any, tokenizer: Any, args: Any) -> list[dict[str, Any]]:
             except ValueError as err:  # below this length's fixed time
                 print(f"T={seq:3d} ms:{ms:g}: {err}", flush=True)
                 continue
-            info[ms] = (
-                float(gated.last.flops_ratio[0]),
-                float(gated.cost_table.predict(gated.last.masks, seq)[0]),
+            masks = gated.last.masks  # None: the budget holds the dense forward
+            pred = (
+                gated.cost_table.dense(seq)
+                if masks is None
+                else float(gated.cost_table.predict(masks, seq)[0])
             )
+            info[ms] = (float(gated.last.flops_ratio[0]), pred)
             fns[ms] = lambda x=inputs, tb=tb: gated(**x, budget=tb)
         if not fns:
             continue
