@@ -276,8 +276,13 @@ def whole_forward(
         feed = time.whole_feed(gated, seq)
         if feed is None:
             return None
+        key = (feed.router, seq, feed.available, *feed.costs)
+        if whole.static and key in whole.ms_rejected:  # known to need the usual path: skip the session
+            return None
         output, counts = whole.run(tokens, feed.router, feed.available, seq, costs=feed.costs)
         if not feed.accepts(counts):
+            if whole.static and len(whole.ms_rejected) < 4096:
+                whole.ms_rejected.add(key)
             return None
         gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=feed.router < 1.0)
         value = torch.from_numpy(output)

@@ -58,6 +58,8 @@ class WholeForward:
         self._met: Counter[tuple[int, ...]] = Counter()  # counts -> forwards that chose them
         # (budget, length[, ms available, head ms, slice ms]) -> counts
         self._static_counts: dict[tuple, np.ndarray] = {}
+        # a static router's ms-priced calls whose answer the usual path must give (cost_model.WholeFeed)
+        self.ms_rejected: set[tuple] = set()
         self.output_type: type | None = None
         self.output_key = ""
         self.calls = 0  # forwards run (either session kind)
@@ -71,6 +73,7 @@ class WholeForward:
             self._sliced.clear()
             self._met.clear()
             self._static_counts.clear()
+            self.ms_rejected.clear()
             self._session = self.layers.make_session.from_builder(self.graph)
             self._key = key
         return self._session

@@ -67,3 +67,18 @@ def test_layers_whose_overheads_do_not_fit_take_the_usual_path():
     with torch.inference_mode(), reference_path(gated):
         ref = gated(**batch, budget=TimeBudget(2.0)).logits
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+
+
+def test_a_static_routers_rejected_answer_is_remembered(monkeypatch):
+    from dynprune.cost_model import WholeFeed
+
+    gated = _gated("static")
+    batch = tiny_batch(batch=1, seq=8, seed=0, padded=False)
+    monkeypatch.setattr(WholeFeed, "accepts", lambda self, counts: False)  # always the usual path
+    for expected_calls in (1, 1, 1):  # the session runs once; then the usual path straight away
+        with torch.inference_mode():
+            fast = gated(**batch, budget=TimeBudget(1.6)).logits
+        assert _whole_calls(gated) == expected_calls
+    with torch.inference_mode(), reference_path(gated):
+        ref = gated(**batch, budget=TimeBudget(1.6)).logits
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
