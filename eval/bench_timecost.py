@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=15, help="speed: timed rounds (default 15)")
     p.add_argument("--examples", type=int, default=1275, help="accuracy: test reviews (default all 1275)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--path", choices=["default", "torch"], default="default",
+                   help="accuracy: torch = the PyTorch gathered path (same units, no session builds)")  # fmt: skip
     return p
 
 
@@ -234,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"dynprune bench timecost: {err}") from err
     materialize(gated)
     gated.eval()
-    rows = speed(gated, tokenizer, args) if args.part == "speed" else accuracy(gated, tokenizer, args)
+    if args.part == "speed":
+        rows = speed(gated, tokenizer, args)
+    else:
+        from contextlib import nullcontext
+
+        from dynprune.exec import reference_path
+
+        with reference_path(gated) if args.path == "torch" else nullcontext():
+            rows = accuracy(gated, tokenizer, args)
     land = landing(gated, tokenizer, args) if args.part == "speed" and args.ms else []
     env = runtime_env()
     note = (
