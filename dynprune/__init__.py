@@ -6,9 +6,10 @@ gated.last.flops_ratio          # executed FLOPs / dense, per sample
 """
 
 from dynprune.arch import ARCH_TABLE, ArchSpec, UnsupportedModelError
-from dynprune.budget import MeanBudget, parse_budget
+from dynprune.budget import MeanBudget, TimeBudget, parse_budget
 from dynprune.calibration import BudgetModeError, Calibration, MissingCalibrationError
 from dynprune.config import GateConfig
+from dynprune.cost_model import CostTable, IncompatibleCostTableError, MissingCostTableError
 from dynprune.gates import Gates, GateScores, UnitMasks
 from dynprune.io import IncompatibleGatesError, load_gated_model, load_gates, save_gated_model, save_gates
 from dynprune.kv_cache import GatedKVCache
@@ -22,15 +23,19 @@ __all__ = [
     "ArchSpec",
     "BudgetModeError",
     "Calibration",
+    "CostTable",
     "ForwardInfo",
     "GateConfig",
     "GateScores",
     "GatedKVCache",
     "GatedModel",
     "Gates",
+    "IncompatibleCostTableError",
     "IncompatibleGatesError",
     "MeanBudget",
     "MissingCalibrationError",
+    "MissingCostTableError",
+    "TimeBudget",
     "UnitMasks",
     "UnsupportedModelError",
     "__version__",

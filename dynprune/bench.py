@@ -18,6 +18,14 @@ BENCHES = {
         "dynprune.eval.bench_candidates",
         "ways to run gated layers on CPU (ONNX Runtime engine settings, PyTorch path) vs ORT dense",
     ),
+    "calibrate": (
+        "dynprune.eval.bench_calibrate",
+        "measure this machine's cost table (ms per head / FFN slice / layer) for millisecond budgets",
+    ),
+    "timecost": (
+        "dynprune.eval.bench_timecost",
+        "FLOPs-priced vs time-priced selection at the same predicted ms, batch 1 (needs a cost table)",
+    ),
     "kernels": ("dynprune.kernels.bench", "Triton gated FFN/attention vs dense cuBLAS/SDPA (GPU)"),
     "serve": (
         "dynprune.serve.bench",

@@ -8,7 +8,11 @@
   (``dynprune calibrate``; :mod:`dynprune.calibration`). ``cap`` adds a hard
   bound per input (a per-request ceiling).
 
-Text form (CLI, sweep, server): ``"0.5"``, ``"mean:0.25"``, ``"mean:0.25,cap:0.6"``.
+- ``budget=TimeBudget(4.0)``: every input may take at most 4 ms at batch 1 *as predicted by this
+  machine's cost table* (``gates/cost_table.json``, made by ``dynprune bench calibrate``;
+  :mod:`dynprune.cost_model`): units are priced by measured time instead of FLOPs.
+
+Text form (CLI, sweep, server): ``"0.5"``, ``"mean:0.25"``, ``"mean:0.25,cap:0.6"``, ``"ms:4"``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,37 @@ class MeanBudget:
 
 
 @dataclass(frozen=True)
+class TimeBudget:
+    """At most ``ms`` milliseconds per input, by the cost table's prediction of a batch-1 forward.
+
+    Units are priced by their measured time on this machine (``GatedModel.cost_table``). The router
+    reads ``router`` if given (a FLOPs fraction in (0, 1]), else the FLOPs budget with the same
+    share of the gated layers' dense cost as ``ms`` has of their predicted dense time. A cap per
+    input, for inference.
+    """
+
+    ms: float
+    router: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)):
+            raise ValueError(f"TimeBudget.ms must be a number of milliseconds > 0, got {self.ms!r}")
+        value = float(self.ms)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"TimeBudget.ms must be a finite number of milliseconds > 0, got {self.ms!r}")
+        object.__setattr__(self, "ms", value)
+        if self.router is not None:
+            object.__setattr__(self, "router", check_budget_value(self.router, "TimeBudget.router"))
+
+    @property
+    def spec(self) -> str:
+        return f"ms:{self.ms:g}" + ("" if self.router is None else f",router:{self.router:g}")
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
 class ThresholdRoute:
     """A resolved mean budget for one forward: what a calibration (or training) turns MeanBudget into.
 
@@ -73,18 +108,27 @@ class ThresholdRoute:
             raise ValueError("ThresholdRoute.threshold must be a number, got nan")
 
 
-def parse_budget(text: str | float) -> float | MeanBudget:
-    """``"0.5"`` -> 0.5 (cap per input); ``"mean:0.25"`` / ``"mean:0.25,cap:0.6"`` -> MeanBudget."""
+def parse_budget(text: str | float) -> float | MeanBudget | TimeBudget:
+    """``"0.5"`` -> 0.5 (cap per input); ``"mean:0.25"`` / ``"mean:0.25,cap:0.6"`` -> MeanBudget;
+    ``"ms:4"`` -> TimeBudget(4.0)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return check_budget_value(text)
     s = str(text).strip().lower()
+    if s.startswith("ms:"):
+        ms, sep, router = s[3:].partition(",router:")
+        try:
+            return TimeBudget(float(ms), float(router) if sep else None)
+        except ValueError:
+            raise ValueError(
+                f"time budget {text!r} must look like 'ms:4' (milliseconds > 0) or 'ms:4,router:0.25'"
+            ) from None
     if not s.startswith("mean:"):
         try:
             value = float(s)
         except ValueError:
             raise ValueError(
-                f"budget {text!r} is neither a number in (0, 1] (a cap per input, e.g. 0.5) nor a mean "
-                "budget ('mean:0.25' or 'mean:0.25,cap:0.6')"
+                f"budget {text!r} is neither a number in (0, 1] (a cap per input, e.g. 0.5), a mean "
+                "budget ('mean:0.25' or 'mean:0.25,cap:0.6') nor a time budget ('ms:4')"
             ) from None
         return check_budget_value(value)
     fields: dict[str, float] = {}
@@ -104,9 +148,9 @@ def parse_budget(text: str | float) -> float | MeanBudget:
     return MeanBudget(fields["mean"], fields.get("cap"))
 
 
-def budget_spec(budget: float | MeanBudget) -> str:
+def budget_spec(budget: float | MeanBudget | TimeBudget) -> str:
     """The text form of a budget (inverse of :func:`parse_budget`)."""
-    if isinstance(budget, MeanBudget):
+    if isinstance(budget, (MeanBudget, TimeBudget)):
         return budget.spec
     return f"{float(budget):g}"
 

@@ -187,8 +187,14 @@ def select_under_budget(
     seq_len: int,
     threshold: float | None = None,
     costs: tuple[Tensor, Tensor] | None = None,
+    overhead: float = 0.0,
 ) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
+
+    ``flops`` prices the units: a FlopsModel, or anything with its ``n_gated_layers``,
+    ``n_heads``, ``n_slices``, ``head_cost(seq)`` and ``slice_cost(seq)`` (a measured
+    :class:`dynprune.cost_model.CostTable`: ``available`` is then in ms). ``overhead``: a cost
+    every kept layer pays whatever units it keeps (part of its compulsory cost, step 1).
 
     ``threshold`` None (a cap per input): every unit is eligible and the budget
     is filled greedily. A number (mean budgets): only units and layers whose
@@ -223,12 +229,13 @@ def select_under_budget(
         log_cost = torch.log
     available = available.to(device=device, dtype=torch.float64)
 
-    compulsory = 0.0
+    compulsory = float(overhead)
     if scores.head is None:
         compulsory += n_heads * head_cost
     if scores.ffn is None:
         compulsory += n_slices * slice_cost
-    has_compulsory = scores.head is None or scores.ffn is None  # (static, whatever the costs' type)
+    # (static, whatever the costs' type; a per-layer overhead is a plain float)
+    has_compulsory = scores.head is None or scores.ffn is None or overhead > 0
 
     if scores.layer is not None:
         layer_logit = scores.layer.detach().double()
@@ -245,7 +252,8 @@ def select_under_budget(
         need = n_layers * compulsory
         if has_compulsory and bool((available < need * (1 - 1e-12)).any()):
             raise ValueError(
-                "budget too small: the layers' un-gated units alone cost more than the budget allows; "
+                "budget too small: the layers' compulsory cost (un-gated units, per-layer overhead) alone "
+                "is more than the budget allows; "
                 "gate more kinds of units (heads/ffn/layers) or raise the budget"
             )
     remaining = available - keep_layer.double().sum(1) * compulsory  # (B,)

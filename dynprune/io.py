@@ -5,6 +5,7 @@ Layout of a gates directory::
     gates.json          {"format": 1, "gate_config": {...}, "model": {...sizes...}}
     gates.safetensors   router.* weights, head_perm, ffn_perm
     calibration.json    (optional) mean-budget policies per target (dynprune.calibration)
+    cost_table.json     (optional) this machine's measured unit times, for ms budgets (dynprune.cost_model)
 
 Loading wraps a freshly loaded base model (same architecture and sizes) with
 the saved config and unit orders, then loads the router weights. Nothing is
@@ -25,6 +26,7 @@ from torch import nn
 from dynprune.arch import resolve
 from dynprune.calibration import Calibration
 from dynprune.config import REMOVED_KEYS, GateConfig
+from dynprune.cost_model import load_if_present
 from dynprune.model import GatedModel, unwrap, wrap
 
 GATES_JSON = "gates.json"
@@ -86,6 +88,8 @@ def save_gates(gated: GatedModel, directory: str | os.PathLike) -> Path:
     atomic_write_bytes(out / GATES_JSON, json.dumps(meta, indent=2).encode())
     if gated.calibration:
         gated.calibration.save(out)
+    if gated.cost_table is not None:
+        gated.cost_table.save(out)
     return out
 
 
@@ -159,6 +163,7 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> GatedModel:
             f"router weights in {directory} do not fit this gate config: {err}"
         ) from err
     gated.calibration = Calibration.load(directory)
+    gated.cost_table = load_if_present(directory)  # checked against the model when a ms budget asks
     return gated
 
 

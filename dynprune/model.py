@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from dynprune.arch import ModelParts, resolve
-from dynprune.budget import MeanBudget, ThresholdRoute, batch_and_device, route_budgets
+from dynprune.budget import MeanBudget, ThresholdRoute, TimeBudget, batch_and_device, route_budgets
 from dynprune.calibration import Calibration, mean_budget_forward
 from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
+from dynprune.cost_model import CostTable, TimePricing, require_table
 from dynprune.exec import engine_for, whole_forward
 from dynprune.flops import FlopsModel, build_flops_model
 from dynprune.gates import UnitMasks
@@ -36,7 +37,9 @@ class GatedModel(nn.Module):
     ``budget``: float or (B,) tensor of fractions of dense FLOPs in (0, 1]
     (default ``GateConfig.default_budget``): a cap per sample; or a
     :class:`~dynprune.budget.MeanBudget`: a mean over the inputs, spent by the
-    policy calibrated for it (``self.calibration``, saved with the gates); ``masks``: explicit
+    policy calibrated for it (``self.calibration``, saved with the gates); or a
+    :class:`~dynprune.budget.TimeBudget`: milliseconds per input at batch 1, units priced by this
+    machine's measured cost table (``self.cost_table``, saved with the gates); ``masks``: explicit
     :class:`UnitMasks` instead of the router (for tests and baselines).
     After each call, ``self.last`` is a :class:`ForwardInfo`. In train mode gates
     are sampled as ``self.relaxation`` says (a :class:`Relaxation`, training state).
@@ -65,6 +68,8 @@ class GatedModel(nn.Module):
         self.last: ForwardInfo | None = None
         # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
         self.calibration = Calibration()
+        # per-machine latency model for TimeBudget (dynprune bench calibrate; saved with the gates)
+        self.cost_table: CostTable | None = None
         self._handles = []
         for i, lp in enumerate(gated_parts):
             binding = LayerBinding(
@@ -97,7 +102,7 @@ class GatedModel(nn.Module):
     def forward(
         self,
         *args: Any,
-        budget: float | Tensor | MeanBudget | ThresholdRoute | None = None,
+        budget: float | Tensor | MeanBudget | ThresholdRoute | TimeBudget | None = None,
         masks: UnitMasks | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -114,10 +119,17 @@ class GatedModel(nn.Module):
         run: ForwardLike,
         args: tuple,
         kwargs: dict,
-        budget: float | Tensor | ThresholdRoute | None,
+        budget: float | Tensor | ThresholdRoute | TimeBudget | None,
         masks: UnitMasks | None,
     ) -> Any:
         batch, device = batch_and_device(args, kwargs)
+        time_ms = time_router = None
+        if isinstance(budget, TimeBudget):
+            if self.training or self.parts.spec.causal:
+                raise ValueError("time budgets (ms) are for encoders in eval mode; train with FLOPs budgets")
+            require_table(self)  # attached and measured for this model, else an error that says how
+            # the FLOPs cap is lifted: the table's ms bound the units
+            time_ms, time_router, budget = budget.ms, budget.router, 1.0
         budgets, router_budgets, threshold = route_budgets(
             self.gate_config.default_budget if budget is None else budget, batch, device
         )
@@ -126,7 +138,8 @@ class GatedModel(nn.Module):
                 "mean budgets are implemented for encoders; a decoder takes a cap per sequence (a float)"
             )
         if threshold is None and masks is None and not self.training and self._use_gathered():
-            out = whole_forward(self, device, args, kwargs, budgets)  # batch 1 on CPU: one ORT call
+            time = None if time_ms is None else TimePricing(time_ms, time_router)  # a ms budget
+            out = whole_forward(self, device, args, kwargs, budgets, time)  # batch 1 on CPU: one ORT call
             if out is not None:
                 return out
         if masks is not None:
@@ -147,6 +160,8 @@ class GatedModel(nn.Module):
             backend=self._backend(device),
             router_budget=router_budgets,
             threshold=threshold,
+            time_ms=time_ms,
+            time_router=time_router,
         )
         self._state.held = held
         recorder = self._training_free_prefill(held, masks, budgets)

@@ -54,6 +54,12 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     assert state.budget is not None and state.router_budget is not None
     budget, router_budget = state.budget, state.router_budget  # (B,) cap per sample, router's input
     dims = (gm.n_gated, gm.parts.n_heads, gm.n_slices)
+    prices, overhead, time_available = fm, 0.0, None  # FLOPs, or a TimeBudget's measured ms
+    if state.time_ms is not None:
+        prices, router_budget, time_available = time_route(gm, state.time_ms, seq, batch, hidden.device)
+        if state.time_router is not None:  # TimeBudget(ms, router=b): the router reads b
+            router_budget = torch.full_like(router_budget, state.time_router)
+        overhead = prices.layer_overhead(seq)
     if state.forced_masks is not None:
         m = state.forced_masks
         flops = fm.fixed(seq, with_router=False) + fm.gated_units(
@@ -68,7 +74,10 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     rows = None if bool(routed.all()) else routed.nonzero().squeeze(1)
     sub = lambda t: t if (rows is None or t is None) else t.index_select(0, rows)  # noqa: E731
     sub_budget = sub(budget)
-    available = spendable(gm, sub_budget, seq)
+    if time_available is None:  # (n,) FLOPs the gated layers may spend
+        available = spendable(gm, sub_budget, seq)
+    else:  # (n,) ms the gated layers may take
+        available = sub(time_available)
     if given is None:
         scores = gm.router(sub(hidden), sub(state.attention_mask), sub(router_budget))
     else:
@@ -83,12 +92,12 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
         noisy = add_noise(scores, cfg.nested)
         soft = fill_ungated(relaxed(noisy, gm.relaxation.temperature), n, *dims, like=hidden)
         if gm.relaxation.hard:
-            masks = select_under_budget(noisy, available, fm, seq, state.threshold)
+            masks = select_under_budget(noisy, available, prices, seq, state.threshold, overhead=overhead)
             gates_sub = straight_through(masks, soft)
         else:
             gates_sub = soft
     else:
-        masks = select_under_budget(scores, available, fm, seq, state.threshold)
+        masks = select_under_budget(scores, available, prices, seq, state.threshold, overhead=overhead)
         gates_sub = masks.to_gates(hidden.dtype)
     gates = scatter_rows(gates_sub, rows, batch, dims, hidden)
     if rows is None and masks is not None:  # every row routed: the selection's (canonical) masks
@@ -137,6 +146,26 @@ def spendable(gm: GatedModel, budget: Tensor, seq: int) -> Tensor:
             f"{gm.gate_config.router_layer} dense layer(s) always run)"
         )
     return available
+
+
+def time_route(gm: GatedModel, ms: float, seq: int, batch: int, device: torch.device) -> tuple:
+    """A TimeBudget at this length -> (the cost table, the router's input (B,), the ms the gated
+    layers may take (B,)). The router reads the FLOPs budget with the same share of the gated
+    layers' dense cost as the ms budget has of their dense time (at most 1 = dense): what the
+    budget would be in FLOPs if the layers' time were proportional to their FLOPs."""
+    table, fm = gm.cost_table, gm.flops  # the table: checked by GatedModel._gated_call (require_table)
+    fixed = table.fixed(seq)
+    if ms < fixed:
+        raise ValueError(
+            f"time budget {ms:g} ms is below the smallest this gated model can run at sequence length "
+            f"{seq} on this machine: {fixed:.3f} ms (embeddings, router, task head and the engine call, "
+            "by its cost table)"
+        )
+    share = min(1.0, (ms - fixed) / (table.dense(seq) - fixed))
+    dense = fm.dense(seq)
+    router = min(1.0, (fm.fixed(seq) + share * (dense - fm.fixed(seq))) / dense)
+    full = lambda v: torch.full((batch,), float(v), dtype=torch.float64, device=device)  # noqa: E731
+    return table, full(router), full(ms - fixed)
 
 
 def scatter_rows(

@@ -69,6 +69,8 @@ class GateState:
     budget: Tensor | None = None  # (B,) cap per sample: the FLOPs a sample may spend
     router_budget: Tensor | None = None  # (B,) what the router reads (= budget, or a mean target)
     threshold: float | None = None  # mean budgets: only units with logit > threshold are eligible
+    time_ms: float | None = None  # a TimeBudget: ms per input, units priced by GatedModel.cost_table
+    time_router: float | None = None  # ... and what its router reads (None: derived from the table)
     attention_mask: Tensor | None = None
     valid: Tensor | None = None  # (B, T) bool, or None when there is no padding
     forced_masks: UnitMasks | None = None
@@ -92,11 +94,13 @@ class GateState:
         backend: str,
         router_budget: Tensor | None = None,
         threshold: float | None = None,
+        time_ms: float | None = None,
+        time_router: float | None = None,
     ) -> None:
         self.active = True
         self.budget, self.attention_mask, self.forced_masks = budget, attention_mask, forced_masks
         self.router_budget = budget if router_budget is None else router_budget
-        self.threshold = threshold
+        self.threshold, self.time_ms, self.time_router = threshold, time_ms, time_router
         self.valid = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             self.valid = attention_mask.bool()
@@ -107,7 +111,7 @@ class GateState:
         info = self.info
         self.active = False
         self.budget = self.attention_mask = self.valid = self.forced_masks = None
-        self.router_budget, self.threshold = None, None
+        self.router_budget, self.threshold, self.time_ms, self.time_router = None, None, None, None
         self.gates, self.plans, self.info, self.hard_masks = None, None, None, None
         self.held = self.recorder = self.route_input = None
         return info

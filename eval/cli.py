@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dynprune.budget import MeanBudget, budget_spec, parse_budget
+from dynprune.budget import MeanBudget, TimeBudget, budget_spec, parse_budget
 
 
 class EvalError(ValueError):
@@ -136,7 +136,7 @@ def check_budgets(
     gate = train_cfg.get("gate") or {}
     low, high = gate.get("budget_min"), gate.get("budget_max")
     if low is not None and high is not None and not allow:
-        caps = [b for b in parsed if not isinstance(b, MeanBudget)]
+        caps = [b for b in parsed if not isinstance(b, (MeanBudget, TimeBudget))]
         bad = [b for b in caps if b < 1.0 and not (low - 1e-9 <= b <= high + 1e-9)]
         if bad:
             raise EvalError(
@@ -147,7 +147,9 @@ def check_budgets(
     return sorted(unique.values(), key=_budget_order, reverse=True)
 
 
-def _budget_order(b: float | MeanBudget) -> tuple[float, int, float]:
+def _budget_order(b: float | MeanBudget | TimeBudget) -> tuple[float, int, float]:
+    if isinstance(b, TimeBudget):  # after every FLOPs budget, longest first
+        return (0.0, 2, b.ms)
     if isinstance(b, MeanBudget):
         return (b.target, 0, b.cap or 1.0)
     return (float(b), 1, 0.0)
@@ -256,6 +258,13 @@ def run(args: argparse.Namespace) -> int:
                 check_policy_fits(gated, gated.calibration.lookup(b).policy)
             except ValueError as err:
                 raise EvalError(str(err).replace("DIR", str(ckpt))) from None
+    if any(isinstance(b, TimeBudget) for b in budgets):  # ms budgets need this machine's cost table
+        from dynprune.cost_model import require_table
+
+        try:
+            require_table(gated)
+        except ValueError as err:
+            raise EvalError(str(err).replace("DIR", str(ckpt))) from None
     out = args.out or ckpt / "eval"
     json_path, csv_path = output_paths(out, budgets, args.overwrite)
     examples = load_examples(args, train_cfg, label_names, tokenizer)

@@ -19,7 +19,7 @@ from dynprune.eval.latency import TimingInputs, measure
 from dynprune.eval.runners import DenseRunner, GatedRunner
 from dynprune.eval.timing import materialize
 
-from dynprune.budget import MeanBudget, budget_spec
+from dynprune.budget import MeanBudget, TimeBudget, budget_spec
 from dynprune.model import GatedModel
 
 
@@ -53,15 +53,18 @@ def evaluate_checkpoint(
     rows.append({"budget": 1.0, "budget_spec": "1", **_stats(summarize(dense_rec))})
     dense_conf = dense_rec.probs.max(-1)
     for b in budgets:
-        if (b.target if isinstance(b, MeanBudget) else b) >= 1.0:
+        fraction = None if isinstance(b, TimeBudget) else b.target if isinstance(b, MeanBudget) else b
+        if fraction is not None and fraction >= 1.0:
             continue
         rec = collect(gated, batches, budget=b, keep_masks=True)
         row: dict[str, Any] = {
-            "budget": b.target if isinstance(b, MeanBudget) else b,
+            "budget": fraction,  # None for a time budget (budget_spec: ms:4)
             "budget_spec": budget_spec(b),
             **_stats(summarize(rec)),
             "compute": where_compute_goes(rec.flops_ratio, rec.lengths, dense_conf),
         }
+        if gated.cost_table is not None and rec.head is not None:
+            row.update(predicted_ms(gated.cost_table, rec))
         if rec.head is not None:
             row["gates"] = mask_stats(rec)
             row["keep_rate_per_layer"] = {
@@ -85,6 +88,29 @@ def evaluate_checkpoint(
             row["frozen_export"] = _export_frozen(gated, ckpt, tokenizer, rec, b, batches, args.export_frozen)
         rows.append(row)
     return {"checkpoint": str(ckpt), "n_examples": len(examples), "rows": rows}
+
+
+def predicted_ms(table: Any, rec: Any) -> dict[str, float]:
+    """The cost table's predicted batch-1 time of each input's units at its own length: mean, p5, p95."""
+    from dynprune.gates import UnitMasks
+
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    pred = np.array(
+        [
+            float(
+                table.predict(
+                    UnitMasks(t(rec.head[i : i + 1]), t(rec.ffn[i : i + 1]), t(rec.layer[i : i + 1])), int(n)
+                )[0]
+            )
+            for i, n in enumerate(rec.lengths)
+        ]
+    )
+    q5, q95 = np.quantile(pred, [0.05, 0.95])
+    return {
+        "predicted_ms_mean": float(pred.mean()),
+        "predicted_ms_p5": float(q5),
+        "predicted_ms_p95": float(q95),
+    }
 
 
 def _stats(s: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +237,11 @@ def print_table(results: dict[str, Any]) -> str:
             f"{r.get('budget_spec', r['budget']):>17} {100 * r['accuracy']:>6.2f} {r['loss']:>6.3f} {f:>28} "
             f"{lat[0]:>15} {lat[1]:>12} {lat[2]:>16} {lat[3]:>12}  {gates}"
         )
+        if "predicted_ms_mean" in r:
+            lines.append(
+                f"{'':>17} predicted batch-1 ms (cost table) mean {r['predicted_ms_mean']:.2f} "
+                f"[p5 {r['predicted_ms_p5']:.2f}, p95 {r['predicted_ms_p95']:.2f}]"
+            )
         c = r.get("compute")
         if c:
             lines.append(

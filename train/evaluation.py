@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from dynprune.train.data import DataError, model_inputs
 
-from dynprune.budget import MeanBudget
+from dynprune.budget import MeanBudget, TimeBudget
 from dynprune.model import GatedModel
 
 
@@ -57,7 +57,7 @@ def _dense_flops_fn(model: torch.nn.Module):
 def collect(
     model: torch.nn.Module,
     dataloader,
-    budget: float | MeanBudget | None = None,
+    budget: float | MeanBudget | TimeBudget | None = None,
     keep_masks: bool = False,
     progress: bool = False,
     execution: str | None = None,
@@ -69,7 +69,11 @@ def collect(
     the same hard masks; None: the model's own ``GateConfig.execution``).
     """
     gated = isinstance(model, GatedModel)
-    if budget is not None and not gated and (isinstance(budget, MeanBudget) or float(budget) != 1.0):
+    if (
+        budget is not None
+        and not gated
+        and (isinstance(budget, (MeanBudget, TimeBudget)) or float(budget) != 1.0)
+    ):
         raise ValueError(
             f"budget={budget} needs a GatedModel (dynprune.wrap); a plain model runs dense (1.0)"
         )
@@ -132,7 +136,9 @@ def collect(
         flops=cat["flops"],
         dense_flops=cat["dense"],
         lengths=cat["len"],
-        budget=None if budget is None else (budget.spec if isinstance(budget, MeanBudget) else float(budget)),
+        budget=None
+        if budget is None
+        else (budget.spec if isinstance(budget, (MeanBudget, TimeBudget)) else float(budget)),
     )
     if keep_masks and masks["layer"]:
         rec.head, rec.ffn, rec.layer = (torch.cat(masks[k])[order].numpy() for k in ("head", "ffn", "layer"))

@@ -238,12 +238,15 @@ def reference_path(gated: Any):
 _WHOLE_KWARGS = frozenset({"input_ids", "attention_mask", "token_type_ids", "return_dict"})
 
 
-def whole_forward(gated: Any, device: torch.device, args: tuple, kwargs: dict, budget: Tensor) -> Any | None:
+def whole_forward(
+    gated: Any, device: torch.device, args: tuple, kwargs: dict, budget: Tensor, time: Any = None
+) -> Any | None:
     """Run one sample's whole gated forward as one ONNX Runtime call (dynprune.exec.whole_graph) and
     return the HF output, with ``gated.last`` set; None when this call is not one it runs: the
     caller then runs the usual path (PyTorch around the engine's layers). It runs batch-1 calls
     of encoder classifiers under a cap budget, routed by a learned router on the embeddings,
-    with token inputs given as keyword tensors and nothing else asked for."""
+    with token inputs given as keyword tensors and nothing else asked for. ``time``: a
+    ``dynprune.cost_model.TimePricing`` (a TimeBudget's ms, units priced by the cost table)."""
     if args or not kwargs.keys() <= _WHOLE_KWARGS or gated.gate_config.router not in ("dynamic", "static"):
         return None
     if gated.gate_config.router_layer != 0:
@@ -269,6 +272,23 @@ def whole_forward(gated: Any, device: torch.device, args: tuple, kwargs: dict, b
             else np.ones((1, seq), dtype=np.int64) if t is None
             else t.detach().cpu().numpy().astype(np.int64, copy=False)
         )  # fmt: skip
+    if time is not None:  # ms budget: the same graph, priced by the cost table (dynprune.cost_model)
+        feed = time.whole_feed(gated, seq)
+        if feed is None:
+            return None
+        key = (feed.router, seq, feed.available, *feed.costs)
+        if whole.static and key in whole.ms_rejected:  # known to need the usual path: skip the session
+            return None
+        output, counts = whole.run(tokens, feed.router, feed.available, seq, costs=feed.costs)
+        if not feed.accepts(counts):
+            if whole.static and len(whole.ms_rejected) < 4096:
+                whole.ms_rejected.add(key)
+            return None
+        gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=feed.router < 1.0)
+        value = torch.from_numpy(output)
+        return (
+            (value,) if kwargs.get("return_dict") is False else whole.output_type(**{whole.output_key: value})
+        )
     cap = float(budget[0])
     available = float("inf") if cap >= 1.0 else float(spendable(gated, budget, seq)[0])
     output, counts = whole.run(tokens, cap, available, seq)

@@ -56,7 +56,10 @@ class WholeForward:
         self._front: onnx.ModelProto | None = None
         self._sliced: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # counts -> session
         self._met: Counter[tuple[int, ...]] = Counter()  # counts -> forwards that chose them
-        self._static_counts: dict[tuple[float, int], np.ndarray] = {}  # (budget, length) -> counts
+        # (budget, length[, ms available, head ms, slice ms]) -> counts
+        self._static_counts: dict[tuple, np.ndarray] = {}
+        # a static router's ms-priced calls whose answer the usual path must give (cost_model.WholeFeed)
+        self.ms_rejected: set[tuple] = set()
         self.output_type: type | None = None
         self.output_key = ""
         self.calls = 0  # forwards run (either session kind)
@@ -70,6 +73,7 @@ class WholeForward:
             self._sliced.clear()
             self._met.clear()
             self._static_counts.clear()
+            self.ms_rejected.clear()
             self._session = self.layers.make_session.from_builder(self.graph)
             self._key = key
         return self._session
@@ -118,33 +122,46 @@ class WholeForward:
         available: float,
         seq: int,
         sliced: bool = True,
+        costs: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(task output (1, ...), counts (1, L, 3)) of one sample; ``tokens`` are int64 (1, T).
-        ``sliced=False``: the If-tree session, routing in the graph, even for a static router."""
+        ``sliced=False``: the If-tree session, routing in the graph, even for a static router.
+        ``costs``: (head, slice) prices instead of FLOPs (a ms budget: ``available`` in ms); a static
+        router's counts are then remembered per (budget, length, available, costs)."""
         session = self.warm()
         self.calls += 1
-        remembered = self._static_counts.get((router_budget, seq)) if self.static and sliced else None
+        key = (router_budget, seq) if costs is None else (router_budget, seq, available, *costs)
+        remembered = self._static_counts.get(key) if self.static and sliced else None
         if remembered is not None:
             sliced = self._sliced_session(remembered)
             if sliced is not None:
                 self.sliced_calls += 1
                 feed = {i.name: tokens[i.name] for i in sliced.get_inputs()}
                 return sliced.run(None, feed)[0], remembered
-        output, counts = session.run(None, self.feed(tokens, router_budget, available, seq))
+        output, counts = session.run(None, self.feed(tokens, router_budget, available, seq, costs))
         if self.static and len(self._static_counts) < 4096:
-            self._static_counts[(router_budget, seq)] = counts
+            self._static_counts[key] = counts
         return output, counts
 
-    def feed(self, tokens: dict[str, np.ndarray], router_budget: float, available: float, seq: int) -> dict:
+    def feed(
+        self,
+        tokens: dict[str, np.ndarray],
+        router_budget: float,
+        available: float,
+        seq: int,
+        costs: tuple[float, float] | None = None,
+    ) -> dict:
         """The If-tree session's inputs: the tokens, the router's budget, the FLOPs the gated layers
-        may spend and the cost of one head / FFN slice at length ``seq`` (FLOPs stay on the host)."""
+        may spend and the cost of one head / FFN slice at length ``seq`` (FLOPs stay on the host;
+        ``costs``: other prices, e.g. a cost table's ms, with ``available`` in the same unit)."""
         fm = self.gated.flops
+        head, slc = costs if costs is not None else (fm.head_cost(seq), fm.slice_cost(seq))
         return {
             **tokens,
             "router_budget": np.array([router_budget], dtype=np.float32),
             "available": np.array([available], dtype=np.float64),
-            "head_cost": np.array(fm.head_cost(seq), dtype=np.float64),
-            "slice_cost": np.array(fm.slice_cost(seq), dtype=np.float64),
+            "head_cost": np.array(head, dtype=np.float64),
+            "slice_cost": np.array(slc, dtype=np.float64),
         }
 
     def _sliced_session(self, counts: np.ndarray) -> Any | None:
