@@ -20,7 +20,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -264,14 +263,7 @@ def whole_forward(
     from dynprune.routing import spendable
 
     seq = int(ids.shape[1])
-    tokens = {}
-    for name in whole.token_inputs:
-        t = kwargs.get(name)
-        tokens[name] = (
-            np.zeros((1, seq), dtype=np.int64) if t is None and name == "token_type_ids"
-            else np.ones((1, seq), dtype=np.int64) if t is None
-            else t.detach().cpu().numpy().astype(np.int64, copy=False)
-        )  # fmt: skip
+    tokens = whole.tokens(kwargs, seq)
     if time is not None:  # ms budget: the same graph, priced by the cost table (dynprune.cost_model)
         feed = time.whole_feed(gated, seq)
         if feed is None:
@@ -285,15 +277,9 @@ def whole_forward(
                 whole.ms_rejected.add(key)
             return None
         gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=feed.router < 1.0)
-        value = torch.from_numpy(output)
-        return (
-            (value,) if kwargs.get("return_dict") is False else whole.output_type(**{whole.output_key: value})
-        )
+        return whole.answer(output, kwargs.get("return_dict"))
     cap = float(budget[0])
     available = float("inf") if cap >= 1.0 else float(spendable(gated, budget, seq)[0])
     output, counts = whole.run(tokens, cap, available, seq)
     gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=cap < 1.0)
-    value = torch.from_numpy(output)
-    if kwargs.get("return_dict") is False:
-        return (value,)
-    return whole.output_type(**{whole.output_key: value})
+    return whole.answer(output, kwargs.get("return_dict"))

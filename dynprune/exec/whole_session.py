@@ -133,15 +133,34 @@ class WholeForward:
         key = (router_budget, seq) if costs is None else (router_budget, seq, available, *costs)
         remembered = self._static_counts.get(key) if self.static and sliced else None
         if remembered is not None:
-            sliced = self._sliced_session(remembered)
-            if sliced is not None:
+            session_of_counts = self._sliced_session(remembered)
+            if session_of_counts is not None:
                 self.sliced_calls += 1
-                feed = {i.name: tokens[i.name] for i in sliced.get_inputs()}
-                return sliced.run(None, feed)[0], remembered
+                feed = {i.name: tokens[i.name] for i in session_of_counts.get_inputs()}
+                return session_of_counts.run(None, feed)[0], remembered
         output, counts = session.run(None, self.feed(tokens, router_budget, available, seq, costs))
         if self.static and len(self._static_counts) < 4096:
             self._static_counts[key] = counts
         return output, counts
+
+    def tokens(self, inputs: dict[str, Any], seq: int) -> dict[str, np.ndarray]:
+        """One sample's token inputs (1, T) as int64 arrays, as the HF forward defaults them: no
+        attention mask = every token counts, no token types = type 0."""
+        out = {}
+        for name in self.token_inputs:
+            t = inputs.get(name)
+            if t is None:
+                out[name] = (np.zeros if name == "token_type_ids" else np.ones)((1, seq), dtype=np.int64)
+            else:
+                out[name] = np.asarray(t.detach().cpu() if isinstance(t, Tensor) else t).astype(
+                    np.int64, copy=False
+                )
+        return out
+
+    def answer(self, output: np.ndarray, return_dict: bool | None) -> Any:
+        """The graph's output as the HF forward returns it (its output class, or a tuple)."""
+        value = torch.from_numpy(output)
+        return (value,) if return_dict is False else self.output_type(**{self.output_key: value})
 
     def feed(
         self,
@@ -202,17 +221,7 @@ def routing_timers(whole: WholeForward, inputs: dict[str, Tensor], budget: float
     gated = whole.gated
     ids = inputs["input_ids"]
     seq = int(ids.shape[1])
-    tokens = {
-        n: np.asarray(
-            inputs[n]
-            if n in inputs
-            else torch.zeros_like(ids)
-            if n == "token_type_ids"
-            else torch.ones_like(ids),
-            dtype=np.int64,
-        )
-        for n in whole.token_inputs
-    }
+    tokens = whole.tokens(inputs, seq)
     available = float(spendable(gated, torch.tensor([budget], dtype=torch.float64), seq)[0])
     _, counts = whole.run(tokens, budget, available, seq, sliced=False)
     routed_feed = whole.feed(tokens, budget, available, seq)
