@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,24 +172,32 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> GatedModel:
 BASE_DIR, GATES_DIR = "base", "gates"
 
 
-def save_gated_model(gated: GatedModel, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """A complete, reloadable gated model: ``base/`` (HF model dir, original unit order,
-    + tokenizer) and ``gates/`` (:func:`save_gates`). Written to a temporary sibling
-    directory and renamed into place, so a crash never leaves a half-written model."""
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty temporary sibling of ``directory`` to write into; when the block ends
+    without error it replaces ``directory`` (renamed into place), else it is removed: a crash
+    never leaves a half-written directory."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+
+
+def save_gated_model(gated: GatedModel, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """A complete, reloadable gated model: ``base/`` (HF model dir, original unit order,
+    + tokenizer) and ``gates/`` (:func:`save_gates`), written atomically (:func:`atomic_directory`)."""
+    with atomic_directory(directory) as tmp:
         with gated.original_unit_order() as base:
             base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / BASE_DIR)
         save_gates(gated, tmp / GATES_DIR)
-        _replace_dir(tmp, target)
-    except BaseException:
-        _rmtree(tmp)
-        raise
-    return target
+    return Path(directory)
 
 
 def load_gated_model(directory: str | os.PathLike, device: str = "cpu") -> tuple[GatedModel, Any]:

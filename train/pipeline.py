@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,16 +328,10 @@ def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 def _save_dir(target: Path, write) -> None:
     """Write a directory via ``write(tmp)`` into a temporary sibling, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    from dynprune.io import atomic_directory
+
+    with atomic_directory(target) as tmp:
         write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _finish_stage(ctx: Context, target: Path, metrics: dict[str, Any]) -> None:

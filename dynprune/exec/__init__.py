@@ -237,6 +237,15 @@ def reference_path(gated: Any):
 _WHOLE_KWARGS = frozenset({"input_ids", "attention_mask", "token_type_ids", "return_dict"})
 
 
+def whole_graph_unsupported(gated: Any) -> str | None:
+    """Why the whole-forward graph (batch 1, ``dynprune export``) cannot route ``gated``; None: it can
+    (the router runs inside the graph, so it must be a learned one reading the embeddings)."""
+    cfg = gated.gate_config
+    if cfg.router not in ("dynamic", "static") or cfg.router_layer != 0:
+        return "the whole-forward graph routes with learned routers (dynamic / static) reading the embeddings (router_layer 0)"
+    return None
+
+
 def whole_forward(
     gated: Any, device: torch.device, args: tuple, kwargs: dict, budget: Tensor, time: Any = None
 ) -> Any | None:
@@ -246,9 +255,7 @@ def whole_forward(
     of encoder classifiers under a cap budget, routed by a learned router on the embeddings,
     with token inputs given as keyword tensors and nothing else asked for. ``time``: a
     ``dynprune.cost_model.TimePricing`` (a TimeBudget's ms, units priced by the cost table)."""
-    if args or not kwargs.keys() <= _WHOLE_KWARGS or gated.gate_config.router not in ("dynamic", "static"):
-        return None
-    if gated.gate_config.router_layer != 0:
+    if args or not kwargs.keys() <= _WHOLE_KWARGS or whole_graph_unsupported(gated) is not None:
         return None
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:

@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,24 +48,18 @@ def flops_quadratics(fm: Any) -> dict[str, list[float]]:
 
 def export_gated(gated: Any, directory: str | Path, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write the exported directory (see the module docstring); atomic: a crash leaves no half-written one."""
-    from dynprune.exec import FastEncoder, unsupported_reason
-    from dynprune.io import _replace_dir, _rmtree
+    from dynprune.exec import FastEncoder, unsupported_reason, whole_graph_unsupported
+    from dynprune.io import atomic_directory
 
     target = Path(directory)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
-    reason = unsupported_reason(gated, insist=True)
-    if reason is None and (
-        gated.gate_config.router not in ("dynamic", "static") or gated.gate_config.router_layer
-    ):
-        reason = "export supports learned routers (dynamic / static) reading the embeddings (router_layer 0)"
+    reason = unsupported_reason(gated, insist=True) or whole_graph_unsupported(gated)
     if reason is not None:
         raise ValueError(f"cannot export this gated model: {reason}")
     gated.eval()
     whole = FastEncoder(gated).whole()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         external = ExternalData(tmp / "gated.onnx.data")
         try:
             model = whole.graph(external)
@@ -90,10 +83,6 @@ def export_gated(gated: Any, directory: str | Path, tokenizer: Any = None, overw
         shutil.copyfile(gated_runtime.__file__, tmp / "run_gated.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        _rmtree(tmp)
-        raise
     return target
 
 
