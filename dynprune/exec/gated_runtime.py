@@ -2,9 +2,8 @@
 
 This file is copied into every exported directory (``run_gated.py``) beside
 ``gated.onnx`` (+ ``gated.onnx.data``) and ``gated.json``, so a deployment needs
-neither torch, transformers nor dynprune::
+neither torch, transformers nor dynprune (run with ``PYTHONPATH=exported``, or from inside it)::
 
-    import sys; sys.path.insert(0, "exported")
     from run_gated import GatedOnnx
     model = GatedOnnx("exported")
     outputs, flops_ratio = model(input_ids, attention_mask, budget=0.5)

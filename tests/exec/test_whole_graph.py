@@ -37,7 +37,7 @@ def _calls(gated):
     return 0 if engine is None or engine._whole is None else engine._whole.calls
 
 
-def _same(gated, batch, **kw):
+def _assert_same(gated, batch, **kw):
     before = _calls(gated)
     fast, fast_info = _run(gated, batch, **kw)
     assert _calls(gated) == before + 1, "the whole-forward session did not run"
@@ -58,17 +58,17 @@ def test_batch_one_equals_reference(model_type, router):
     gated = _gated(model_type, router)
     for seed, budget in enumerate((0.3, 0.6, 1.0)):
         for seq in (5, 17):  # one session for every length
-            _same(gated, tiny_batch(batch=1, seq=seq, seed=seed, padded=False), budget=budget)
+            _assert_same(gated, tiny_batch(batch=1, seq=seq, seed=seed, padded=False), budget=budget)
 
 
 def test_padding_token_types_and_tuples():
     gated = _gated("bert")
     batch = tiny_batch(batch=1, seq=12, padded=False)
     batch["attention_mask"][0, 8:] = 0  # a padded single sample
-    _same(gated, batch, budget=0.4)
-    _same(gated, {**batch, "token_type_ids": torch.ones_like(batch["input_ids"])}, budget=0.4)
-    _same(gated, {**batch, "return_dict": False}, budget=0.4)
-    _same(gated, {"input_ids": batch["input_ids"]}, budget=0.4)  # no mask: every token counts
+    _assert_same(gated, batch, budget=0.4)
+    _assert_same(gated, {**batch, "token_type_ids": torch.ones_like(batch["input_ids"])}, budget=0.4)
+    _assert_same(gated, {**batch, "return_dict": False}, budget=0.4)
+    _assert_same(gated, {"input_ids": batch["input_ids"]}, budget=0.4)  # no mask: every token counts
 
 
 def test_counts_follow_the_router_input():
@@ -76,7 +76,7 @@ def test_counts_follow_the_router_input():
     gated = _gated("bert")
     seen = set()
     for seed in range(6):
-        _same(gated, tiny_batch(batch=1, seq=15, seed=seed, padded=False), budget=0.5)
+        _assert_same(gated, tiny_batch(batch=1, seq=15, seed=seed, padded=False), budget=0.5)
         seen.add(tuple(gated.last.masks.counts().flatten().tolist()))
     assert len(seen) > 1
 
@@ -122,19 +122,19 @@ def test_training_mode_never_builds_it():
 
 def test_eval_mode_is_kept_after_the_build():
     gated = _gated("bert")
-    _same(gated, tiny_batch(batch=1, seq=7, padded=False), budget=0.5)
+    _assert_same(gated, tiny_batch(batch=1, seq=7, padded=False), budget=0.5)
     assert not gated.training and not gated.model.training
 
 
 def test_new_weights_rebuild_the_session():
     gated = _gated("bert")
     batch = tiny_batch(batch=1, seq=11, padded=False)
-    _same(gated, batch, budget=0.5)
+    _assert_same(gated, batch, budget=0.5)
     first = current_engine(gated)._whole._session
     with torch.no_grad():
         gated.router.out.bias.add_(torch.linspace(-3, 3, gated.router.out.bias.numel()))
         gated.parts.parts[1].up.weight.mul_(1.5)
-    _same(gated, batch, budget=0.5)
+    _assert_same(gated, batch, budget=0.5)
     assert current_engine(gated)._whole._session is not first
 
 
@@ -161,7 +161,7 @@ def test_minilm_whole_forward_equals_reference(minilm_dir):
         for row in (0, 1):  # unpadded, padded
             batch = {k: v[row : row + 1] for k, v in inputs.items()}
             for budget in (0.25, 0.5, 1.0):
-                _same(gated, batch, budget=budget)
+                _assert_same(gated, batch, budget=budget)
 
 
 def test_static_router_runs_sliced_sessions_for_counts_met_again():
@@ -170,11 +170,11 @@ def test_static_router_runs_sliced_sessions_for_counts_met_again():
     gated = _gated("bert", "static")
     batch = tiny_batch(batch=1, seq=13, padded=False)
     for _ in range(4):
-        _same(gated, batch, budget=0.5)
+        _assert_same(gated, batch, budget=0.5)
     whole = current_engine(gated)._whole
     assert whole.sliced_calls == 2 and len(whole._sliced) == 1  # forwards 3 and 4
     other = tiny_batch(batch=1, seq=13, seed=9, padded=False)  # same length: the same counts
-    _same(gated, other, budget=0.5)
+    _assert_same(gated, other, budget=0.5)
     assert whole.sliced_calls == 3
 
 
@@ -186,11 +186,11 @@ def test_sliced_sessions_are_bounded_and_dropped_with_new_weights():
         whole.max_sliced = 1
         batch = tiny_batch(batch=1, seq=9, padded=False)
         for budget in (0.4, 0.4, 0.4, 0.7, 0.7, 0.7, 0.4, 0.4):
-            _same(gated, batch, budget=budget)
+            _assert_same(gated, batch, budget=budget)
         assert len(whole._sliced) == 1
         with torch.no_grad():
             gated.router.out.bias.add_(0.5)
-        _same(gated, batch, budget=0.4)
+        _assert_same(gated, batch, budget=0.4)
         assert len(whole._sliced) == 0 and len(whole._static_counts) == 1  # rebuilt: one forward since
 
 
@@ -198,7 +198,7 @@ def test_dynamic_router_never_uses_sliced_sessions():
     gated = _gated("bert", "dynamic")
     batch = tiny_batch(batch=1, seq=9, padded=False)
     for _ in range(4):
-        _same(gated, batch, budget=0.5)
+        _assert_same(gated, batch, budget=0.5)
     assert current_engine(gated)._whole.sliced_calls == 0
 
 
@@ -207,7 +207,7 @@ def test_routing_timers_run_the_same_forward_with_and_without_routing():
 
     gated = _gated("roberta", "dynamic")
     batch = tiny_batch(batch=1, seq=11, padded=False)
-    _same(gated, batch, budget=0.5)
+    _assert_same(gated, batch, budget=0.5)
     timers = routing_timers(current_engine(gated)._whole, batch, 0.5)
     routed, counts = timers["routed"]()
     fed = timers["fed"]()[0]
