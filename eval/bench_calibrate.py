@@ -231,20 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "dynprune bench calibrate: need --grid >= 2, --repeats >= 1, --validate >= 0, seqs >= 2"
         )
-    for b in args.budgets:
-        if not 0.0 < b < 1.0:
-            raise SystemExit(f"dynprune bench calibrate: --budgets must be in (0, 1), got {b}")
-    from dynprune.eval.timing import materialize
+    from dynprune.eval.timing import load_for_timing
 
-    import dynprune
-
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    gated, tokenizer = dynprune.load_gated_model(args.checkpoint)
+    gated, tokenizer = load_for_timing(
+        args.checkpoint, args.threads, "dynprune bench calibrate", args.budgets
+    )
     if tokenizer is None:
         raise SystemExit(f"dynprune bench calibrate: {args.checkpoint}/base has no tokenizer")
-    materialize(gated)
-    gated.eval()
     table = calibrate(gated, tokenizer, argparse.Namespace(**{**vars(args), "seqs": sorted(set(args.seqs))}))
     out = table.save(args.out if args.out is not None else Path(args.checkpoint) / "gates")
     print(f"wrote {out} ({time.perf_counter() - start:.0f} s; machine: {table.machine['cpu']}, "

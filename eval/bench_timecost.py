@@ -219,23 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads < 1 or args.repeats < 1 or args.examples < 1:
         raise SystemExit("dynprune bench timecost: --threads, --repeats and --examples must be >= 1")
-    for b in args.budgets:
-        if not 0.0 < b < 1.0:
-            raise SystemExit(f"dynprune bench timecost: --budgets must be in (0, 1), got {b}")
-    from dynprune.eval.timing import materialize
+    from dynprune.eval.timing import load_for_timing
 
-    import dynprune
     from dynprune.cost_model import require_table
 
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    gated, tokenizer = dynprune.load_gated_model(args.checkpoint)
+    gated, tokenizer = load_for_timing(args.checkpoint, args.threads, "dynprune bench timecost", args.budgets)
     try:
         table = require_table(gated)
     except ValueError as err:
         raise SystemExit(f"dynprune bench timecost: {err}") from err
-    materialize(gated)
-    gated.eval()
     if args.part == "speed":
         rows = speed(gated, tokenizer, args)
     else:

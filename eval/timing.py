@@ -180,6 +180,21 @@ def materialize(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def load_for_timing(checkpoint: str, threads: int, prog: str, budgets: list[float] = ()) -> tuple[Any, Any]:
+    """A saved gated model ready to time: budgets checked to be in (0, 1) first (``prog``: the
+    command, for the error), ``threads`` torch threads, weights in ordinary memory
+    (:func:`materialize`), eval mode -> (gated, tokenizer or None)."""
+    for b in budgets:
+        if not 0.0 < b < 1.0:
+            raise SystemExit(f"{prog}: --budgets must be in (0, 1), got {b}")
+    import dynprune
+
+    torch.set_num_threads(threads)
+    gated, tokenizer = dynprune.load_gated_model(checkpoint)
+    materialize(gated)
+    return gated.eval(), tokenizer
+
+
 _ENV_KEYS = (
     "OMP_NUM_THREADS",
     "OMP_WAIT_POLICY",
