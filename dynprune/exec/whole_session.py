@@ -4,7 +4,7 @@ graph returns, and the routing timed alone for ``dynprune bench cpu``."""
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -31,8 +31,10 @@ class WholeForward:
       control): its counts are a function of (budget, length), remembered from the If-tree
       session's answer; a count vector met a second time gets a session of its own, the
       physically sliced model's graph (no If nodes: they cost 12-19 % of the layers' time at
-      batch 1, docs/cpu_engine.md). At most ``max_sliced`` are kept (least recently used
-      dropped; each holds the kept units' weights once).
+      batch 1, docs/cpu_engine.md). At most ``max_sliced`` are kept (each holds the kept units'
+      weights once); when they are all taken, a new count vector replaces the least used one only
+      once it has been met more than twice as often, so that traffic spread over more count
+      vectors than sessions (mixed budgets and lengths) never rebuilds a session per call.
 
     Everything is rebuilt when any parameter of the model or router changes. :meth:`run` takes
     one sample's token inputs; the caller checks it can run them (:func:`dynprune.exec.whole_forward`).
@@ -54,7 +56,7 @@ class WholeForward:
         self._key: tuple | None = None
         self._session: Any = None
         self._front: onnx.ModelProto | None = None
-        self._sliced: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # counts -> session
+        self._sliced: dict[tuple[int, ...], Any] = {}  # counts -> session
         self._met: Counter[tuple[int, ...]] = Counter()  # counts -> forwards that chose them
         # (budget, length[, ms available, head ms, slice ms]) -> counts
         self._static_counts: dict[tuple, np.ndarray] = {}
@@ -64,6 +66,7 @@ class WholeForward:
         self.output_key = ""
         self.calls = 0  # forwards run (either session kind)
         self.sliced_calls = 0  # of which on a sliced session
+        self.sliced_builds = 0  # sliced sessions built
 
     def warm(self) -> Any:
         """Build (or rebuild after the weights changed) the If-tree session; returns it."""
@@ -184,20 +187,24 @@ class WholeForward:
         }
 
     def _sliced_session(self, counts: np.ndarray) -> Any | None:
-        """The sliced session of ``counts`` (1, L, 3): built the second time they are met, None before."""
+        """The sliced session of ``counts`` (1, L, 3), or None: built the second time they are met while
+        a place is free, else in place of the least met session once met more than twice as often."""
         if self.max_sliced == 0:
             return None
         key = tuple(int(c) for c in counts.reshape(-1))
-        if key in self._sliced:
-            self._sliced.move_to_end(key)
-            return self._sliced[key]
         self._met[key] += 1
+        if key in self._sliced:
+            return self._sliced[key]
         if self._met[key] < 2:
             return None
-        while len(self._sliced) >= self.max_sliced:
-            self._sliced.popitem(last=False)
+        if len(self._sliced) >= self.max_sliced:
+            victim = min(self._sliced, key=self._met.__getitem__)
+            if self._met[key] <= 2 * self._met[victim]:
+                return None  # the If-tree session runs it: no rebuild per call
+            del self._sliced[victim]
         session = self.layers.make_session.from_builder(lambda ext: self.sliced_graph(counts[0], ext))
         self._sliced[key] = session
+        self.sliced_builds += 1
         return session
 
 

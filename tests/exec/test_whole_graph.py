@@ -194,6 +194,25 @@ def test_sliced_sessions_are_bounded_and_dropped_with_new_weights():
         assert len(whole._sliced) == 0 and len(whole._static_counts) == 1  # rebuilt: one forward since
 
 
+def test_sliced_sessions_are_not_rebuilt_per_call_when_count_vectors_outnumber_them():
+    """Traffic alternating between more count vectors than sessions (mixed budgets at batch 1) keeps
+    the sessions it has (the rest runs on the If-tree session); a vector met far more often than the
+    least used session's takes its place."""
+    gated = _gated("bert", "static")
+    engine = FastEncoder(gated)
+    with engine_override(gated, engine):
+        whole = engine.whole()
+        whole.max_sliced = 1
+        batch = tiny_batch(batch=1, seq=9, padded=False)
+        for _ in range(6):
+            for budget in (0.4, 0.7):
+                _assert_same(gated, batch, budget=budget)
+        assert whole.sliced_builds == 1 and whole.sliced_calls == 4  # 0.4's forwards 3 to 6
+        for _ in range(7):  # 0.7 met 5 + 6 times > 2 x 0.4's 5 (the first forward routes)
+            _assert_same(gated, batch, budget=0.7)
+        assert whole.sliced_builds == 2 and len(whole._sliced) == 1
+
+
 def test_dynamic_router_never_uses_sliced_sessions():
     gated = _gated("bert", "dynamic")
     batch = tiny_batch(batch=1, seq=9, padded=False)
