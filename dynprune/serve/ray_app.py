@@ -6,7 +6,9 @@ Two ways to start it (needs ``pip install 'dynprune[ray]'``):
     dynprune serve --checkpoint DIR --replicas 2 [--port 8000 ...]
     serve run dynprune.serve.ray_app:build checkpoint=DIR replicas=2 max_batch=16
 
-/metrics and /health answer per replica (whichever one the proxy picks).
+/metrics and /health answer per replica (whichever one the proxy picks). The proxy routes to the
+first replica that is up, so /health answers before every replica is; ``dynprune serve`` prints
+"ready on ... (N replicas under Ray Serve)" once all N are.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ def serve_replicas(
         log_to_driver=True,
         configure_logging=False,
     )
+    # our handlers replace the ones ray.init installs, before the app starts: the proxy may answer
+    # before serve.run returns, and a SIGTERM then must still end in a graceful shutdown (exit 0)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, detached=False)
         try:
@@ -104,9 +111,6 @@ def serve_replicas(
             file=sys.stderr,
             flush=True,
         )
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         serve.shutdown()  # replicas finish their in-flight requests (graceful_shutdown_timeout_s)
         print("dynprune serve: stopped", file=sys.stderr, flush=True)

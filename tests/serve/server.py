@@ -44,6 +44,17 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
+    def wait_for_log(self, text: str, timeout: float = 120.0) -> ServerProcess:
+        """Wait until the server's output contains ``text`` (e.g. its "ready on" line)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{text!r} not in the server's output after {timeout} s:\n{self.log()}")
+
     def log(self) -> str:
         if not self._log.closed:
             self._log.flush()

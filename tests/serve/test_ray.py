@@ -29,6 +29,8 @@ def test_two_replicas_serve_mixed_budget_traffic(tiny_checkpoint, tmp_path, engi
         "64",
         log=tmp_path / "ray.log",
     ).wait_ready(timeout=240)
+    # /health answers from the first replica up; "ready on" is printed once both are
+    srv.wait_for_log("replicas under Ray Serve)", timeout=240)
     try:
         budgets = [1.0, 0.75, 0.5, 0.3]
         texts = ["a fine film", "dull", "the plot never comes together", "smart and moving", "too long"]
@@ -39,8 +41,9 @@ def test_two_replicas_serve_mixed_budget_traffic(tiny_checkpoint, tmp_path, engi
                 replies = await asyncio.gather(
                     *(client.post("/v1/classify", json={"texts": [t], "budget": b}) for t, b in jobs)
                 )
-                pids = {(await client.get("/health")).json()["pid"] for _ in range(30)}
-                return replies, pids
+                # concurrent, so that the proxy's router (fewest ongoing requests) spreads them
+                health = await asyncio.gather(*(client.get("/health") for _ in range(60)))
+                return replies, {h.json()["pid"] for h in health}
 
         replies, pids = asyncio.run(fire())
         assert [r.status_code for r in replies] == [200] * len(jobs), [
