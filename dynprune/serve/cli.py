@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-multiple", type=int, default=_DEFAULTS.pad_multiple)
     p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes)
     p.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch threads (0: torch default)")
+    p.add_argument(
+        "--untrained-budgets",
+        action="store_true",
+        help="--model: accept budgets below 1.0 although its router is untrained (smoke tests only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="--model: seed of the new head/router weights")
     p.add_argument(
         "--replicas", type=int, default=1, help=">1: run N replicas under Ray Serve (dynprune[ray])"
@@ -85,6 +90,15 @@ def main(argv: list[str]) -> int:
         return _fail(str(err), 2)
     if args.replicas < 1:
         return _fail(f"--replicas must be >= 1, got {args.replicas}", 2)
+    if args.untrained_budgets and args.model is None:
+        return _fail("--untrained-budgets is for --model (a checkpoint's router is trained)", 2)
+    if args.model is not None and not args.untrained_budgets:
+        print(
+            "dynprune serve: note: --model wraps the model with an untrained router: only budget 1.0 (the "
+            "original model) is served; train gates with `dynprune train` and serve them with --checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.replicas > 1:
         from .ray_app import serve_replicas
 

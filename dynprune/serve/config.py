@@ -29,6 +29,9 @@ class ServeConfig:
     pad_multiple: int = 8  # a batch is padded to a multiple of this many tokens
     max_body_bytes: int = 1_000_000
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # --model wraps a plain model with an UNTRAINED router: budgets below 1.0 are refused (their output
+    # is not meaningful) unless this is set (smoke tests of batching and per-row budgets)
+    untrained_budgets: bool = False
 
     def __post_init__(self) -> None:
         try:

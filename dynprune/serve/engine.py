@@ -162,12 +162,14 @@ def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | No
         engine = GeneratorEngine(gated.eval(), tokenizer, cfg, source)
     else:
         engine = ClassifierEngine(gated.eval(), tokenizer, cfg, source)
+    engine.trained_router = checkpoint is not None
     engine.warm_up()
     return engine
 
 
 class ClassifierEngine:
     task = "classification"
+    trained_router = True  # False: --model, a plain model wrapped with an untrained router
 
     def __init__(self, gated: GatedModel, tokenizer: Any, cfg: ServeConfig, source: str):
         self.gated, self.tokenizer, self.cfg, self.source = gated, tokenizer, cfg, source

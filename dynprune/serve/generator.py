@@ -155,6 +155,7 @@ def context_length(config: Any) -> int | None:
 class GeneratorEngine:
     task = "generation"
     labels: tuple[str, ...] = ()  # /health: no labels for a causal LM
+    trained_router = True  # False: --model, a plain model wrapped with an untrained router
 
     def __init__(self, gated: GatedModel, tokenizer: Any, cfg: ServeConfig, source: str):
         self.gated, self.tokenizer, self.cfg, self.source = gated, tokenizer, cfg, source

@@ -66,6 +66,14 @@ def deployment(cfg: ServeConfig, checkpoint: str | None, model: str | None, repl
     return dep.bind(cfg_dict, checkpoint, model, seed)
 
 
+def _parse(kind: type, name: str, value: str) -> Any:
+    if kind is not bool:
+        return kind(value)
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
 def build(args: dict[str, str]):
     """Application builder for ``serve run dynprune.serve.ray_app:build checkpoint=DIR replicas=N ...``
     (any ServeConfig field as key=value; host/port come from Ray Serve's own HTTP options)."""
@@ -78,7 +86,7 @@ def build(args: dict[str, str]):
         raise ValueError(
             f"unknown arguments {unknown}; known: checkpoint, model, replicas, seed, {sorted(types)}"
         )
-    cfg = ServeConfig(**{k: types[k](v) for k, v in args.items()})
+    cfg = ServeConfig(**{k: _parse(types[k], k, v) for k, v in args.items()})
     return deployment(cfg, checkpoint, model, replicas, seed)
 
 

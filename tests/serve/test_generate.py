@@ -160,9 +160,11 @@ def test_classify_on_a_language_model_names_what_it_needs(lm_server):
 
 @pytest.fixture(scope="module")
 def impatient_server(tiny_lm_dir, tmp_path_factory):
-    """`--model` (a plain HF causal LM, open gates) with a 1.5 s request timeout."""
+    """`--model` (a plain HF causal LM, open gates; budgets below 1.0 allowed for the smoke test) with a
+    1.5 s request timeout."""
     log = tmp_path_factory.mktemp("serve-log") / "impatient.log"
-    proc = ServerProcess(["--model", str(tiny_lm_dir)], *LM_OPTIONS, "--timeout-s", "1.5", log=log)
+    options = (*LM_OPTIONS, "--timeout-s", "1.5", "--untrained-budgets")
+    proc = ServerProcess(["--model", str(tiny_lm_dir)], *options, log=log)
     yield proc.wait_ready()
     assert proc.stop() == 0, proc.log()
 

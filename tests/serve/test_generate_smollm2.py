@@ -32,7 +32,6 @@ def test_smollm2_gguf_served_with_open_gates_equals_the_hf_model(smollm2, tmp_pa
         kw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
         assert got["text"] == tokenizer.decode(got["token_ids"], **kw)
         r = httpx.post(f"{proc.url}/v1/generate", json={**body, "budget": 0.6}, timeout=300)
-        assert r.status_code == 200, r.text
-        assert 0 < r.json()["flops_ratio"] <= 0.6 and r.json()["completion_tokens"] >= 1
+        assert r.status_code == 422 and "untrained" in r.json()["error"]["message"]  # --model: 1.0 only
     finally:
         assert proc.stop() == 0, proc.log()

@@ -9,7 +9,7 @@ import dynprune
 from ..errors import ApiError
 from ..runtime import GroupError, GroupJob, Runtime, TextJob
 from ..schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, MeanBudget
-from .common import ERROR_RESPONSES, refuse_if_draining, run_queued, runtime
+from .common import ERROR_RESPONSES, check_budget, refuse_if_draining, run_queued, runtime
 
 router = APIRouter()
 
@@ -47,14 +47,10 @@ def per_text_budgets(req: ClassifyRequest, rt: Runtime) -> list[float]:
         budgets = list(budget)
     else:
         budgets = [float(budget)] * len(req.texts)
-    floor = rt.engine.min_budget
     for i, b in enumerate(budgets):
-        if b < floor:
-            where = "budget" if not isinstance(budget, tuple) else f"budget[{i}]"
-            raise _invalid(
-                where,
-                f"{where} = {b} is below this model's smallest budget {floor} (router and task head always run)",
-            )
+        check_budget(
+            rt, b, "budget" if not isinstance(budget, tuple) else f"budget[{i}]", "router and task head"
+        )
     return budgets
 
 

@@ -26,6 +26,30 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def check_budget(rt: Runtime, value: float, where: str, always_run: str) -> None:
+    """422 naming ``where`` for a budget this server cannot honour meaningfully: below the model's
+    floor (``always_run``: what every forward runs), or below 1.0 on an untrained router (``--model``)."""
+    engine = rt.engine
+    if value < 1.0 and not engine.trained_router and not rt.cfg.untrained_budgets:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where} = {value}: this server runs a plain model (--model) whose router is untrained, so only "
+            "budget 1.0 (the original model) gives meaningful output; serve gates trained with "
+            "`dynprune train` via --checkpoint (or start with --untrained-budgets for smoke tests)",
+            field=where,
+            reason="invalid",
+        )
+    if value < engine.min_budget:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where} = {value} is below this model's smallest budget {engine.min_budget} ({always_run} always run)",
+            field=where,
+            reason="invalid",
+        )
+
+
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 

@@ -27,7 +27,15 @@ from ..errors import ApiError, error_body
 from ..generator import GeneratorEngine, GenError, GenJob, GenResult, Sampling
 from ..runtime import Runtime
 from ..schemas import CompletionRequest, GenerateRequest, GenerateResponse, MeanBudget
-from .common import ERROR_RESPONSES, enqueue, refuse_if_draining, run_queued, runtime, timeout_error
+from .common import (
+    ERROR_RESPONSES,
+    check_budget,
+    enqueue,
+    refuse_if_draining,
+    run_queued,
+    runtime,
+    timeout_error,
+)
 
 router = APIRouter()
 _END = object()  # the job's future is done: no more token events
@@ -70,12 +78,7 @@ def make_job(
             "budget", "budget for generation is one number in (0, 1] (a list or {mean} is for /v1/classify)"
         )
     value = engine.gated.gate_config.default_budget if budget is None else float(budget)
-    if value < engine.min_budget:
-        raise _invalid(
-            "budget",
-            f"budget = {value} is below this model's smallest budget {engine.min_budget} "
-            "(embeddings, router and LM head always run)",
-        )
+    check_budget(rt, value, "budget", "embeddings, router and LM head")
     ids = engine.encode(prompt)
     if not ids:
         raise _invalid("prompt", "prompt has no tokens after tokenization")

@@ -26,6 +26,8 @@ async def health(request: Request) -> JSONResponse:
         "labels": rt.engine.labels,
         "context": getattr(rt.engine, "context", None),  # causal LMs: prompt + new tokens
         "min_budget": rt.engine.min_budget,
+        # False (--model): budgets below 1.0 are refused unless the server runs with --untrained-budgets
+        "trained_router": rt.engine.trained_router,
         "default_budget": rt.engine.gated.gate_config.default_budget,
         "max_batch": rt.cfg.max_batch,
         "max_texts": rt.cfg.max_texts,
