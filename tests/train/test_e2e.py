@@ -74,6 +74,15 @@ def test_models_learn_and_reload(finished_run):
             r = rows[(stage, b)]
             assert r["flops_ratio_max"] <= b + 1e-9 and abs(r["flops_rel_error"]) < 0.15
     assert rows[("gated", 0.75)]["accuracy"] >= 0.8
+    # one run is one seed: accuracy comparisons are numbers, the only verdict is on executed FLOPs
+    assert list(summary["goals"]) == ["executed FLOPs within +-2% of target"]
+    diffs = {d["pair"]: d["diff_pt"] for d in summary["accuracy_differences"]}
+    assert diffs["gated - static @0.5"] == pytest.approx(
+        100 * (rows[("gated", 0.5)]["accuracy"] - rows[("static", 0.5)]["accuracy"])
+    )
+    assert len(diffs) == 6  # vs dense and vs static at each of the 3 budgets
+    md = (out / "report" / "summary.md").read_text()
+    assert "indicative only, no verdict" in md and "gated - dense @0.3" in md
     from transformers import AutoModelForSequenceClassification
 
     dense = AutoModelForSequenceClassification.from_pretrained(out / "dense")
