@@ -27,12 +27,21 @@ are meaningful; output quality is not (no trained gates). ``--select griffin``:
 the training-free router (``GateConfig.griffin``, docs/training_free.md): each
 prompt runs dense (``prefill_flops_ratio`` 1.0) and chooses its own units from
 its activations; ``flops_ratio`` is the decoded tokens' share under them.
+
+``--llama-cpp``: the engine a CPU user would pick for this model, timed in the same
+interleaved rounds at batch 1: llama.cpp (``llama-cpp-python``, extra ``dynprune[llama]``,
+built from source) on the very GGUF file that is shipped (Q4_1 weights; HF dequantises the
+same file to fp32 / bf16), the same prompt token ids, greedy, exactly ``new`` tokens, its own
+``--threads`` threads, no prompt-cache reuse between rounds. Columns ``llama_cpp_tok_s`` and
+``gated_over_llama_cpp`` (median of paired per-round ratios); empty at batch > 1 (the
+high-level API decodes one sequence).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +52,7 @@ COLUMNS = [
     "model", "dtype", "batch", "prompt", "new", "budget", "flops_ratio", "prefill_flops_ratio",
     "dense_tok_s", "gated_tok_s", "speedup", "ideal_speedup", "ratio_to_ideal",
     "prefill_ms_dense", "prefill_ms_gated", "kv_bytes_dense", "kv_bytes_gated", "select", "repeats",
+    "llama_cpp_tok_s", "gated_over_llama_cpp",
 ]  # fmt: skip
 
 
@@ -71,7 +81,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new", type=int, help="generated tokens (default 128; quick 32)")
     p.add_argument("--repeats", type=int, help="timed rounds (default 3; quick 2)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="also time llama.cpp on the shipped GGUF at batch 1 (pip install 'dynprune[llama]')",
+    )
     return p
+
+
+def llama_cpp_generate(prompt_ids: list[int], new: int, threads: int):
+    """A function that decodes exactly ``new`` tokens greedily after ``prompt_ids`` with llama.cpp
+    on the shipped GGUF, prefill included and the prompt's cache dropped first (as HF's generate)."""
+    from llama_cpp import Llama
+
+    from dynprune.assets import smollm2_gguf
+
+    llm = Llama(
+        model_path=str(smollm2_gguf()),
+        n_ctx=len(prompt_ids) + new + 8,
+        n_batch=max(64, len(prompt_ids)),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run() -> int:
+        llm.reset()  # no reuse of the previous round's prompt
+        made = 0
+        for _ in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            made += 1
+            if made == new:
+                break
+        if made != new:
+            raise RuntimeError(f"llama.cpp stopped after {made} of {new} tokens")
+        return made
+
+    return run
 
 
 def _prompts(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -130,6 +175,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     repeats = args.repeats or (2 if args.quick else 3)
     budgets = args.budget or ([0.6] if args.quick else [0.4, 0.6, 0.8])
     model, tokenizer = load_smollm2()
+    llama_runs: dict[int, object] = {}
     gated = (
         dynprune.load_gates(model, args.gates)
         if args.gates
@@ -160,6 +206,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 m = pick.get(b, {})
                 fns[name] = lambda b=b, x=inputs, m=m: gated.generate(**x, budget=b, **m, **gen)
                 prefill[name] = lambda b=b, x=inputs, m=m: gated(**x, budget=b, use_cache=True, **m)
+            if args.llama_cpp and batch == 1:
+                if prompt not in llama_runs:
+                    llama_runs[prompt] = llama_cpp_generate(
+                        inputs["input_ids"][0].tolist(), new, args.threads
+                    )
+                fns["llama.cpp"] = llama_runs[prompt]
             times = time_interleaved(fns, warmup=1, repeats=repeats)
             pre = time_interleaved(prefill, warmup=1, repeats=max(3, repeats))
             dense_s = times["dense"].median_ms / 1e3
@@ -185,7 +237,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "prefill_ms_gated": round(pre[f"gated@{b}"].median_ms, 2),
                     "kv_bytes_dense": kv_dense, "kv_bytes_gated": cache.nbytes(),
                     "select": "gates" if args.gates else args.select, "repeats": repeats,
+                    "llama_cpp_tok_s": "", "gated_over_llama_cpp": "",
                 }  # fmt: skip
+                if "llama.cpp" in times:
+                    row["llama_cpp_tok_s"] = round(new / (times["llama.cpp"].median_ms / 1e3), 2)
+                    row["gated_over_llama_cpp"] = round(
+                        paired_ratio(times["llama.cpp"], times[f"gated@{b}"]), 3
+                    )
                 rows.append(row)
                 if set(row) != set(COLUMNS):  # fail at the first row, not when writing the CSV at the end
                     raise RuntimeError(f"row keys differ from COLUMNS: {sorted(set(row) ^ set(COLUMNS))}")
@@ -209,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(not 0 < b < 1 for b in args.budget or []):
         print("dynprune bench generate: budgets must be in (0, 1)", file=sys.stderr)
+        return 2
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        print(
+            "dynprune bench generate: --llama-cpp needs llama-cpp-python: pip install 'dynprune[llama]' "
+            "(builds llama.cpp from source, about 10 minutes on 2 cores)",
+            file=sys.stderr,
+        )
         return 2
     print(",".join(COLUMNS), flush=True)
     rows = run(args)

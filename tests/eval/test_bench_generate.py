@@ -21,3 +21,14 @@ def test_rows_of_a_run_write_to_csv(tmp_path):
     bench_generate.write_rows(tmp_path / "r.csv", [row])
     with open(tmp_path / "r.csv") as f:
         assert next(csv.DictReader(f))["select"] == "uniform"
+
+
+def test_llama_cpp_without_its_package_is_refused_before_any_model_loads(capsys):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    assert bench_generate.main(["--llama-cpp", "--quick"]) == 2
+    assert "pip install 'dynprune[llama]'" in capsys.readouterr().err
