@@ -40,6 +40,20 @@ FLOPS_TOLERANCE = 0.02
 SKIP_MEAN = {"method", "budget", "seed", "structure", "notes", "correct", "n_seeds", "seeds"}
 
 
+#: two-sided 95 % Student t quantiles by degrees of freedom (values - 1); 1.96 beyond the table
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % Student t-interval of the mean of ``values`` (e.g. per-seed paired
+    differences); low and high are nan below two values."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan"), float("nan")
+    half = _T95.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / len(v) ** 0.5
+    return float(v.mean()), float(v.mean()) - half, float(v.mean()) + half
+
+
 def encode_correct(correct: np.ndarray) -> str:
     return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool))
 

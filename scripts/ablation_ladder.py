@@ -36,12 +36,13 @@ import contextlib
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ladder_table import read_rows, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [
@@ -293,120 +294,11 @@ def _done(csv_path: Path, seed: int, variant: str) -> bool:
     return any(r["variant"] == variant and int(r["seed"]) == seed for r in read_rows(csv_path))
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The CSV's rows, the first of any duplicate (variant, seed, budget) only."""
-    rows, seen = [], set()
-    for r in csv.DictReader(path.open()) if path.is_file() else []:
-        key = (r["variant"], r["seed"], r["budget"])
-        if key not in seen:
-            seen.add(key)
-            rows.append(r)
-    return rows
-
-
-def write_table(rows: list[dict], path: Path, order: list[str]) -> None:
-    """Markdown: per variant, accuracy mean +- std over seeds at every budget (and the seeds)."""
-    by: dict[tuple[str, float], list[float]] = {}
-    hamming: dict[tuple[str, float], list[float]] = {}
-    commits: dict[str, set[str]] = {}
-    flops: dict[tuple[str, float], list[float]] = {}
-    for r in rows:
-        if r.get("budget_kind") == "mean":
-            flops.setdefault((r["variant"], float(r["budget"])), []).append(
-                100 * float(r["flops_ratio_mean"])
-            )
-        key = (r["variant"], float(r["budget"]))
-        by.setdefault(key, []).append(100 * float(r["accuracy"]))
-        if r["hamming_frac"] not in ("", None):
-            hamming.setdefault(key, []).append(float(r["hamming_frac"]))
-        commits.setdefault(r["variant"], set()).add(r["commit"])
-    budgets = sorted({b for _, b in by})
-    variants = [v for v in order if any(k[0] == v for k in by)]
-    variants += sorted({k[0] for k in by} - set(variants))
-    head = (
-        "| variant | seeds | "
-        + " | ".join(f"acc @ {b:g}" for b in budgets)
-        + " | Hamming/units @ 0.5 | commit |"
-    )
-    lines = [
-        "# Ablation ladder (quick recipe, test split)",
-        "",
-        "Accuracy in %, mean ± std over seeds (sample std); n = test examples per run.",
-        "Produced by `scripts/ablation_ladder.py`; raw rows in `ladder.csv` (machine named there).",
-        "",
-        head,
-        "|" + "---|" * (len(budgets) + 4),
-    ]
-    for v in variants:
-        cells, n_seeds = [], 0
-        for b in budgets:
-            acc = by.get((v, b), [])
-            n_seeds = max(n_seeds, len(acc))
-            if not acc:
-                cells.append("")
-            elif len(acc) == 1:
-                cells.append(f"{acc[0]:.2f}")
-            else:
-                cells.append(f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f}")
-        h = hamming.get((v, 0.5), [])
-        hcell = f"{statistics.mean(h):.3f}" if h else ""
-        desc = VARIANTS[v].description if v in VARIANTS else v
-        if v.endswith(AT_CAP) and v[: -len(AT_CAP)] in VARIANTS:
-            desc = f"{v[: -len(AT_CAP)]} evaluated at a cap per input (not what it was trained for)"
-        lines.append(
-            f"| {v}: {desc} | {n_seeds} | "
-            + " | ".join(cells)
-            + f" | {hcell} | {', '.join(sorted(commits[v]))} |"
-        )
-    if flops:
-        lines += [
-            "",
-            "Mean-budget rows (trained with `gate.budget_mode=mean`, test at `MeanBudget(b)`): executed",
-            "mean FLOPs % of dense per budget, mean ± std over seeds (the target is b; every other row",
-            "is a cap per input, about b for every input):",
-            "",
-        ]
-        for (v, b), f in sorted(flops.items()):
-            cell = f"{f[0]:.2f}" if len(f) == 1 else f"{statistics.mean(f):.2f} ± {statistics.stdev(f):.2f}"
-            lines.append(f"- {v} @ mean {b:g}: {cell} ({len(f)} seed{'s' if len(f) > 1 else ''})")
-    lines += _paired_lines(rows, variants, budgets)
-    path.write_text("\n".join(lines) + "\n")
-
-
-#: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def _paired_lines(rows: list[dict], variants: list[str], budgets: list[float]) -> list[str]:
-    """Per variant: accuracy minus the static control's on the same seed (same dense teacher,
-    same data split), mean and 95 % t-interval over seeds; no verdict when it contains 0."""
-    acc = {(r["variant"], int(r["seed"]), float(r["budget"])): 100 * float(r["accuracy"]) for r in rows}
-    out = [
-        "",
-        "## Paired with the static control (same seed, same teacher)",
-        "",
-        "Accuracy difference in points, mean [95 % t-interval] over the seeds both ran.",
-        "A mean-budget row (`dynamic_mean`) is paired with the control's cap b: the same mean FLOPs",
-        "target, not the same per-input cost (its executed mean FLOPs are listed above).",
-        "",
-        "| variant | " + " | ".join(f"Δ @ {b:g}" for b in budgets if b < 1) + " |",
-        "|---|" + "---|" * sum(b < 1 for b in budgets),
-    ]
-    for v in variants:
-        if v in ("static", "dense"):
-            continue
-        cells = []
-        for b in (b for b in budgets if b < 1):
-            seeds = sorted({k[1] for k in acc if k[0] == v and k[2] == b and ("static", k[1], b) in acc})
-            diffs = [acc[(v, s, b)] - acc[("static", s, b)] for s in seeds]
-            if len(diffs) < 2:
-                cells.append(f"{diffs[0]:+.2f} (1 seed)" if diffs else "")
-                continue
-            m = statistics.mean(diffs)
-            half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            cells.append(f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]")
-        out.append(f"| {v} | " + " | ".join(cells) + " |")
-    return out
+def describe(variant: str) -> str:
+    """The table's description of a variant (its ``_at_cap`` row: how it was evaluated)."""
+    if variant.endswith(AT_CAP) and variant[: -len(AT_CAP)] in VARIANTS:
+        return f"{variant[: -len(AT_CAP)]} evaluated at a cap per input (not what it was trained for)"
+    return VARIANTS[variant].description if variant in VARIANTS else variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     todo = [(seed, v) for seed, v in pairs if not _done(csv_path, seed, v)]
     if not todo:
-        write_table(read_rows(csv_path), out / "ladder.md", order)
+        write_table(read_rows(csv_path), out / "ladder.md", order, describe)
         return 0
     lock = contextlib.nullcontext() if a.collect else _cpu_lock(a.lock)
     with lock:  # every pending run under one hold of the shared CPU lock
@@ -468,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not rows:
                     w.writeheader()
                 w.writerows(new)
-            write_table(read_rows(csv_path), out / "ladder.md", order)
+            write_table(read_rows(csv_path), out / "ladder.md", order, describe)
             if a.commit:  # only OUT is committed; a failure (e.g. a busy index) waits for the next run
                 msg = f"ablation ladder: seed {seed} {variant} ({commit})"
                 subprocess.run(["git", "-C", str(out), "add", "."], check=False)

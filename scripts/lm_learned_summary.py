@@ -27,9 +27,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from dynprune.eval.sweep_stats import t_interval
 
 #: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 RESAMPLES = 2000
 
 
@@ -81,8 +81,8 @@ def summarise(
         boot_lo, boot_hi = np.quantile(mean_boot, [0.025, 0.975]).tolist()
         t_lo = t_hi = None
         if len(got) >= 2:
-            half = T95.get(len(got) - 1, 1.96) * float(np.std(logs, ddof=1)) / len(got) ** 0.5
-            t_lo, t_hi = float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
+            _, lo, hi = t_interval(logs)
+            t_lo, t_hi = float(np.exp(lo)), float(np.exp(hi))
         seed_ci = [np.quantile(per_seed_boot[i], [0.025, 0.975]) for i in range(len(got))]
         out.append(
             {

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from dynprune.eval.sweep_stats import t_interval
 
 #: rows written before the eval recorded its machine
 MACHINE = "2-core AMD EPYC VM, CPU only, torch 2.13.0+cpu, 2 threads"
@@ -48,7 +49,6 @@ PAIRS = (  # (mean-budget policy, cap mode it is compared with)
     ("mean_threshold", "static_cascade"),
 )
 #: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 N_BOOT = 10_000
 
 
@@ -75,10 +75,8 @@ def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], seed: int = 0) ->
 def seed_t_interval(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[list[float], float, float]:
     """Per-seed accuracy differences and their 95 % t-interval over seeds (nan below 2 seeds)."""
     d = [float(x.mean() - y.mean()) for x, y in zip(a, b)]
-    if len(d) < 2:
-        return d, float("nan"), float("nan")
-    half = T95.get(len(d) - 1, 1.96) * float(np.std(d, ddof=1)) / len(d) ** 0.5
-    return d, float(np.mean(d)) - half, float(np.mean(d)) + half
+    _, lo, hi = t_interval(d)
+    return d, lo, hi
 
 
 def main(root: Path) -> None:
