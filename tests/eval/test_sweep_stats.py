@@ -140,5 +140,7 @@ def test_t_interval_is_the_student_interval_of_the_mean():
     from dynprune.eval.sweep_stats import t_interval
 
     mean, lo, hi = t_interval([1.0, 2.0, 3.0])  # sd 1, 2 degrees of freedom: t = 4.303
-    assert mean == 2.0 and hi - mean == pytest.approx(4.303 / 3**0.5) and mean - lo == pytest.approx(hi - mean)
+    assert (
+        mean == 2.0 and hi - mean == pytest.approx(4.303 / 3**0.5) and mean - lo == pytest.approx(hi - mean)
+    )
     assert t_interval([0.5])[0] == 0.5 and all(v != v for v in t_interval([0.5])[1:])  # nan bounds
