@@ -150,7 +150,10 @@ def load_engine(cfg: ServeConfig, checkpoint: str | None = None, model: str | No
         hf, tokenizer = _load_plain(path)
         task_of(hf, path)
         try:
-            gated = dynprune.wrap(hf.eval(), GateConfig())
+            # open gates serve budget 1.0; the slice size only has to divide the FFN width
+            ffn = dynprune.arch.resolve(hf).ffn_dim
+            slice_size = next(s for s in range(min(GateConfig().ffn_slice_size, ffn), 0, -1) if ffn % s == 0)
+            gated = dynprune.wrap(hf.eval(), GateConfig(ffn_slice_size=slice_size))
         except (dynprune.UnsupportedModelError, ValueError) as err:
             raise StartupError(f"model {path} cannot be gated: {err}") from err
         source = str(path)

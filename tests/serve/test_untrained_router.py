@@ -13,11 +13,12 @@ from tests.serve.test_startup import refuse
 
 
 @pytest.fixture(scope="module")
-def plain_server(minilm_dir, tmp_path_factory):
-    """The packaged MiniLM as a plain model (a new classifier head, the default GateConfig)."""
+def plain_server(tiny_model_dir, tmp_path_factory):
+    """A tiny BERT classifier as a plain model; its FFN width (64) is not a multiple of the default
+    slice size (128): --model picks a slice size that divides it."""
     log = tmp_path_factory.mktemp("serve-log") / "plain.log"
     options = ("--max-texts", "4", "--max-queue", "16", "--max-batch", "4")
-    proc = ServerProcess(["--model", str(minilm_dir)], *options, log=log)
+    proc = ServerProcess(["--model", str(tiny_model_dir)], *options, log=log)
     yield proc.wait_ready()
     assert proc.stop() == 0, proc.log()
 
