@@ -2,6 +2,8 @@
 gathered path at batch 1: outputs (atol 1e-5), the chosen units and the FLOPs; calls it does not run
 go to the usual path."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -178,13 +180,19 @@ def test_static_router_runs_sliced_sessions_for_counts_met_again():
     assert whole.sliced_calls == 3
 
 
-def test_sliced_sessions_are_bounded_and_dropped_with_new_weights():
+@contextlib.contextmanager
+def _static_engine_with_one_sliced_session():
+    """(gated, its WholeForward allowed one sliced session, a batch-1 input) under the engine."""
     gated = _gated("bert", "static")
     engine = FastEncoder(gated)
     with engine_override(gated, engine):
         whole = engine.whole()
         whole.max_sliced = 1
-        batch = tiny_batch(batch=1, seq=9, padded=False)
+        yield gated, whole, tiny_batch(batch=1, seq=9, padded=False)
+
+
+def test_sliced_sessions_are_bounded_and_dropped_with_new_weights():
+    with _static_engine_with_one_sliced_session() as (gated, whole, batch):
         for budget in (0.4, 0.4, 0.4, 0.7, 0.7, 0.7, 0.4, 0.4):
             _assert_same(gated, batch, budget=budget)
         assert len(whole._sliced) == 1
@@ -198,12 +206,7 @@ def test_sliced_sessions_are_not_rebuilt_per_call_when_count_vectors_outnumber_t
     """Traffic alternating between more count vectors than sessions (mixed budgets at batch 1) keeps
     the sessions it has (the rest runs on the If-tree session); a vector met far more often than the
     least used session's takes its place."""
-    gated = _gated("bert", "static")
-    engine = FastEncoder(gated)
-    with engine_override(gated, engine):
-        whole = engine.whole()
-        whole.max_sliced = 1
-        batch = tiny_batch(batch=1, seq=9, padded=False)
+    with _static_engine_with_one_sliced_session() as (gated, whole, batch):
         for _ in range(6):
             for budget in (0.4, 0.7):
                 _assert_same(gated, batch, budget=budget)
