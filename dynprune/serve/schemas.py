@@ -19,11 +19,14 @@ from pydantic import (
 )
 
 _FRACTION_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+MAX_MS = 60_000.0  # a time budget beyond a minute per text is a mistake, not a budget
 BUDGET_SCHEMA = {
     "description": (
         "Fraction of dense FLOPs in (0, 1] (1 = dense): one number for every text, a list with one "
-        "number per text, or {'mean': m, 'cap': c} (the model chooses per text, mean m over the request; "
-        "needs a dynprune with mean-budget mode). Default: the model's default budget."
+        "number per text, {'mean': m, 'cap': c} (the model chooses per text, mean m over the request; "
+        "needs a calibration saved with the gates), or {'ms': t} (at most t milliseconds per text at "
+        "batch 1 as this machine's cost table predicts; needs `dynprune bench calibrate`). "
+        "Default: the model's default budget."
     ),
     "anyOf": [
         _FRACTION_SCHEMA,
@@ -32,6 +35,12 @@ BUDGET_SCHEMA = {
             "type": "object",
             "properties": {"mean": _FRACTION_SCHEMA, "cap": _FRACTION_SCHEMA},
             "required": ["mean"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"ms": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MS}},
+            "required": ["ms"],
             "additionalProperties": False,
         },
         {"type": "null"},
@@ -47,6 +56,13 @@ class MeanBudget(BaseModel):
     cap: float | None = None
 
 
+class TimeBudget(BaseModel):
+    """Time-budget mode: at most ``ms`` milliseconds per text (batch-1 prediction of the cost table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ms: float
+
+
 def fraction(value: Any, where: str) -> float:
     """One budget: a JSON number (not a boolean, not a string) in (0, 1], finite."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -56,18 +72,29 @@ def fraction(value: Any, where: str) -> float:
     return float(value)
 
 
-def parse_budget(value: Any) -> float | tuple[float, ...] | MeanBudget | None:
-    """The ``budget`` field: None, a number, a non-empty list of numbers, or {mean, cap}."""
+def parse_budget(value: Any) -> float | tuple[float, ...] | MeanBudget | TimeBudget | None:
+    """The ``budget`` field: None, a number, a non-empty list of numbers, {mean, cap} or {ms}."""
     if value is None:
         return None
     if isinstance(value, list):
         if not value:
             raise ValueError("budget list is empty; give one budget per text (or one number for all)")
         return tuple(fraction(v, f"budget[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict) and "ms" in value:
+        if set(value) != {"ms"}:
+            raise ValueError("a time budget is {'ms': t} alone (no 'mean' or 'cap' beside it)")
+        ms = value["ms"]
+        if isinstance(ms, bool) or not isinstance(ms, int | float):
+            raise ValueError(f"budget.ms must be a number of milliseconds, got {type(ms).__name__} {ms!r}")
+        if not math.isfinite(ms) or not (0.0 < ms <= MAX_MS):
+            raise ValueError(f"budget.ms must be in (0, {MAX_MS:g}] milliseconds, got {ms!r}")
+        return TimeBudget(ms=float(ms))
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"mean", "cap"})
         if unknown:
-            raise ValueError(f"budget object has unknown keys {unknown}; allowed: 'mean' and optional 'cap'")
+            raise ValueError(
+                f"budget object has unknown keys {unknown}; allowed: 'mean' and optional 'cap', or 'ms' alone"
+            )
         if "mean" not in value:
             raise ValueError("budget object needs 'mean' (and optionally 'cap')")
         mean = fraction(value["mean"], "budget.mean")

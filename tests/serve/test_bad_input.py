@@ -158,6 +158,25 @@ CASES = [
         "budget",
         "cap",
     ),
+    BadInput(
+        "time budget zero", "/v1/classify", body({"texts": ["a"], "budget": {"ms": 0}}), 422, "budget", "ms"
+    ),
+    BadInput(
+        "time budget as a string",
+        "/v1/classify",
+        body({"texts": ["a"], "budget": {"ms": "4"}}),
+        422,
+        "budget",
+        "ms",
+    ),
+    BadInput(
+        "time budget beside a mean",
+        "/v1/classify",
+        body({"texts": ["a"], "budget": {"ms": 4, "mean": 0.3}}),
+        422,
+        "budget",
+        "alone",
+    ),
     BadInput("NUL character", "/v1/classify", body({"texts": ["bad\u0000text"]}), 422, "texts[0]", "U+0000"),
     BadInput(
         "escape character",
@@ -274,6 +293,13 @@ def test_mean_budget_on_an_uncalibrated_checkpoint_is_refused_saying_how_to_cali
     err = r.json()["error"]
     assert err["field"] == "budget", err
     assert "no calibration for mean:0.3,cap:0.6" in err["message"] and "dynprune calibrate" in err["message"]
+
+
+def test_time_budget_without_a_cost_table_is_refused_saying_how_to_calibrate(client):
+    r = client.post("/v1/classify", json={"texts": ["a"], "budget": {"ms": 4}})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "budget" and "dynprune bench calibrate" in err["message"], err
 
 
 def test_wrong_method_and_unknown_path_are_json_errors(client):

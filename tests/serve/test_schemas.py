@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dynprune.serve.schemas import ClassifyRequest, MeanBudget
+from dynprune.serve.schemas import MAX_MS, ClassifyRequest, MeanBudget, TimeBudget
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
 json_values = st.recursive(
@@ -51,8 +51,27 @@ def test_any_json_budget_is_rejected_or_valid(value):
         assert len(b) == len(value) > 0 and all(fraction_ok(v) for v in b)
     elif isinstance(b, MeanBudget):
         assert fraction_ok(b.mean) and (b.cap is None or b.mean <= b.cap <= 1)
+    elif isinstance(b, TimeBudget):
+        assert set(value) == {"ms"} and b.ms == value["ms"] and 0 < b.ms <= MAX_MS
     else:
         assert fraction_ok(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-3, 10**6)
+    | st.booleans()
+    | st.text(max_size=3)
+)
+def test_a_time_budget_is_accepted_iff_it_is_a_positive_finite_number_of_ms(x):
+    ok = not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x) and 0 < x <= MAX_MS
+    try:
+        req = ClassifyRequest.model_validate({"texts": ["a"], "budget": {"ms": x}})
+    except ValidationError as err:
+        assert not ok and err.errors()[0]["loc"] == ("budget",)
+        return
+    assert ok and req.budget == TimeBudget(ms=float(x))
 
 
 def text_ok(t: str) -> bool:

@@ -29,7 +29,16 @@ def test_health_says_the_router_is_untrained(plain_server):
     assert "only budget 1.0" in plain_server.log()  # the startup note
 
 
-@pytest.mark.parametrize(("budget", "field"), [(0.5, "budget"), ([1.0, 0.9], "budget[1]"), (0.999, "budget")])
+@pytest.mark.parametrize(
+    ("budget", "field"),
+    [
+        (0.5, "budget"),
+        ([1.0, 0.9], "budget[1]"),
+        (0.999, "budget"),
+        ({"ms": 4}, "budget"),
+        ({"mean": 0.5}, "budget"),
+    ],
+)
 def test_budgets_below_one_are_refused_with_the_way_to_trained_gates(plain_server, budget, field):
     texts = ["a fine film", "dull"] if isinstance(budget, list) else ["a fine film"]
     r = httpx.post(f"{plain_server.url}/v1/classify", json={"texts": texts, "budget": budget})

@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 import dynprune
+from dynprune.cost_model import how_to_calibrate
 
 from ..errors import ApiError
 from ..runtime import GroupError, GroupJob, Runtime, TextJob
-from ..schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, MeanBudget
-from .common import ERROR_RESPONSES, check_budget, refuse_if_draining, run_queued, runtime
+from ..schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, MeanBudget, TimeBudget
+from .common import ERROR_RESPONSES, check_budget, refuse_if_draining, refuse_untrained, run_queued, runtime
 
 router = APIRouter()
 
@@ -54,9 +55,17 @@ def per_text_budgets(req: ClassifyRequest, rt: Runtime) -> list[float]:
     return budgets
 
 
-def mean_budget(spec: MeanBudget, rt: Runtime):
-    """The library's mean-budget object for ``spec``."""
-    return dynprune.MeanBudget(spec.mean, cap=spec.cap)
+def group_budget(spec: MeanBudget | TimeBudget, rt: Runtime):
+    """The library's budget object for a request-wide ``spec`` (its texts run in a forward of their
+    own); a 422 now for what the model cannot do at all (no cost table, an untrained router)."""
+    refuse_untrained(rt, "budget", "a budget object")
+    if isinstance(spec, MeanBudget):
+        return dynprune.MeanBudget(spec.mean, cap=spec.cap)
+    if rt.engine.gated.cost_table is None:
+        raise _invalid(
+            "budget", f"budget.ms needs this machine's cost table saved with the gates: {how_to_calibrate()}"
+        )
+    return dynprune.TimeBudget(spec.ms)
 
 
 @router.post(
@@ -75,8 +84,8 @@ async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
             reason="unsupported",
         )
     check_limits(req, rt)
-    if isinstance(req.budget, MeanBudget):
-        job = GroupJob(tuple(req.texts), mean_budget(req.budget, rt))
+    if isinstance(req.budget, MeanBudget | TimeBudget):
+        job = GroupJob(tuple(req.texts), group_budget(req.budget, rt))
         (results,) = await run_queued(rt, [job])
         if isinstance(results, GroupError):
             raise ApiError(

@@ -26,20 +26,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def check_budget(rt: Runtime, value: float, where: str, always_run: str) -> None:
-    """422 naming ``where`` for a budget this server cannot honour meaningfully: below the model's
-    floor (``always_run``: what every forward runs), or below 1.0 on an untrained router (``--model``)."""
-    engine = rt.engine
-    if value < 1.0 and not engine.trained_router and not rt.cfg.untrained_budgets:
+def refuse_untrained(rt: Runtime, where: str, what: str) -> None:
+    """422 for any budget below dense on a plain model's untrained router (``--model``), unless the
+    server runs with --untrained-budgets."""
+    if not rt.engine.trained_router and not rt.cfg.untrained_budgets:
         raise ApiError(
             422,
             "invalid_request",
-            f"{where} = {value}: this server runs a plain model (--model) whose router is untrained, so only "
+            f"{what}: this server runs a plain model (--model) whose router is untrained, so only "
             "budget 1.0 (the original model) gives meaningful output; serve gates trained with "
             "`dynprune train` via --checkpoint (or start with --untrained-budgets for smoke tests)",
             field=where,
             reason="invalid",
         )
+
+
+def check_budget(rt: Runtime, value: float, where: str, always_run: str) -> None:
+    """422 naming ``where`` for a budget this server cannot honour meaningfully: below the model's
+    floor (``always_run``: what every forward runs), or below 1.0 on an untrained router (``--model``)."""
+    engine = rt.engine
+    if value < 1.0:
+        refuse_untrained(rt, where, f"{where} = {value}")
     if value < engine.min_budget:
         raise ApiError(
             422,

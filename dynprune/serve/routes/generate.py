@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from ..errors import ApiError, error_body
 from ..generator import GeneratorEngine, GenError, GenJob, GenResult, Sampling
 from ..runtime import Runtime
-from ..schemas import CompletionRequest, GenerateRequest, GenerateResponse, MeanBudget
+from ..schemas import CompletionRequest, GenerateRequest, GenerateResponse, MeanBudget, TimeBudget
 from .common import (
     ERROR_RESPONSES,
     check_budget,
@@ -73,9 +73,10 @@ def make_job(
         raise _invalid(
             "prompt", f"prompt is {len(prompt)} characters; this server takes at most {rt.cfg.max_text_chars}"
         )
-    if isinstance(budget, (MeanBudget, tuple)):
+    if isinstance(budget, (MeanBudget, TimeBudget, tuple)):
         raise _invalid(
-            "budget", "budget for generation is one number in (0, 1] (a list or {mean} is for /v1/classify)"
+            "budget",
+            "budget for generation is one number in (0, 1] (a list, {mean} or {ms} is for /v1/classify)",
         )
     value = engine.gated.gate_config.default_budget if budget is None else float(budget)
     check_budget(rt, value, "budget", "embeddings, router and LM head")
