@@ -7,7 +7,8 @@
 - per-unit keep rates (fraction of samples that keep each unit): a static
   router gives only 0 and 1, an adaptive one values in between;
 - FLOPs and allocation on groups of inputs: short vs long (split at the
-  median token count), easy vs hard (by the dense model's probability of the
+  median token count; below it when every length ties at or under it, as when
+  most texts are truncated to the same length), easy vs hard (by the dense model's probability of the
   true label: top vs bottom quartile).
 """
 
@@ -84,7 +85,10 @@ def group_stats(rec: Records, groups: dict[str, np.ndarray]) -> list[dict[str, A
 
 def input_groups(rec: Records, dense: Records | None) -> dict[str, np.ndarray]:
     med = np.median(rec.lengths)
-    groups = {"all": np.ones(len(rec.labels), bool), "short": rec.lengths <= med, "long": rec.lengths > med}
+    short = rec.lengths <= med
+    if short.all():  # ties at the median (most texts truncated to the same length): split below it
+        short = rec.lengths < med
+    groups = {"all": np.ones(len(rec.labels), bool), "short": short, "long": ~short}
     if dense is not None:
         p_true = dense.probs[np.arange(len(dense.labels)), dense.labels]
         lo, hi = np.percentile(p_true, [25, 75])
