@@ -42,6 +42,7 @@ from dynprune.eval.sweep_stats import (
     goals,
     speed_lines,
 )
+from dynprune.eval.timing import busy_cpu_note
 
 from dynprune.calibration import Calibration
 from dynprune.config import check_budget_value
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, ValueError, FileNotFoundError) as err:
         print(f"dynprune sweep: error: {err}", file=sys.stderr)
         return 2
+    note = busy_cpu_note()
+    if note:
+        print(f"dynprune sweep: warning: {note}", file=sys.stderr, flush=True)
     return run_sweep(cfg, run, restart)
 
 

@@ -208,6 +208,25 @@ _ENV_KEYS = (
 )
 
 
+def busy_cpu_note(load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when the CPU is already busy before long work starts (1-minute load average at
+    least the number of cores), else None: torch's threads then compete with the other work and
+    wait for each other — four 2-thread trainings on 2 cores ran 10-70x slower per step than one."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return None
+    cores = cores or os.cpu_count() or 1
+    if load < cores:
+        return None
+    return (
+        f"the CPU is already busy (load average {load:.1f} on {cores} cores): this run's "
+        f"{torch.get_num_threads()} torch threads will compete with that work and can run many times "
+        "slower; on a small machine, one job at a time finishes soonest"
+    )
+
+
 def runtime_env() -> dict[str, str]:
     """What a timing depends on: CPU model, cores, torch version/threads, relevant env vars."""
     import platform

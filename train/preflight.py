@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
+from dynprune.eval.timing import busy_cpu_note
 from dynprune.train.config import TrainConfig
 from dynprune.train.config_compat import config_diff
 from dynprune.train.data import TaskData, load_task_data
@@ -140,5 +142,8 @@ def preflight(cfg: TrainConfig, out: Path, is_main: bool = True) -> tuple[str, T
     """Validate everything cheap to validate -> (model path, loaded data). Raises PreflightError / DataError."""
     if is_main:
         check_output_dir(cfg, out)
+        note = busy_cpu_note()
+        if note:
+            print(f"dynprune train: warning: {note}", file=sys.stderr, flush=True)
     data = load_task_data(cfg.data)
     return check_model(cfg, data.num_labels), data
