@@ -9,8 +9,9 @@ Checkpoints (read only; calibrations are fitted in memory, never written there):
 ``RUNS/seed<S>/static/static`` (static control), ``RUNS/seed<S>/dynamic/gated`` (cap-trained
 dynamic router), ``MEAN_RUNS/seed<S>/gated`` (router trained with ``gate.budget_mode=mean``;
 without ``--mean-runs``: the ladder's ``RUNS/seed<S>/<--mean-variant>/gated``, default
-``dynamic_mean``); the dense teacher is the runs' ``model.teacher_path``. Whatever exists is
-evaluated.
+``dynamic_mean``); the dense teacher is the runs' ``model.teacher_path`` (a run that trained its
+own dense stage: its ``dense/``; e.g. RUNS/seed0/static -> runs/news20_quick, a symlink to a
+whole ``dynprune train`` output directory). Whatever exists is evaluated.
 
 Per target t in (0.25, 0.5), on the test split, calibrated on the validation split (batch 64,
 the batches evaluation uses, so that padded lengths and FLOPs match):
@@ -64,6 +65,13 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if ra.std() == 0 or rb.std() == 0 else round(float(np.corrcoef(ra, rb)[0, 1]), 4)
 
 
+def teacher_dir(cfg: dict, run_dir: Path) -> Path:
+    """The dense teacher of a run: its ``model.teacher_path``, or, for a run that trained its own
+    dense stage (``dynprune train`` with ``dense`` in its stages; teacher_path null), ``run_dir/dense``."""
+    teacher = (cfg.get("model") or {}).get("teacher_path")
+    return Path(teacher) if teacher else run_dir / "dense"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, required=True, help="ladder root with seed<S>/{static,dynamic}")
@@ -94,7 +102,7 @@ def main() -> None:
     cfg = yaml.safe_load(cfg_file.read_text())
     gate = cfg.get("gate") or {}
     trained = (float(gate.get("budget_min", 0.2)), float(gate.get("budget_max", 0.8)))
-    dense_dir = Path(cfg["model"]["teacher_path"])
+    dense_dir = teacher_dir(cfg, cfg_file.parent)
     tok = transformers.AutoTokenizer.from_pretrained(dense_dir)
     data = load_task_data(DataConfig(**cfg["data"]))
     ex = encode(data, tok, cfg["data"]["max_length"])

@@ -192,8 +192,6 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path):
 
 
 def test_sweep_config_matches_its_training_recipes():
-    import math
-
     from dynprune.eval.sweep import parse_args
 
     for quick, recipe in ((False, "configs/news20.yaml"), (True, "configs/news20_quick.yaml")):
@@ -204,10 +202,15 @@ def test_sweep_config_matches_its_training_recipes():
         # the sweep evaluates the same test subsample the training report did
         assert sweep.evaluation.max_examples == train.data.max_eval_examples
         assert sweep.finetune.batch_size == train.optim.batch_size
-        if quick:  # each baseline's fine-tuning over the grid = the gated stage's steps
-            gated_steps = (
-                math.floor(train.data.max_train_examples / train.optim.batch_size) * train.optim.gated_epochs
-            )
-            assert abs(sweep.finetune.steps * len(sweep.budgets) - gated_steps) <= len(sweep.budgets)
-        else:
-            assert "static_gates" in sweep.methods and "static" in train.stages
+        # both grids compare the contenders: the static control is trained, early exit is swept
+        assert {"dynamic", "static_gates", "early_exit"} <= set(sweep.methods) and "static" in train.stages
+        # each baseline's fine-tuning over the grid = the run's gated stage (derived, finetune.match)
+        assert sweep.finetune.steps is None and sweep.finetune.match == "per_method"
+        assert sweep.budget_mode == "cap" and sweep.stats.min_seeds == 3
+    seeds, _ = parse_args(
+        ["--config", str(ROOT / "configs/sweep_news20.yaml"), "--quick", "--quick.seeds=[0,1,2]"]
+    )
+    assert seeds.contender_seeds == [0, 1, 2]
+    assert (
+        seeds.seed_training_dir.format(training_dir=seeds.training_dir, seed=1) == "runs/news20_quick_seed1"
+    )
