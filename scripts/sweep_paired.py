@@ -1,6 +1,6 @@
 """Paired comparisons of the sweep's contenders, per budget: points/*.json -> paired.md.
 
-    python results/news20/quick_3seeds/paired.py runs/sweep_news20_quick results/news20/quick_3seeds/paired.md
+    python scripts/sweep_paired.py runs/sweep_news20_quick results/news20/quick_3seeds/paired.md
 
 For a pair (a, b) at one budget: the example bootstrap of the sweep's summary
 (dynprune.eval.sweep_stats.paired_bootstrap: per-example correctness averaged over seeds,
@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from dynprune.eval.sweep_stats import STATIC_STRUCTURED, decode_correct, paired_bootstrap
-
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+from dynprune.eval.sweep_stats import STATIC_STRUCTURED, decode_correct, paired_bootstrap, t_interval
 
 
 def load(points: Path) -> dict[tuple[str, float], dict[int, dict]]:
@@ -41,9 +39,9 @@ def compare(pts: dict, a: str, b: str, budget: float, b_budget: float | None = N
     seeds = sorted(ca) if len(cb) == 1 else sorted(set(ca) & set(cb))
     per_seed = [100 * (ca[s].mean() - (cb[s] if s in cb else next(iter(cb.values()))).mean()) for s in seeds]
     if len(per_seed) > 1:
-        half = T95.get(len(per_seed) - 1, 1.96) * float(np.std(per_seed, ddof=1)) / len(per_seed) ** 0.5
-        t_int = f"[{np.mean(per_seed) - half:+.2f}, {np.mean(per_seed) + half:+.2f}]"
-        t_side = "+" if np.mean(per_seed) - half > 0 else "-" if np.mean(per_seed) + half < 0 else "0"
+        _, t_lo, t_hi = t_interval(per_seed)
+        t_int = f"[{t_lo:+.2f}, {t_hi:+.2f}]"
+        t_side = "+" if t_lo > 0 else "-" if t_hi < 0 else "0"
     else:
         t_int, t_side = "n/a (1 seed)", "0"
     b_side = "+" if lo > 0 else "-" if hi < 0 else "0"
