@@ -200,3 +200,15 @@ def minilm_gated(minilm_dir, batch: int, padded_from: int):
     attention_mask = torch.ones_like(ids)
     attention_mask[padded_from:, 25:] = 0
     return dynprune.wrap(model), {"input_ids": ids, "attention_mask": attention_mask}
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "lm_learned_summary.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("lm_learned_summary", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import load_script
 
 
 def _row(method: str, budget: float, nll: list[float], flops: float = 1.0) -> dict:
@@ -35,7 +27,7 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def test_ratios_and_verdicts(tmp_path: Path) -> None:
-    mod = _module()
+    mod = load_script("lm_learned_summary")
     dense = [20.0, 30.0, 25.0, 22.0]
     runs = []
     for s, shift in enumerate((2.0, 2.5, 3.0)):  # every chunk's NLL up by `shift` nats / 10 tokens

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mean_budget_eval.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("mean_budget_eval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import load_script
 
 
 def test_teacher_is_the_shared_one_or_the_runs_own_dense_stage(tmp_path):
-    mod = _module()
+    mod = load_script("mean_budget_eval")
     run = tmp_path / "seed0" / "static"
     shared = {"model": {"path": None, "teacher_path": "runs/quick/dense"}}
     assert mod.teacher_dir(shared, run) == Path("runs/quick/dense")
