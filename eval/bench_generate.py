@@ -175,7 +175,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     repeats = args.repeats or (2 if args.quick else 3)
     budgets = args.budget or ([0.6] if args.quick else [0.4, 0.6, 0.8])
     model, tokenizer = load_smollm2()
-    llama_runs: dict[int, object] = {}
+    # the prompt and token count are the same for every dtype: one llama.cpp model for the run
+    llama = (
+        llama_cpp_generate(_prompts(tokenizer, 1, prompt)["input_ids"][0].tolist(), new, args.threads)
+        if args.llama_cpp and 1 in args.batch
+        else None
+    )
     gated = (
         dynprune.load_gates(model, args.gates)
         if args.gates
@@ -206,12 +211,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 m = pick.get(b, {})
                 fns[name] = lambda b=b, x=inputs, m=m: gated.generate(**x, budget=b, **m, **gen)
                 prefill[name] = lambda b=b, x=inputs, m=m: gated(**x, budget=b, use_cache=True, **m)
-            if args.llama_cpp and batch == 1:
-                if prompt not in llama_runs:
-                    llama_runs[prompt] = llama_cpp_generate(
-                        inputs["input_ids"][0].tolist(), new, args.threads
-                    )
-                fns["llama.cpp"] = llama_runs[prompt]
+            if llama is not None and batch == 1:
+                fns["llama.cpp"] = llama
             times = time_interleaved(fns, warmup=1, repeats=repeats)
             pre = time_interleaved(prefill, warmup=1, repeats=max(3, repeats))
             dense_s = times["dense"].median_ms / 1e3
