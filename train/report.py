@@ -28,7 +28,6 @@ from dynprune.train.evaluation import collect, summarize
 
 import dynprune
 
-# goal name -> (budget, allowed accuracy drop of the gated model in points)
 # the goals (README) that accuracy differences are read against: (pair, budget) -> goal; a training
 # run reports the differences as numbers only (one run = one seed: never a verdict)
 ACCURACY_GOALS = {
@@ -161,22 +160,17 @@ def accuracy_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Gated (dynamic router) minus dense, and minus the static control at the same budget, in
     points, at every evaluated budget; numbers only, no verdicts."""
     by = {(r["model"], r["budget"]): r for r in rows}
-    dense = by[("dense", 1.0)]["accuracy"]
     out = []
     for (model, budget), r in sorted(by.items(), key=lambda kv: kv[0][1]):
         if model != "gated":
             continue
-        pairs = [("dense", dense)]
+        diffs = {"dense": r["delta_vs_dense_pt"]}  # the table's Δ vs dense column
         if ("static", budget) in by:
-            pairs.append(("static", by[("static", budget)]["accuracy"]))
-        for other, acc in pairs:
+            diffs["static"] = 100 * (r["accuracy"] - by[("static", budget)]["accuracy"])
+        for other, diff in diffs.items():
+            goal = ACCURACY_GOALS.get((other, budget), "")
             out.append(
-                {
-                    "pair": f"gated - {other} @{budget:g}",
-                    "budget": budget,
-                    "diff_pt": 100 * (r["accuracy"] - acc),
-                    "goal": ACCURACY_GOALS.get((other, budget), ""),
-                }
+                {"pair": f"gated - {other} @{budget:g}", "budget": budget, "diff_pt": diff, "goal": goal}
             )
     return out
 
