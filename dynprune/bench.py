@@ -1,4 +1,4 @@
-"""`dynprune bench cpu|generate|kernels`: dispatch to the benchmark modules."""
+"""`dynprune bench <name>`: dispatch to the benchmark modules."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ BENCHES = {
     "serve": (
         "dynprune.serve.bench",
         "load on local `dynprune serve` processes: correctness, latency, throughput, overload",
+    ),
+    "serve-generate": (
+        "dynprune.serve.bench_generate",
+        "generation load on local `dynprune serve` processes (SmolLM2): correctness, tokens/s, overload",
     ),
 }
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import MIXED, summarize, write
+from .loadgen import LocalServer, burst, closed_loop, count, percentile, post
 
 VARIANTS = {"gated 0.5": (0.5,), "dense": (1.0,), "mixed": MIXED}
 
@@ -72,111 +73,13 @@ def _minilm_checkpoint(directory: Path) -> Path:
     )
 
 
-class _Server:
-    """A `dynprune serve` child process on a free loopback port."""
-
-    def __init__(self, checkpoint: Path, log: Path, *options: str):
-        import os
-        import socket
-        import subprocess
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dynprune.cli", "serve", "--checkpoint", str(checkpoint)]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *options]
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=dict(os.environ))
-
-    def wait_ready(self, timeout: float = 180) -> _Server:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {timeout} s; log: {self.log}")
-
-    def stop(self) -> int:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
-
-
-async def _one(client, text: str, budget: float) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        async with client.post("/v1/classify", json={"texts": [text], "budget": budget}) as r:
-            status, retry = r.status, r.headers.get("retry-after")
-            body = await r.json() if status == 200 else None
-    except Exception as err:  # lost: connection error, client timeout
-        status, body, retry = f"lost:{type(err).__name__}", None, None
+async def _classify(session, job: tuple[str, float]) -> dict[str, Any]:
+    text, budget = job
     return {
         "text": text,
         "budget": budget,
-        "status": status,
-        "body": body,
-        "retry_after": retry,
-        "latency_s": time.perf_counter() - start,
+        **await post(session, "/v1/classify", {"texts": [text], "budget": budget}),
     }
-
-
-def _client(url: str, timeout: float):
-    """The load generator's HTTP client: aiohttp, about 0.25 ms of CPU per request here against
-    httpx's 2.6-3.4 ms — the load generator shares the server's cores on one machine, so a heavy
-    client takes CPU from the server it measures (results/serve/README.md)."""
-    import aiohttp
-
-    return aiohttp.ClientSession(
-        base_url=url,
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        connector=aiohttp.TCPConnector(limit=0),  # one connection per in-flight request, as a browser fleet
-    )
-
-
-async def burst(url: str, jobs: list[tuple[str, float]], timeout: float) -> tuple[list[dict], float]:
-    async with _client(url, timeout) as client:
-        start = time.perf_counter()
-        out = await asyncio.gather(*(_one(client, t, b) for t, b in jobs))
-        return list(out), time.perf_counter() - start
-
-
-async def closed_loop(url: str, jobs: list[tuple[str, float]], concurrency: int, timeout: float):
-    queue = list(reversed(jobs))
-    results: list[dict] = []
-
-    async def worker(client):
-        while queue:
-            t, b = queue.pop()
-            results.append(await _one(client, t, b))
-
-    async with _client(url, timeout) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        return results, time.perf_counter() - start
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[k]
 
 
 def check_answers(engine, results: list[dict]) -> dict[str, int]:
@@ -225,6 +128,7 @@ def main(argv: list[str]) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="dynprune-bench-serve-"))
     checkpoint = Path(args.checkpoint) if args.checkpoint else _minilm_checkpoint(tmp)
+    source = ["--checkpoint", str(checkpoint)]
     common = ["--threads", str(args.threads), "--max-texts", "1", "--timeout-s", "120"]
     queue = str(max(args.burst, args.requests) + args.max_batch)
     batch_on = [
@@ -236,9 +140,9 @@ def main(argv: list[str]) -> int:
         queue,
     ]
     servers = {
-        "batching on": _Server(checkpoint, tmp / "on.log", *common, *batch_on),
-        "batching off": _Server(
-            checkpoint,
+        "batching on": LocalServer(source, tmp / "on.log", *common, *batch_on),
+        "batching off": LocalServer(
+            source,
             tmp / "off.log",
             *common,
             "--max-batch",
@@ -248,8 +152,8 @@ def main(argv: list[str]) -> int:
             "--max-queue",
             queue,
         ),
-        "overload": _Server(
-            checkpoint,
+        "overload": LocalServer(
+            source,
             tmp / "overload.log",
             *common,
             "--max-batch",
@@ -272,12 +176,12 @@ def main(argv: list[str]) -> int:
         texts = _reviews(max(args.burst, args.requests, args.overload))
         # 1. burst
         jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.burst])]
-        res, wall = asyncio.run(burst(servers["batching on"].url, jobs, timeout=min(120, left())))
+        res, wall = asyncio.run(burst(servers["batching on"].url, jobs, _classify, timeout=min(120, left())))
         all_results += res
         report["burst"] = {
             "requests": len(res),
             "ok": sum(r["status"] == 200 for r in res),
-            "statuses": _count(r["status"] for r in res),
+            "statuses": count(r["status"] for r in res),
             "wall_s": wall,
             "max_batch_seen": max((r["body"]["batch_size"] for r in res if r["body"]), default=0),
         }
@@ -291,7 +195,7 @@ def main(argv: list[str]) -> int:
                 budgets = VARIANTS[variant]
                 jobs = [(t, budgets[i % len(budgets)]) for i, t in enumerate(texts[: args.requests])]
                 res, wall = asyncio.run(
-                    closed_loop(servers[server].url, jobs, args.concurrency, min(120, left()))
+                    closed_loop(servers[server].url, jobs, _classify, args.concurrency, min(120, left()))
                 )
                 all_results += res
                 lat = [r["latency_s"] for r in res if r["status"] == 200]
@@ -303,8 +207,8 @@ def main(argv: list[str]) -> int:
                         "requests": len(res),
                         "ok": len(lat),
                         "throughput_rps": len(lat) / wall,
-                        "p50_ms": 1e3 * _pct(lat, 0.5),
-                        "p99_ms": 1e3 * _pct(lat, 0.99),
+                        "p50_ms": 1e3 * percentile(lat, 0.5),
+                        "p99_ms": 1e3 * percentile(lat, 0.99),
                         "mean_flops_ratio": statistics.mean(
                             r["body"]["items"][0]["flops_ratio"] for r in res if r["body"]
                         ),
@@ -316,12 +220,12 @@ def main(argv: list[str]) -> int:
         report["closed_loop"] = rows
         # 3. overload
         jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.overload])]
-        res, wall = asyncio.run(burst(servers["overload"].url, jobs, timeout=min(120, left())))
+        res, wall = asyncio.run(burst(servers["overload"].url, jobs, _classify, timeout=min(120, left())))
         all_results += [r for r in res if r["status"] == 200]
         report["overload"] = {
             "requests": len(res),
             "queue": 2 * args.max_batch,
-            "statuses": _count(r["status"] for r in res),
+            "statuses": count(r["status"] for r in res),
             "wall_s": wall,
             "all_429_have_retry_after": all(r["retry_after"] for r in res if r["status"] == 429),
         }
@@ -338,10 +242,3 @@ def main(argv: list[str]) -> int:
     write(out, report)
     print(md.read_text())
     return 0
-
-
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return out

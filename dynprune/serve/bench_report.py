@@ -36,7 +36,18 @@ def goal_verdict(ratio: float, p99_ratio: float, goal: float = GOAL) -> tuple[st
     )
 
 
-def summarize(rows: list[dict]) -> dict[str, Any]:
+TABLE_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
+
+
+def summarize(
+    rows: list[dict],
+    gated: str = "gated 0.5",
+    rate: str = "throughput_rps",
+    keys: tuple[str, ...] = TABLE_KEYS,
+) -> dict[str, Any]:
+    """Medians over rounds per (server, variant) of ``keys``, and paired per-round ratios of ``rate``
+    (and p99) between the ``gated`` variant and dense, and between batching on and off."""
+
     def cell(server: str, variant: str, key: str) -> list[float]:
         return [
             r[key]
@@ -48,33 +59,23 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     for r in rows:
         k = f"{r['server']} / {r['variant']}"
         if k not in table:
-            table[k] = {
-                key: statistics.median(cell(r["server"], r["variant"], key))
-                for key in ("throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
-            }
-            table[k]["rounds"] = len(cell(r["server"], r["variant"], "throughput_rps"))
+            table[k] = {key: statistics.median(cell(r["server"], r["variant"], key)) for key in keys}
+            table[k]["rounds"] = len(cell(r["server"], r["variant"], rate))
 
     def paired(a: tuple[str, str], b: tuple[str, str], key: str) -> dict[str, float]:
         ratios = [x / y for x, y in zip(cell(*a, key), cell(*b, key))]
         return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
+    g = gated.replace("gated ", "gated")
+    name = "throughput" if rate == "throughput_rps" else rate
+    on, off, dense = "batching on", "batching off", "dense"
     return {
         "table": table,
-        "gated0.5_over_dense_throughput (batching on)": paired(
-            ("batching on", "gated 0.5"), ("batching on", "dense"), "throughput_rps"
-        ),
-        "gated0.5_over_dense_p99 (batching on)": paired(
-            ("batching on", "gated 0.5"), ("batching on", "dense"), "p99_ms"
-        ),
-        "batching_on_over_off_throughput (dense)": paired(
-            ("batching on", "dense"), ("batching off", "dense"), "throughput_rps"
-        ),
-        "batching_on_over_off_throughput (gated 0.5)": paired(
-            ("batching on", "gated 0.5"), ("batching off", "gated 0.5"), "throughput_rps"
-        ),
-        "gated0.5_over_dense_throughput (batching off)": paired(
-            ("batching off", "gated 0.5"), ("batching off", "dense"), "throughput_rps"
-        ),
+        f"{g}_over_dense_{name} (batching on)": paired((on, gated), (on, dense), rate),
+        f"{g}_over_dense_p99 (batching on)": paired((on, gated), (on, dense), "p99_ms"),
+        f"batching_on_over_off_{name} (dense)": paired((on, dense), (off, dense), rate),
+        f"batching_on_over_off_{name} ({gated})": paired((on, gated), (off, gated), rate),
+        f"{g}_over_dense_{name} (batching off)": paired((off, gated), (off, dense), rate),
     }
 
 
