@@ -89,7 +89,8 @@ def attention(x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: Att
     """acc[rows] += attention of each block's units over x[rows], projected by their O columns.
 
     Q/K/V are projected by the plan's unit runs when it has them (fewer, larger matmuls than
-    one per block; results/cpu_bench/NOTES.md), else per block."""
+    one per block; results/cpu_bench/NOTES.md), else per block; O by blocks, or by unit runs at
+    one token per row (decode: each weight slice read once, whatever the budgets in the batch)."""
     if not plan.blocks:
         return
     _, seq, hidden = x.shape
@@ -106,6 +107,16 @@ def attention(x: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, inp: Att
         for blk in plan.blocks:
             w_t, b, _ = w.attention(blk.units)
             per_block.append(torch.addmm(b, x[blk.start : blk.stop].view(blk.n_rows * seq, hidden), w_t))
+    if plan.unit_runs is not None and seq == 1:  # decode: O by unit runs, each weight slice read once
+        out_width = w.group * w.head_dim  # O columns of one unit
+        ctx_buf = x.new_empty(plan.blocks[-1].stop, plan.blocks[0].n_units * out_width)  # corners unread
+        for index, (blk, qkv) in enumerate(zip(plan.blocks, per_block)):
+            ctx_buf[blk.start : blk.stop, : blk.n_units * out_width] = _attend(qkv, blk, index, seq, w, inp)
+        for n_rows, u0, u1 in plan.unit_runs:
+            _, _, w_out_t = w.attention(slice(u0, u1))
+            dst = acc[:n_rows].view(n_rows, hidden)
+            torch.addmm(dst, ctx_buf[:n_rows, u0 * out_width : u1 * out_width], w_out_t, out=dst)
+        return
     for index, (blk, qkv) in enumerate(zip(plan.blocks, per_block)):
         ctx = _attend(qkv, blk, index, seq, w, inp)
         _, _, w_out_t = w.attention(blk.units)

@@ -66,21 +66,42 @@ def _ffn_block(h: Tensor, acc: Tensor, blk: Block, w: PackedWeights, s: int, act
     torch.addmm(dst, inter, down_t, out=dst)
 
 
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out = x weightᵀ + bias, written into ``out`` (a view of a buffer)."""
+    if bias is not None:
+        torch.addmm(bias, x, weight.t(), out=out)
+    else:
+        torch.mm(x, weight.t(), out=out)
+
+
 def _ffn_by_runs(h: Tensor, acc: Tensor, plan: KindPlan, w: PackedWeights, s: int, act: Callable) -> None:
-    """FFN up + activation by unit runs (the first rows × a run of slices), down by blocks."""
+    """FFN up (and gate) + activation by unit runs (the first rows × a run of slices); down by
+    blocks, or by runs too at one token per row (decode): each weight slice is then read once
+    however many budgets the batch holds, which is what a memory-bound step pays for."""
     _, seq, hidden = h.shape
-    buf = h.new_empty(plan.blocks[-1].stop * seq, plan.blocks[0].n_units * s)  # (rows*T, c_max*s)
-    for n_rows, u0, u1 in plan.unit_runs or ():
-        up, b_up, _, _, _ = w.ffn(slice(u0 * s, u1 * s))
-        dst = buf[: n_rows * seq, u0 * s : u1 * s]
+    runs = plan.unit_runs or []
+    shape = (plan.blocks[-1].stop * seq, plan.blocks[0].n_units * s)  # (rows*T, c_max*s), corners unread
+    buf = h.new_empty(shape)
+    gate_buf = h.new_empty(shape) if w.parts.gate_proj is not None else None
+    for n_rows, u0, u1 in runs:
+        up, b_up, gate, b_gate, _ = w.ffn(slice(u0 * s, u1 * s))
         x = h[:n_rows].view(n_rows * seq, hidden)
-        if b_up is not None:
-            torch.addmm(b_up, x, up.t(), out=dst)
+        dst = buf[: n_rows * seq, u0 * s : u1 * s]
+        _project(x, up, b_up, dst)
+        if gate_buf is not None:  # SwiGLU: act(gate(h)) * up(h)
+            gated = gate_buf[: n_rows * seq, u0 * s : u1 * s]
+            _project(x, gate, b_gate, gated)
+            dst.mul_(apply_activation(act, gated))
         else:
-            torch.mm(x, up.t(), out=dst)
-        out = apply_activation(act, dst)
-        if out is not dst:
-            dst.copy_(out)
+            out = apply_activation(act, dst)
+            if out is not dst:
+                dst.copy_(out)
+    if seq == 1:
+        for n_rows, u0, u1 in runs:
+            _, _, _, _, down_t = w.ffn(slice(u0 * s, u1 * s))
+            dst = acc[:n_rows].view(n_rows, hidden)
+            torch.addmm(dst, buf[:n_rows, u0 * s : u1 * s], down_t, out=dst)
+        return
     for blk in plan.blocks:
         n, k = blk.n_rows, blk.n_units
         _, _, _, _, down_t = w.ffn(slice(0, k * s))
@@ -97,7 +118,7 @@ def ffn(
     act: Callable,
 ) -> None:
     """acc[rows] += FFN of each block's slices over h[rows] (up by the plan's unit runs if any)."""
-    if plan.unit_runs is not None and w.parts.gate_proj is None:
+    if plan.unit_runs is not None:
         _ffn_by_runs(h, acc, plan, w, slice_size, act)
     else:
         for blk in plan.blocks:

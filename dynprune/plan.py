@@ -59,8 +59,9 @@ class KindPlan:
     order: Tensor | None
     blocks: list[Block]
     computed_units: int = 0  # sum over blocks of n_rows × n_units (= kept units)
-    # nested only: the same work cut by units instead of rows, for the *expanding*
-    # projections (Q/K/V, FFN up): (n_rows, u0, u1) = the first n_rows rows compute units u0:u1
+    # nested only: the same work cut by units instead of rows, for the *expanding* projections
+    # (Q/K/V, FFN up / gate) and, at one token per row (decode), the contracting ones (O, FFN
+    # down): (n_rows, u0, u1) = the first n_rows rows compute units u0:u1
     unit_runs: list[tuple[int, int, int]] | None = None
 
     @property
