@@ -89,10 +89,15 @@ def parse_args(argv: list[str]) -> tuple[SweepConfig, bool]:
         cfg = draccus.parse(
             SweepConfig, config_path=config_path, args=rest, prog="dynprune sweep", exit_on_error=False
         )
-        return (cfg.apply_quick() if quick else cfg), restart
+        return (cfg.apply_quick(keep=_given_keys(rest)) if quick else cfg), restart
     except Exception as err:  # draccus wraps our __post_init__ errors: report the innermost message
         where = f" (config {config_path})" if config_path else ""
         raise SweepError(f"bad sweep config: {_root_cause(err)}{where}") from err
+
+
+def _given_keys(args: list[str]) -> list[str]:
+    """The dotted config keys set on the command line (``--methods a b``, ``--finetune.steps=9``)."""
+    return [a[2:].split("=", 1)[0] for a in args if a.startswith("--") and not a[2:].startswith("quick.")]
 
 
 def _root_cause(err: BaseException) -> str:

@@ -8,6 +8,8 @@ training configs. ``--quick`` applies the ``quick`` section on top.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -222,9 +224,12 @@ class SweepConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def apply_quick(self) -> SweepConfig:
-        """A copy with the ``quick`` section applied."""
+    def apply_quick(self, keep: Iterable[str] = ()) -> SweepConfig:
+        """A copy with the ``quick`` section applied; the dotted keys in ``keep`` (given on the
+        command line, e.g. ``methods`` or ``finetune.steps``) keep their values: what a user asks
+        for explicitly wins over the quick section."""
         q = self.quick
+        mine = self.to_dict()
         d = self.to_dict()
         d["budgets"] = list(q.budgets)
         if q.methods is not None:
@@ -235,7 +240,12 @@ class SweepConfig:
         d["finetune"]["steps"] = q.finetune_steps
         d["seeds"] = list(q.seeds)
         d["seed"] = q.seeds[0]
-        d["indicative"] = quick_label(len(q.seeds))
+        seeds = [int(x) for x in (mine["seeds"] if "seeds" in keep else q.seeds)]
+        if len(seeds) < self.stats.min_seeds:  # one or two seeds: numbers only, no verdict
+            d["indicative"] = quick_label(len(seeds))
+        else:  # enough seeds for the intervals: verdicts, about this reduced recipe
+            note = f"quick grid ({len(seeds)} seeds, reduced steps): verdicts are about this reduced recipe"
+            d["summary_notes"] = [*d["summary_notes"], note]
         d["max_train_examples"] = q.max_train_examples
         d["evaluation"]["max_examples"] = q.eval_max_examples
         d["search"].update(
@@ -245,6 +255,14 @@ class SweepConfig:
             calibration_examples=q.calibration_examples,
         )
         d["timing"]["repeats"] = q.timing_repeats
+        for key in keep:
+            *sections, name = key.split(".")
+            src, dst = mine, d
+            for section in sections:
+                src, dst = src[section], dst[section]
+            dst[name] = src[name]
+        if "seeds" in keep and "seed" not in keep:
+            d["seed"] = d["seeds"][0]
         return from_dict(d)
 
 

@@ -201,6 +201,23 @@ def test_quick_applies_the_quick_section(tmp_path):
     )
 
 
+def test_keys_given_on_the_command_line_win_over_the_quick_section():
+    argv = ["--quick", "--quick.methods=[dense,random]", "--methods=[dense,static_gates]"]
+    cfg, _ = sweep_mod.parse_args([*argv, "--budgets=[0.3]", "--finetune.steps=5", "--seeds=[2,3]"])
+    assert cfg.methods == ["dense", "static_gates"] and cfg.budgets == [0.3]
+    assert cfg.finetune.steps == 5 and cfg.seeds == [2, 3] and cfg.seed == 2
+    assert cfg.evaluation.max_examples == cfg.quick.eval_max_examples  # the rest of quick still applies
+    cfg, _ = sweep_mod.parse_args(argv[:2])
+    assert cfg.methods == ["dense", "random"] and cfg.budgets == cfg.quick.budgets
+
+
+@pytest.mark.parametrize(("seeds", "verdicts"), [("[0]", False), ("[0,1]", False), ("[0,1,2]", True)])
+def test_a_quick_grid_gives_verdicts_once_it_has_the_seeds_for_them(seeds, verdicts):
+    cfg, _ = sweep_mod.parse_args(["--quick", f"--quick.seeds={seeds}"])
+    assert (cfg.indicative is None) == verdicts
+    assert any("verdicts are about this reduced recipe" in n for n in cfg.summary_notes) == verdicts
+
+
 def _seed_copy(run, dest):
     """A second 'training run' for seed 1 (same files; the sweep only reads them)."""
     import shutil
