@@ -9,7 +9,6 @@ training configs. ``--quick`` applies the ``quick`` section on top.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
