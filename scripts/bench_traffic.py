@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    Path(f"{out}.json").write_text(json.dumps(report, indent=2))
     lines = [
         "# Batch-1 traffic: real reviews one at a time (scripts/bench_traffic.py)",
         "",
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['variant']} | {r['ms_per_input']:.3f} | {r['speedup_vs_ort_dense']:.2f} "
             f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {share} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
