@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import MIXED, summarize, write
-from .loadgen import LocalServer, burst, closed_loop, count, percentile, post
+from .loadgen import burst, closed_loop, count, percentile, post, start_servers
 
 VARIANTS = {"gated 0.5": (0.5,), "dense": (1.0,), "mixed": MIXED}
 
@@ -139,31 +139,16 @@ def main(argv: list[str]) -> int:
         "--max-queue",
         queue,
     ]
-    servers = {
-        "batching on": LocalServer(source, tmp / "on.log", *common, *batch_on),
-        "batching off": LocalServer(
-            source,
-            tmp / "off.log",
-            *common,
-            "--max-batch",
-            "1",
-            "--max-wait-ms",
-            "0",
-            "--max-queue",
-            queue,
-        ),
-        "overload": LocalServer(
-            source,
-            tmp / "overload.log",
-            *common,
-            "--max-batch",
-            str(args.max_batch),
-            "--max-wait-ms",
-            str(args.max_wait_ms),
-            "--max-queue",
-            str(2 * args.max_batch),
-        ),
-    }
+    off = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", queue]
+    small = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    small += ["--max-queue", str(2 * args.max_batch)]
+    servers = start_servers(
+        {
+            "batching on": (source, tmp / "on.log", [*common, *batch_on]),
+            "batching off": (source, tmp / "off.log", [*common, *off]),
+            "overload": (source, tmp / "overload.log", [*common, *small]),
+        }
+    )
     report: dict[str, Any] = {
         "machine": machine_description(),
         "args": vars(args),

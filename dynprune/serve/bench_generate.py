@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import summarize
-from .loadgen import LocalServer, burst, closed_loop, count, percentile, post
+from .loadgen import burst, closed_loop, count, percentile, post, start_servers
 
 MIXED = (0.4, 0.6, 0.8, 1.0)
 KEYS = ("tokens_per_s", "throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
@@ -174,11 +174,13 @@ def main(argv: list[str]) -> int:
     off = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", queue]
     small = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     small += ["--max-queue", str(2 * args.max_batch)]
-    servers = {
-        "batching on": LocalServer(source, tmp / "on.log", *common, *on),
-        "batching off": LocalServer(source, tmp / "off.log", *common, *off),
-        "overload": LocalServer(source, tmp / "overload.log", *common, *small),
-    }
+    servers = start_servers(
+        {
+            "batching on": (source, tmp / "on.log", [*common, *on]),
+            "batching off": (source, tmp / "off.log", [*common, *off]),
+            "overload": (source, tmp / "overload.log", [*common, *small]),
+        }
+    )
     gated = f"gated {args.budget:g}"
     variants = {gated: (args.budget,), "dense": (1.0,), "mixed": MIXED}
     send = _sender(args.max_new_tokens)

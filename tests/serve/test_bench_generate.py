@@ -54,3 +54,30 @@ def test_generation_load_finds_no_lost_or_wrong_answers_and_overload_gets_429(ti
     assert "gated0.6_over_dense_tokens_per_s (batching on)" in text
     with pytest.raises(SystemExit, match="exists"):
         main(argv)  # never overwrites results silently
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def test_servers_already_started_are_stopped_when_a_later_one_cannot_start(tiny_lm_checkpoint, tmp_path):
+    from dynprune.serve.loadgen import start_servers
+
+    source = ["--checkpoint", str(tiny_lm_checkpoint), "--seed", "7321"]  # a mark to find it by
+    specs = {
+        "first": (source, tmp_path / "first.log", []),
+        "second": (source, tmp_path / "no-such-dir" / "second.log", []),  # its log cannot be opened
+    }
+    with pytest.raises(FileNotFoundError):
+        start_servers(specs)
+    assert (tmp_path / "first.log").exists()  # the first one did start
+    assert _processes_mentioning("--seed\x007321") == []
