@@ -1,6 +1,7 @@
 """rows.csv + per_example.npz (scripts/mean_budget_eval.py) -> summary.csv + summary.md.
 
     python scripts/mean_budget_summary.py results/minilm_rt/mean_budget
+    python scripts/mean_budget_summary.py results/news20/quick_3seeds/mean_budget "MiniLM / 20 Newsgroups"
 
 Per method and target: accuracy and executed mean FLOPs ratio, mean ± std over seeds, the
 per-input FLOPs distribution and where compute goes. Per pair (a mean-budget policy vs a cap
@@ -79,7 +80,7 @@ def seed_t_interval(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[list[floa
     return d, lo, hi
 
 
-def main(root: Path) -> None:
+def main(root: Path, task: str = "MiniLM / Rotten Tomatoes") -> None:
     with (root / "rows.csv").open() as f:
         rows = list(csv.DictReader(f))
     z = dict(np.load(root / "per_example.npz"))
@@ -90,7 +91,7 @@ def main(root: Path) -> None:
     machines = sorted({r.get("machine") or MACHINE for r in rows})
     out_rows, md = [], []
     md += [
-        "# Mean budgets vs caps per input (MiniLM / Rotten Tomatoes, quick recipe)",
+        f"# Mean budgets vs caps per input ({task}, quick recipe)",
         "",
         f"Machine: {'; '.join(machines)} (shared with other sessions; accuracy and FLOPs only, no timing). Seeds: {', '.join(map(str, seeds))} (training seed; the data split is",
         "the same for every seed: split_seed 0). Test split, batch 64; every mean-budget policy was",
@@ -196,4 +197,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python scripts/mean_budget_summary.py DIR ['MODEL / TASK' for the title]")
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -16,3 +16,14 @@ def test_teacher_is_the_shared_one_or_the_runs_own_dense_stage(tmp_path):
     own = {"model": {"path": None, "teacher_path": None}}
     assert mod.teacher_dir(own, run) == run / "dense"
     assert mod.teacher_dir({}, run) == run / "dense"
+
+
+def test_quartiles_hold_a_quarter_of_the_inputs_even_when_keys_tie():
+    import numpy as np
+
+    quartile_means = load_script("mean_budget_eval").quartile_means
+    lengths = np.array([128] * 6 + [40, 50])  # most texts truncated to the same length
+    flops = np.arange(8, dtype=float)
+    got = quartile_means(lengths, flops)
+    assert not np.isnan(got).any() and got[0] == 6.5  # the two short texts first (flops 6 and 7)
+    assert got[1:] == [0.5, 2.5, 4.5]  # then the tied ones in test-set order
