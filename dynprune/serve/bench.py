@@ -18,16 +18,14 @@ the same budget: same masks (same executed FLOPs) and the same probabilities to 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .bench_report import MIXED, summarize, write
-from .loadgen import burst, closed_loop, count, percentile, post, start_servers
+from .loadgen import bench_servers, deadline, percentile, post, run_phases
 
 VARIANTS = {"gated 0.5": (0.5,), "dense": (1.0,), "mixed": MIXED}
 
@@ -82,6 +80,21 @@ async def _classify(session, job: tuple[str, float]) -> dict[str, Any]:
     }
 
 
+def _row(res: list[dict], wall: float) -> dict[str, Any]:
+    """One closed-loop round's numbers."""
+    lat = [r["latency_s"] for r in res if r["status"] == 200]
+    answered = [r["body"] for r in res if r["body"]]
+    return {
+        "requests": len(res),
+        "ok": len(lat),
+        "throughput_rps": len(lat) / wall,
+        "p50_ms": 1e3 * percentile(lat, 0.5),
+        "p99_ms": 1e3 * percentile(lat, 0.99),
+        "mean_flops_ratio": statistics.mean(b["items"][0]["flops_ratio"] for b in answered),
+        "mean_batch": statistics.mean(b["batch_size"] for b in answered),
+    }
+
+
 def check_answers(engine, results: list[dict]) -> dict[str, int]:
     """Compare every 200 answer with the unbatched forward of its text at its padded length."""
     cache: dict[tuple[str, float, int], Any] = {}
@@ -118,104 +131,24 @@ def main(argv: list[str]) -> int:
     from dynprune.eval.report import machine_description
     from dynprune.serve import ServeConfig, load_engine
 
-    t_start = time.monotonic()
-
-    def left() -> float:
-        remaining = args.deadline_s - (time.monotonic() - t_start)
-        if remaining <= 0:
-            raise SystemExit(f"dynprune bench serve: --deadline-s {args.deadline_s} reached")
-        return remaining
+    left = deadline(args.deadline_s, "dynprune bench serve")
 
     tmp = Path(tempfile.mkdtemp(prefix="dynprune-bench-serve-"))
     checkpoint = Path(args.checkpoint) if args.checkpoint else _minilm_checkpoint(tmp)
     source = ["--checkpoint", str(checkpoint)]
     common = ["--threads", str(args.threads), "--max-texts", "1", "--timeout-s", "120"]
-    queue = str(max(args.burst, args.requests) + args.max_batch)
-    batch_on = [
-        "--max-batch",
-        str(args.max_batch),
-        "--max-wait-ms",
-        str(args.max_wait_ms),
-        "--max-queue",
-        queue,
-    ]
-    off = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", queue]
-    small = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    small += ["--max-queue", str(2 * args.max_batch)]
-    servers = start_servers(
-        {
-            "batching on": (source, tmp / "on.log", [*common, *batch_on]),
-            "batching off": (source, tmp / "off.log", [*common, *off]),
-            "overload": (source, tmp / "overload.log", [*common, *small]),
-        }
-    )
+    queue = max(args.burst, args.requests) + args.max_batch
+    texts = _reviews(max(args.burst, args.requests, args.overload))
+    servers = bench_servers(source, tmp, common, args.max_batch, args.max_wait_ms, queue)
     report: dict[str, Any] = {
         "machine": machine_description(),
         "args": vars(args),
         "checkpoint": str(checkpoint),
     }
-    all_results: list[dict] = []
-    try:
-        for s in servers.values():
-            s.wait_ready(timeout=min(300, left()))
-        texts = _reviews(max(args.burst, args.requests, args.overload))
-        # 1. burst
-        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.burst])]
-        res, wall = asyncio.run(burst(servers["batching on"].url, jobs, _classify, timeout=min(120, left())))
-        all_results += res
-        report["burst"] = {
-            "requests": len(res),
-            "ok": sum(r["status"] == 200 for r in res),
-            "statuses": count(r["status"] for r in res),
-            "wall_s": wall,
-            "max_batch_seen": max((r["body"]["batch_size"] for r in res if r["body"]), default=0),
-        }
-        # 2. closed loop, interleaved
-        rows: list[dict[str, Any]] = []
-        variants = [(s, v) for s in ("batching on", "batching off") for v in VARIANTS]
-        bar = tqdm(total=args.rounds * len(variants), desc="closed loop", file=sys.stderr, mininterval=5)
-        for rnd in range(args.rounds):
-            order = variants if rnd % 2 == 0 else list(reversed(variants))
-            for server, variant in order:
-                budgets = VARIANTS[variant]
-                jobs = [(t, budgets[i % len(budgets)]) for i, t in enumerate(texts[: args.requests])]
-                res, wall = asyncio.run(
-                    closed_loop(servers[server].url, jobs, _classify, args.concurrency, min(120, left()))
-                )
-                all_results += res
-                lat = [r["latency_s"] for r in res if r["status"] == 200]
-                rows.append(
-                    {
-                        "round": rnd,
-                        "server": server,
-                        "variant": variant,
-                        "requests": len(res),
-                        "ok": len(lat),
-                        "throughput_rps": len(lat) / wall,
-                        "p50_ms": 1e3 * percentile(lat, 0.5),
-                        "p99_ms": 1e3 * percentile(lat, 0.99),
-                        "mean_flops_ratio": statistics.mean(
-                            r["body"]["items"][0]["flops_ratio"] for r in res if r["body"]
-                        ),
-                        "mean_batch": statistics.mean(r["body"]["batch_size"] for r in res if r["body"]),
-                    }
-                )
-                bar.update()
-        bar.close()
-        report["closed_loop"] = rows
-        # 3. overload
-        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.overload])]
-        res, wall = asyncio.run(burst(servers["overload"].url, jobs, _classify, timeout=min(120, left())))
-        all_results += [r for r in res if r["status"] == 200]
-        report["overload"] = {
-            "requests": len(res),
-            "queue": 2 * args.max_batch,
-            "statuses": count(r["status"] for r in res),
-            "wall_s": wall,
-            "all_429_have_retry_after": all(r["retry_after"] for r in res if r["status"] == 429),
-        }
-    finally:
-        report["exit_codes"] = {name: s.stop() for name, s in servers.items()}
+    parts, all_results = run_phases(
+        servers, texts, _classify, VARIANTS, MIXED, args, lambda: min(120, left()), _row, ready_s=300
+    )
+    report.update(parts)
     # correctness against unbatched forwards (after the load, so it does not compete with it)
     engine = load_engine(ServeConfig(threads=args.threads), checkpoint=str(checkpoint))
     report["lost"] = sum(1 for r in all_results if isinstance(r["status"], str))

@@ -20,18 +20,15 @@ below 1.0 is not meaningful. Pass ``--checkpoint`` for trained gates.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from .bench_report import summarize
-from .loadgen import burst, closed_loop, count, percentile, post, start_servers
+from .bench_report import overload_lines, ratio_lines, summarize, write_data
+from .loadgen import bench_servers, deadline, percentile, post, run_phases
 
 MIXED = (0.4, 0.6, 0.8, 1.0)
 KEYS = ("tokens_per_s", "throughput_rps", "p50_ms", "p99_ms", "mean_flops_ratio", "mean_batch")
@@ -105,13 +102,11 @@ def check_answers(engine, results: list[dict], max_new_tokens: int) -> dict[str,
     return wrong
 
 
-def _row(rnd: int, server: str, variant: str, res: list[dict], wall: float) -> dict[str, Any]:
+def _row(res: list[dict], wall: float) -> dict[str, Any]:
+    """One closed-loop round's numbers."""
     ok = [r for r in res if r["status"] == 200]
     lat = [r["latency_s"] for r in ok]
     return {
-        "round": rnd,
-        "server": server,
-        "variant": variant,
         "requests": len(res),
         "ok": len(ok),
         "tokens": sum(r["body"]["completion_tokens"] for r in ok),
@@ -159,94 +154,35 @@ def main(argv: list[str]) -> int:
 
         path = args.model or str(smollm2_gguf())
         source, model = ["--model", path, "--untrained-budgets"], {"model": path}
-    t_start = time.monotonic()
-
-    def left() -> float:
-        remaining = args.deadline_s - (time.monotonic() - t_start)
-        if remaining <= 0:
-            raise SystemExit(f"dynprune bench serve-generate: --deadline-s {args.deadline_s} reached")
-        return remaining
+    left = deadline(args.deadline_s, "dynprune bench serve-generate")
 
     tmp = Path(tempfile.mkdtemp(prefix="dynprune-bench-generate-"))
     common = ["--threads", str(args.threads), "--max-texts", "1", "--timeout-s", "600"]
-    queue = str(max(args.burst, args.requests) + args.max_batch)
-    on = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", queue]
-    off = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", queue]
-    small = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    small += ["--max-queue", str(2 * args.max_batch)]
-    servers = start_servers(
-        {
-            "batching on": (source, tmp / "on.log", [*common, *on]),
-            "batching off": (source, tmp / "off.log", [*common, *off]),
-            "overload": (source, tmp / "overload.log", [*common, *small]),
-        }
-    )
+    queue = max(args.burst, args.requests) + args.max_batch
+    texts = prompts(max(args.burst, args.requests, args.overload))
+    servers = bench_servers(source, tmp, common, args.max_batch, args.max_wait_ms, queue)
     gated = f"gated {args.budget:g}"
     variants = {gated: (args.budget,), "dense": (1.0,), "mixed": MIXED}
     send = _sender(args.max_new_tokens)
     report: dict[str, Any] = {"machine": machine_description(), "args": vars(args), **model}
-    everything: list[dict] = []
-    try:
-        for s in servers.values():
-            s.wait_ready(timeout=min(600, left()))
-        texts = prompts(max(args.burst, args.requests, args.overload))
-        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.burst])]
-        res, wall = asyncio.run(burst(servers["batching on"].url, jobs, send, timeout=min(1200, left())))
-        everything += res
-        report["burst"] = {
-            "requests": len(res),
-            "statuses": count(r["status"] for r in res),
-            "wall_s": wall,
-            "max_batch_seen": max((r["body"]["batch_size"] for r in res if r["body"]), default=0),
-        }
-        rows: list[dict[str, Any]] = []
-        plan = [(s, v) for s in ("batching on", "batching off") for v in variants]
-        bar = tqdm(total=args.rounds * len(plan), desc="closed loop", file=sys.stderr, mininterval=5)
-        for rnd in range(args.rounds):
-            for server, variant in plan if rnd % 2 == 0 else list(reversed(plan)):
-                budgets = variants[variant]
-                jobs = [(t, budgets[i % len(budgets)]) for i, t in enumerate(texts[: args.requests])]
-                url = servers[server].url
-                res, wall = asyncio.run(closed_loop(url, jobs, send, args.concurrency, min(1200, left())))
-                everything += res
-                rows.append(_row(rnd, server, variant, res, wall))
-                bar.update()
-        bar.close()
-        report["closed_loop"] = rows
-        jobs = [(t, MIXED[i % len(MIXED)]) for i, t in enumerate(texts[: args.overload])]
-        res, wall = asyncio.run(burst(servers["overload"].url, jobs, send, timeout=min(1200, left())))
-        everything += [r for r in res if r["status"] == 200]
-        report["overload"] = {
-            "requests": len(res),
-            "queue": 2 * args.max_batch,
-            "statuses": count(r["status"] for r in res),
-            "wall_s": wall,
-            "all_429_have_retry_after": all(r["retry_after"] for r in res if r["status"] == 429),
-        }
-    finally:
-        report["exit_codes"] = {name: s.stop() for name, s in servers.items()}
+    parts, everything = run_phases(
+        servers, texts, send, variants, MIXED, args, lambda: min(1200, left()), _row, ready_s=600
+    )
+    report.update(parts)
     # correctness after the load (it does not compete with it); the servers' seed 0 router for --model
     engine = load_engine(ServeConfig(threads=args.threads, max_batch=args.max_batch), **model)
     report["lost"] = sum(1 for r in everything if isinstance(r["status"], str))
     checked = tqdm(everything, desc="check vs unbatched", file=sys.stderr, mininterval=10)
     report["wrong"] = check_answers(engine, checked, args.max_new_tokens)
     report["checked"] = sum(1 for r in everything if r["status"] == 200)
-    report["summary"] = summarize(rows, gated=gated, rate="tokens_per_s", keys=KEYS)
+    report["summary"] = summarize(report["closed_loop"], gated=gated, rate="tokens_per_s", keys=KEYS)
     write(out, report, gated)
     print(md.read_text())
     return 0
 
 
 def write(out: Path, report: dict[str, Any], gated: str) -> None:
-    import csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(report, indent=2, default=str))
-    rows = report["closed_loop"]
-    with open(out / "bench_generate.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_data(out, "bench_generate", report)
     a, s = report["args"], report["summary"]
     source = report.get("checkpoint") or f"{report.get('model')} (open gates, untrained router)"
     lines = [
@@ -277,17 +213,5 @@ def write(out: Path, report: dict[str, Any], gated: str) -> None:
             f"| {k} | {v['tokens_per_s']:.1f} | {v['throughput_rps']:.2f} | {v['p50_ms']:.0f} | "
             f"{v['p99_ms']:.0f} | {v['mean_flops_ratio']:.3f} | {v['mean_batch']:.1f} |"
         )
-    lines += ["", "Paired per-round ratios (median [min, max] over rounds):", ""]
-    lines += [
-        f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for k, v in s.items() if k != "table"
-    ]
-    o = report["overload"]
-    lines += [
-        "",
-        f"## Overload: {o['requests']} concurrent prompts, queue of {o['queue']} sequences",
-        "",
-        f"statuses {o['statuses']} in {o['wall_s']:.1f} s; every 429 has Retry-After: "
-        f"{o['all_429_have_retry_after']}. Server exit codes after SIGTERM: {report['exit_codes']}.",
-        "",
-    ]
+    lines += [*ratio_lines(s), "", *overload_lines(report, "prompts", "sequences")]
     (out / "bench_generate.md").write_text("\n".join(lines))

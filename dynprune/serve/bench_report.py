@@ -79,14 +79,40 @@ def summarize(
     }
 
 
-def write(out: Path, report: dict[str, Any]) -> None:
+def ratio_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary's paired per-round ratios as Markdown bullets."""
+    lines = ["", "Paired per-round ratios (median [min, max] over rounds):", ""]
+    for k, v in summary.items():
+        if k != "table":
+            lines.append(f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]")
+    return lines
+
+
+def overload_lines(report: dict[str, Any], what: str, queued: str) -> list[str]:
+    """The overload phase and the servers' exit codes as Markdown (``what``: requests / prompts)."""
+    o = report["overload"]
+    return [
+        f"## Overload: {o['requests']} concurrent {what}, queue of {o['queue']} {queued}",
+        "",
+        f"statuses {o['statuses']} in {o['wall_s']:.2f} s; every 429 has Retry-After: "
+        f"{o['all_429_have_retry_after']}. Server exit codes after SIGTERM: {report['exit_codes']}.",
+        "",
+    ]
+
+
+def write_data(out: Path, stem: str, report: dict[str, Any]) -> None:
+    """``out/<stem>.json`` (the whole report) and ``out/<stem>.csv`` (one row per closed-loop round)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_serve.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     rows = report["closed_loop"]
-    with open(out / "bench_serve.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    write_data(out, "bench_serve", report)
     s = report["summary"]
     a = report["args"]
     lines = [
@@ -116,10 +142,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"| {k} | {v['throughput_rps']:.1f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
             f"{v['mean_flops_ratio']:.3f} | {v['mean_batch']:.1f} |"
         )
-    lines += ["", "Paired per-round ratios (median [min, max] over rounds):", ""]
-    for k, v in s.items():
-        if k != "table":
-            lines.append(f"- {k}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]")
+    lines += ratio_lines(s)
     g = s["gated0.5_over_dense_throughput (batching on)"]["median"]
     p = s["gated0.5_over_dense_p99 (batching on)"]["median"]
     verdict, why = goal_verdict(g, p)
@@ -127,11 +150,6 @@ def write(out: Path, report: dict[str, Any]) -> None:
         "",
         f"Goal (batching on, throughput at budget 0.5 >= {GOAL}x dense at the same p99): **{verdict}** ({why}).",
         "",
-        f"## Overload: {report['overload']['requests']} concurrent requests, queue of {report['overload']['queue']} texts",
-        "",
-        f"statuses {report['overload']['statuses']} in {report['overload']['wall_s']:.2f} s; every 429 has "
-        f"Retry-After: {report['overload']['all_429_have_retry_after']}. Server exit codes after SIGTERM: "
-        f"{report['exit_codes']}.",
-        "",
+        *overload_lines(report, "requests", "texts"),
     ]
     (out / "bench_serve.md").write_text("\n".join(lines))

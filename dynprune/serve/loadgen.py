@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+SERVERS = ("batching on", "batching off", "overload")  # what run_phases drives
+
 
 class LocalServer:
     """A `dynprune serve` child process on a free loopback port. ``source``: the model options
@@ -58,6 +60,19 @@ class LocalServer:
         return self.proc.returncode
 
 
+def deadline(seconds: float, prog: str) -> Callable[[], float]:
+    """A ``left()``: the seconds left of a run bounded to ``seconds``; past it, SystemExit."""
+    start = time.monotonic()
+
+    def left() -> float:
+        remaining = seconds - (time.monotonic() - start)
+        if remaining <= 0:
+            raise SystemExit(f"{prog}: --deadline-s {seconds} reached")
+        return remaining
+
+    return left
+
+
 def start_servers(specs: dict[str, tuple[list[str], Path, list[str]]]) -> dict[str, LocalServer]:
     """Start a server per name (``name -> (source, log, options)``); if one cannot be started, the
     ones already started are stopped before the error propagates (no orphan processes)."""
@@ -70,6 +85,29 @@ def start_servers(specs: dict[str, tuple[list[str], Path, list[str]]]) -> dict[s
             server.stop()
         raise
     return started
+
+
+def bench_servers(
+    source: list[str], logs: Path, common: list[str], max_batch: int, max_wait_ms: float, queue: int
+) -> dict[str, LocalServer]:
+    """The ``SERVERS`` of a serve benchmark: batching on (``max_batch``, ``max_wait_ms``, a queue of
+    ``queue``), batching off (batches of 1, same queue), overload (a queue of 2 batches)."""
+    batching = ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    return start_servers(
+        {
+            "batching on": (source, logs / "on.log", [*common, *batching, "--max-queue", str(queue)]),
+            "batching off": (
+                source,
+                logs / "off.log",
+                [*common, "--max-batch", "1", "--max-wait-ms", "0", "--max-queue", str(queue)],
+            ),
+            "overload": (
+                source,
+                logs / "overload.log",
+                [*common, *batching, "--max-queue", str(2 * max_batch)],
+            ),
+        }
+    )
 
 
 def client(url: str, timeout: float):
@@ -137,3 +175,75 @@ def count(values: Iterable[Any]) -> dict[str, int]:
     for v in values:
         out[str(v)] = out.get(str(v), 0) + 1
     return out
+
+
+def run_phases(
+    servers: dict[str, LocalServer],
+    texts: list[str],
+    send: Send,
+    variants: dict[str, tuple[float, ...]],
+    mixed: tuple[float, ...],
+    args: Any,
+    timeout: Callable[[], float],
+    row: Callable[[list[dict], float], dict[str, Any]],
+    ready_s: float = 300,
+) -> tuple[dict[str, Any], list[dict]]:
+    """The three phases of a serve benchmark on the ``SERVERS``: a burst of ``args.burst``
+    concurrent jobs at the ``mixed`` budgets (batching on); closed loops of ``args.requests`` jobs
+    from ``args.concurrency`` clients for every (server, variant) of batching on/off × ``variants``
+    in ``args.rounds`` interleaved rounds (``row(results, wall_s)``: a round's numbers); a burst of
+    ``args.overload`` at the small-queue server, once every server is ready (at most ``ready_s``
+    seconds, fewer if ``timeout()`` says so). ``timeout()``: seconds a phase may take now.
+    The servers are stopped at the end, also on error. Returns the report's ``burst`` /
+    ``closed_loop`` / ``overload`` / ``exit_codes`` parts and every result to check (the overload's
+    200s only)."""
+    import sys
+
+    from tqdm import tqdm
+
+    exit_codes: dict[str, int] = {}
+    try:
+        for server in servers.values():
+            server.wait_ready(timeout=min(ready_s, timeout()))
+
+        def at_mixed(n: int) -> list[tuple[str, float]]:
+            return [(t, mixed[i % len(mixed)]) for i, t in enumerate(texts[:n])]
+
+        res, wall = asyncio.run(burst(servers["batching on"].url, at_mixed(args.burst), send, timeout()))
+        everything = list(res)
+        parts: dict[str, Any] = {
+            "burst": {
+                "requests": len(res),
+                "ok": sum(r["status"] == 200 for r in res),
+                "statuses": count(r["status"] for r in res),
+                "wall_s": wall,
+                "max_batch_seen": max((r["body"]["batch_size"] for r in res if r["body"]), default=0),
+            }
+        }
+        rows: list[dict[str, Any]] = []
+        plan = [(s, v) for s in SERVERS[:2] for v in variants]
+        bar = tqdm(total=args.rounds * len(plan), desc="closed loop", file=sys.stderr, mininterval=5)
+        for rnd in range(args.rounds):
+            for server, variant in plan if rnd % 2 == 0 else list(reversed(plan)):
+                budgets = variants[variant]
+                jobs = [(t, budgets[i % len(budgets)]) for i, t in enumerate(texts[: args.requests])]
+                url = servers[server].url
+                res, wall = asyncio.run(closed_loop(url, jobs, send, args.concurrency, timeout()))
+                everything += res
+                rows.append({"round": rnd, "server": server, "variant": variant, **row(res, wall)})
+                bar.update()
+        bar.close()
+        parts["closed_loop"] = rows
+        res, wall = asyncio.run(burst(servers["overload"].url, at_mixed(args.overload), send, timeout()))
+        everything += [r for r in res if r["status"] == 200]
+        parts["overload"] = {
+            "requests": len(res),
+            "queue": 2 * args.max_batch,
+            "statuses": count(r["status"] for r in res),
+            "wall_s": wall,
+            "all_429_have_retry_after": all(r["retry_after"] for r in res if r["status"] == 429),
+        }
+    finally:  # SIGTERM: each server drains and exits
+        exit_codes.update({name: server.stop() for name, server in servers.items()})
+    parts["exit_codes"] = exit_codes
+    return parts, everything
