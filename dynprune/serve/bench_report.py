@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +14,39 @@ MIXED = (0.25, 0.5, 0.75, 1.0)
 GOAL = 1.6  # throughput at budget 0.5 / dense, at the same p99 (batching on)
 
 
-def goal_verdict(ratio: float, p99_ratio: float, goal: float = GOAL) -> tuple[str, str]:
-    """Verdict on the throughput goal from a ratio measured at equal concurrency, and why.
+MIN_ROUNDS = 3  # fewer paired rounds: no interval, no verdict
 
-    ``ratio``: gated / dense throughput; ``p99_ratio``: gated p99 / dense p99, same runs. In a
-    closed loop, throughput rises with latency: when gated p99 <= dense p99, gated could take
-    more load up to dense's p99, so ``ratio`` is a lower bound of the same-p99 ratio; when gated
-    p99 >= dense p99 it is an upper bound. A bound on the wrong side of the goal decides nothing.
+
+def goal_verdict(ratios: Sequence[float], p99_ratio: float, goal: float = GOAL) -> tuple[str, str]:
+    """Verdict on the throughput goal from per-round paired ratios at equal concurrency, and why.
+
+    ``ratios``: gated / dense throughput of each paired round; ``p99_ratio``: gated p99 / dense p99
+    (median over the same rounds). The ratio is judged by its 95 % t-interval over rounds (of the
+    log ratios: a geometric mean), so a verdict needs the rounds to agree, not only their median.
+    In a closed loop throughput rises with latency: when gated p99 <= dense p99, gated could take
+    more load up to dense's p99, so the measured ratio is a lower bound of the same-p99 ratio
+    ("met" needs the interval's low end >= goal); when gated p99 >= dense p99 it is an upper
+    bound ("NOT met" needs the high end < goal). Anything else decides nothing.
     """
-    measured = f"throughput ratio {ratio:.2f} at equal concurrency, gated p99 / dense p99 = {p99_ratio:.2f}"
-    if p99_ratio <= 1.0 and ratio >= goal:
-        return "met", f"{measured} <= 1: at the same p99 the ratio is at least {ratio:.2f} >= {goal}"
-    if p99_ratio >= 1.0 and ratio < goal:
-        return "NOT met", f"{measured} >= 1: at the same p99 the ratio is at most {ratio:.2f} < {goal}"
+    from dynprune.eval.sweep_stats import t_interval
+
+    if len(ratios) < MIN_ROUNDS:
+        return "not established", f"{len(ratios)} paired round(s) < {MIN_ROUNDS}: no interval"
+    mean, low, high = (math.exp(x) for x in t_interval([math.log(r) for r in ratios]))
+    measured = (
+        f"throughput ratio {mean:.2f}, 95 % t-interval over {len(ratios)} rounds [{low:.2f}, {high:.2f}], "
+        f"at equal concurrency; gated p99 / dense p99 = {p99_ratio:.2f}"
+    )
+    if p99_ratio <= 1.0 and low >= goal:
+        return "met", f"{measured} <= 1: at the same p99 the ratio is at least {low:.2f} >= {goal}"
+    if p99_ratio >= 1.0 and high < goal:
+        return "NOT met", f"{measured} >= 1: at the same p99 the ratio is at most {high:.2f} < {goal}"
     if p99_ratio <= 1.0:
         return "not established", (
-            f"{measured} <= 1: at the same p99 the ratio is at least {ratio:.2f}, which is below {goal}, "
-            "so it may or may not reach it"
+            f"{measured} <= 1: a lower bound of the same-p99 ratio, whose interval reaches below {goal}"
         )
     return "not established", (
-        f"{measured} > 1: at the same p99 the ratio is at most {ratio:.2f}, which is above {goal}, "
-        "so it may or may not reach it"
+        f"{measured} > 1: an upper bound of the same-p99 ratio, whose interval reaches {goal} or above"
     )
 
 
@@ -64,7 +78,7 @@ def summarize(
 
     def paired(a: tuple[str, str], b: tuple[str, str], key: str) -> dict[str, float]:
         ratios = [x / y for x, y in zip(cell(*a, key), cell(*b, key))]
-        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
     g = gated.replace("gated ", "gated")
     name = "throughput" if rate == "throughput_rps" else rate
@@ -143,7 +157,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"{v['mean_flops_ratio']:.3f} | {v['mean_batch']:.1f} |"
         )
     lines += ratio_lines(s)
-    g = s["gated0.5_over_dense_throughput (batching on)"]["median"]
+    g = s["gated0.5_over_dense_throughput (batching on)"]["rounds"]
     p = s["gated0.5_over_dense_p99 (batching on)"]["median"]
     verdict, why = goal_verdict(g, p)
     lines += [

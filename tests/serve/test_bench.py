@@ -11,18 +11,28 @@ from dynprune.serve.bench_report import goal_verdict
 
 
 @pytest.mark.parametrize(
-    ("ratio", "p99", "verdict", "bound"),
+    ("ratios", "p99", "verdict", "bound"),
     [
-        (1.94, 0.49, "met", "at least 1.94 >= 1.6"),  # a lower bound above the goal
-        (1.39, 0.67, "not established", "at least 1.39, which is below 1.6"),  # lower bound below it
-        (1.20, 1.30, "NOT met", "at most 1.20 < 1.6"),  # an upper bound below the goal
-        (1.90, 1.30, "not established", "at most 1.90, which is above 1.6"),  # upper bound above it
-        (1.60, 1.00, "met", "at least 1.60 >= 1.6"),
-        (1.59, 1.00, "NOT met", "at most 1.59 < 1.6"),
+        (
+            [1.92, 1.94, 1.96],
+            0.49,
+            "met",
+            "at least 1.89 >= 1.6",
+        ),  # a lower bound, every round above the goal
+        ([1.39, 1.40, 1.41], 0.67, "not established", "reaches below 1.6"),  # a lower bound below it
+        ([1.21, 1.20, 1.19], 1.30, "NOT met", "at most 1.2"),  # an upper bound below the goal
+        ([1.90, 1.88, 1.92], 1.30, "not established", "reaches 1.6 or above"),  # upper bound above it
+        (
+            [1.21, 1.57, 1.82, 1.60, 1.65],
+            0.69,
+            "not established",
+            "reaches below 1.6",
+        ),  # median 1.60: rounds disagree
+        ([1.7, 1.8], 0.5, "not established", "2 paired round(s) < 3"),  # too few rounds for an interval
     ],
 )
-def test_goal_verdict_follows_from_the_bound_the_measurement_gives(ratio, p99, verdict, bound):
-    got, why = goal_verdict(ratio, p99)
+def test_goal_verdict_follows_from_the_interval_the_rounds_give(ratios, p99, verdict, bound):
+    got, why = goal_verdict(ratios, p99)
     assert got == verdict and bound in why, (got, why)
 
 
@@ -41,7 +51,7 @@ def test_bench_serve_finds_no_lost_or_wrong_answers_and_overload_gets_429(tiny_c
     assert report["exit_codes"] == {"batching on": 0, "batching off": 0, "overload": 0}
     on = report["summary"]
     verdict, why = goal_verdict(
-        on["gated0.5_over_dense_throughput (batching on)"]["median"],
+        on["gated0.5_over_dense_throughput (batching on)"]["rounds"],
         on["gated0.5_over_dense_p99 (batching on)"]["median"],
     )
     assert f"**{verdict}** ({why})" in (out / "bench_serve.md").read_text()
