@@ -141,13 +141,13 @@ def summarise(
         for s in names:
             own = next((r for r in runs[s] if r["method"] == "dense"), None)
             if own is not None and own["chunk_nll"] != refs[s]["chunk_nll"]:
-                pools[s].append({**own, "method": "run's dense"})
+                pools[s].append({**own, "method": "run base at 1.0"})
             pools[s] += [r for r in reference_rows[s] if r["method"] != "dense"]  # type: ignore[index]
     if original is not None:
         for s in names:
             pools[s].append({**original, "method": "original dense"})
     keys = sorted({(r["method"], r["budget"]) for rows in pools.values() for r in rows})
-    order = {"original dense": 0, "run's dense": 1, "learned": 2}
+    order = {"original dense": 0, "run base at 1.0": 1, "learned": 2}
     for method, b in sorted(keys, key=lambda k: (order.get(k[0], 3), k)):
         got = [(s, r) for s in names for r in pools[s] if (r["method"], r["budget"]) == (method, b)]
         row = _over_seeds(method, b, got, refs, idx)

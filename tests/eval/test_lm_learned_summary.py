@@ -77,7 +77,7 @@ def test_each_seed_against_its_own_reference(tmp_path: Path) -> None:
     assert "| learned | 0.60 | 3 | 0.600 | " in text
     assert f"{np.exp(np.mean(np.log(want))):.3f}" in text  # ~1.28, not the ratio to a shared reference
     assert "| griffin | 0.60 | 3 | 1.000 | " in text and f"| {np.exp(0.9):.3f} |" in text
-    assert "| run's dense | 1.00 | 3 | 1.000 | " in text and f"| {np.exp(0.05):.3f} |" in text
+    assert "| run base at 1.0 | 1.00 | 3 | 1.000 | " in text and f"| {np.exp(0.05):.3f} |" in text
     assert "| original dense | 1.00 | 3 |" in text
     assert ": met" in text  # every interval below 1.5 (tight: the shifts are the same on every chunk)
     bad = [a if not a.startswith("--reference=s2") else f"--reference=s9={tmp_path / 'ref2'}" for a in argv]
