@@ -283,8 +283,9 @@ class TrainConfig:
     """`dynprune train`: dense fine-tune (teacher) -> gated fine-tune -> static control -> report."""
 
     output_dir: str = "runs/minilm_rt"
-    # classification: sequence classification (dense, gated, static stages); causal_lm: gated
-    # distillation of a causal LM from its own dense, frozen self (section `lm`, stages [gated])
+    # classification: sequence classification (dense, gated, static stages); causal_lm: a causal
+    # LM (section `lm`): stages [gated] distil its routers from the frozen base itself, [dense,
+    # gated] fine-tune the base on the text first and distil from that (docs/training_lm.md)
     task: Literal["classification", "causal_lm"] = "classification"
     # Stages to run, in order: dense (teacher + reference), gated (dynamic router), static (control)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -326,14 +327,17 @@ class TrainConfig:
             )
 
     def _check_causal_lm(self) -> None:
-        if self.stages != ["gated"]:
+        allowed = (["gated"], ["dense", "gated"], ["dense"])
+        if self.stages not in allowed:
             raise ValueError(
-                f"task causal_lm runs the gated stage only (the teacher is the dense base itself): "
-                f"set stages: [gated], got {self.stages}"
+                "task causal_lm runs stages [gated] (routers distilled from the base itself), "
+                "[dense, gated] (the base fine-tuned on the text first, then its routers, distilled from "
+                f"that fine-tuned dense model) or [dense]; got {self.stages}"
             )
         if self.model.teacher_path is not None:
             raise ValueError(
-                "task causal_lm distils from the base model itself: model.teacher_path must be null"
+                "task causal_lm: model.teacher_path must be null (the teacher is the base itself, or "
+                "the dense stage's fine-tuned model with stages [dense, gated])"
             )
         if self.gate.unit_order == "taylor":
             raise ValueError(

@@ -12,7 +12,8 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 class LMSection:
     """Text, windows and what trains when ``task: causal_lm`` (docs/training_lm.md).
 
-    The student is the base model under gates; the teacher is the same base, dense and frozen.
+    The student is the base model under gates (after the dense stage: the fine-tuned base); the
+    teacher is that model, dense and frozen.
     Loss = distill.logits_weight * T^2 KL(teacher || student) over every next-token distribution
     + distill.task_weight * next-token cross-entropy + the Lagrangian FLOPs target.
     """
@@ -28,7 +29,7 @@ class LMSection:
     eval_windows: int = 16
     # Local files: this fraction of the token stream (its end) is held out for validation
     validation_fraction: float = 0.05
-    # Also fine-tune the base weights (optim.gated_lr); default: routers only, base frozen
+    # Also fine-tune the base weights in the gated stage (optim.gated_lr); default: routers only
     tune_base: bool = False
 
     def __post_init__(self) -> None:

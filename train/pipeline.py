@@ -226,7 +226,7 @@ def run_dense(ctx: Context, dense_dir: Path) -> None:
     if ctx.main:
         metrics = {"stage": "dense", "train": result, "validation": summarize(collect(model, val))}
         _save_dir(dense_dir, lambda tmp: (model.save_pretrained(tmp), ctx.tokenizer.save_pretrained(tmp)))
-        _finish_stage(ctx, dense_dir, metrics)
+        _finish_stage(ctx.config_yaml, dense_dir, metrics)
     ctx.acc.wait_for_everyone()
 
 
@@ -306,7 +306,7 @@ def run_gated(ctx: Context, stage: str, dense_dir: Path, teacher: torch.nn.Modul
             "validation": evaluate_fn(gated),
         }
         dynprune.save_gated_model(gated, target, ctx.tokenizer)
-        _finish_stage(ctx, target, metrics)
+        _finish_stage(ctx.config_yaml, target, metrics)
     ctx.acc.wait_for_everyone()
 
 
@@ -334,9 +334,9 @@ def _save_dir(target: Path, write) -> None:
         write(tmp)
 
 
-def _finish_stage(ctx: Context, target: Path, metrics: dict[str, Any]) -> None:
+def _finish_stage(config_yaml: str, target: Path, metrics: dict[str, Any]) -> None:
     """config.yaml, then metrics.json last: its presence marks the stage as done."""
     from dynprune.io import atomic_write_bytes
 
-    atomic_write_bytes(target / "config.yaml", ctx.config_yaml.encode())
+    atomic_write_bytes(target / "config.yaml", config_yaml.encode())
     ckpt.write_json(target / "metrics.json", metrics)

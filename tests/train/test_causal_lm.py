@@ -1,4 +1,5 @@
-"""Causal-LM training (task: causal_lm): KL distillation from the dense base + FLOPs target.
+"""Causal-LM training (task: causal_lm): the dense fine-tune, KL distillation from the dense model
++ FLOPs target.
 
 A tiny local Llama (GQA) with its own small tokenizer and synthetic text; no SmolLM2 here."""
 
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from dynprune.train.config import DistillConfig, GateSection, RegularizerConfig, TrainConfig
 from dynprune.train.data import DataError
-from dynprune.train.lm import CausalLMObjective, evaluate_lm, frozen_self_teacher, stack_windows
+from dynprune.train.lm import (
+    CausalLMObjective,
+    NextTokenObjective,
+    evaluate_lm,
+    frozen_self_teacher,
+    perplexity,
+    stack_windows,
+)
 from dynprune.train.lm_config import LMSection
 from dynprune.train.lm_data import load_lm_data, read_texts
 from dynprune.train.pipeline import run
@@ -102,11 +111,11 @@ def test_router_steps_reduce_the_kl_and_move_flops_to_the_target(lm_dir):
     assert gaps[0] > 0.3 and sum(gaps[-5:]) / 5 < 0.5 * gaps[0], gaps
 
 
-def _config(tmp: Path, lm_dir: Path, text: Path, **lm) -> TrainConfig:
+def _config(tmp: Path, lm_dir: Path, text: Path, stages=("gated",), **lm) -> TrainConfig:
     return TrainConfig(
         task="causal_lm",
         output_dir=str(tmp / "run"),
-        stages=["gated"],
+        stages=list(stages),
         model=replace(TrainConfig().model, path=str(lm_dir)),
         lm=LMSection(path=str(text), seq_len=SEQ, train_windows=48, eval_windows=4, **lm),
         gate=replace(GATE, budget_min=0.4, budget_max=0.8, hard_from=0.7),
@@ -179,8 +188,10 @@ def test_bad_text_input_fails_before_training(tmp_path, lm_dir, text_file):
 
 
 def test_causal_lm_config_rules():
-    with pytest.raises(ValueError, match=r"stages: \[gated\]"):
-        TrainConfig(task="causal_lm")
+    for stages in (["dense", "gated", "static"], ["static"], ["gated", "dense"]):
+        with pytest.raises(ValueError, match=r"runs stages \[gated\].*\[dense, gated\]"):
+            TrainConfig(task="causal_lm", stages=stages, gate=GateSection(unit_order="weight_norm"))
+    TrainConfig(task="causal_lm", stages=["dense", "gated"], gate=GateSection(unit_order="weight_norm"))
     with pytest.raises(ValueError, match="unit_order taylor"):
         TrainConfig(task="causal_lm", stages=["gated"], gate=GateSection(unit_order="taylor"))
     assert stack_windows([{"input_ids": torch.arange(4)}] * 3)["input_ids"].shape == (3, 4)
@@ -193,3 +204,87 @@ def test_perplexity_learned_method_needs_gates(tmp_path):
         PerplexityConfig(methods=("dense", "learned"))
     with pytest.raises(ValueError, match="holds no saved gates"):
         PerplexityConfig(methods=("learned",), gates=str(tmp_path))
+
+
+def test_next_token_steps_lower_the_loss_on_a_fixed_batch(lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).train()
+    batch = _windows(AutoTokenizer.from_pretrained(lm_dir), 8)
+    objective = NextTokenObjective()
+    first, _ = objective.loss(model, {"input_ids": batch}, 0, 0)
+    want = model(input_ids=batch, labels=batch).loss  # HF's own shifted cross-entropy
+    assert float(first.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(20):
+        loss, _ = objective.loss(model, {"input_ids": batch}, step, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    after, _ = objective.loss(model, {"input_ids": batch}, 20, 0)
+    assert float(after.detach()) < 0.8 * float(first.detach())
+    assert perplexity(model, batch, 3) == pytest.approx(float(torch.exp(after.detach())), rel=1e-4)
+
+
+@pytest.mark.parametrize("tune_base", [False, True])
+def test_dense_then_gated_distils_from_the_saved_fine_tuned_model(tmp_path, lm_dir, text_file, tune_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _config(tmp_path, lm_dir, text_file, stages=("dense", "gated"), tune_base=tune_base)
+    cfg = replace(cfg, optim=replace(cfg.optim, dense_lr=3e-3))
+    metrics = run(cfg, "task: causal_lm\n")
+    out = Path(cfg.output_dir)
+    dense_metrics = json.loads((out / "dense" / "metrics.json").read_text())
+    assert dense_metrics["train"]["steps"] == metrics["train"]["steps"] == 12  # the same steps
+    val = dense_metrics["validation"]
+    assert val["perplexity"] < val["perplexity_before"]  # fine-tuning fitted the text
+    tok = AutoTokenizer.from_pretrained(out / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(out / "dense").eval()  # a plain HF model dir
+    windows = load_lm_data(cfg.lm, tok).validation
+    assert perplexity(dense, windows, 8) == pytest.approx(val["perplexity"], rel=1e-5)
+    original = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    # the gated stage's teacher is the saved fine-tuned dense model, not the original base
+    teacher_ppl = metrics["validation"]["teacher_perplexity"]
+    assert teacher_ppl == pytest.approx(val["perplexity"], rel=1e-5)
+    assert abs(perplexity(original, windows, 8) / teacher_ppl - 1) > 0.01
+    if tune_base:
+        gated, _ = dynprune.load_gated_model(out / "gated")
+        assert metrics["validation"]["kl@1.0"] > 0  # the base moved away from its teacher
+    else:
+        gated = dynprune.load_gates(dense, out / "gated" / "gates").eval()
+        assert metrics["validation"]["kl@1.0"] < 1e-6  # budget 1.0 is the teacher itself
+    again = evaluate_lm(gated, frozen_self_teacher(gated), windows, [0.5], batch_size=8)
+    assert again["perplexity@0.5"] == pytest.approx(metrics["validation"]["perplexity@0.5"], rel=1e-4)
+
+
+def test_dense_then_gated_resumes_to_the_same_models(tmp_path, lm_dir, text_file):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def cfg_in(d: Path, **kw) -> TrainConfig:
+        c = _config(d, lm_dir, text_file, stages=("dense", "gated"))
+        return replace(c, checkpoint=replace(c.checkpoint, every_steps=4, keep_last=5), **kw)
+
+    full = cfg_in(tmp_path / "a")
+    run(full, yaml.safe_dump(full.to_dict()))
+    crashed = Path(cfg_in(tmp_path / "b").output_dir)
+    shutil.copytree(full.output_dir, crashed)
+    # as if killed during the dense stage's step 5-8: no dense/ or gated/ output, checkpoint 4 only
+    shutil.rmtree(crashed / "dense")
+    shutil.rmtree(crashed / "gated")
+    shutil.rmtree(crashed / "checkpoints" / "gated")
+    for step in (8, 12):
+        shutil.rmtree(crashed / "checkpoints" / "dense" / f"step-{step:08d}")
+    again = cfg_in(tmp_path / "b", resume=True)
+    resumed = run(again, yaml.safe_dump(again.to_dict()))
+    a, b = Path(full.output_dir), crashed
+    dense_a, dense_b = (
+        load_file(a / "dense" / "model.safetensors"),
+        load_file(b / "dense" / "model.safetensors"),
+    )
+    assert all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
+    gates_a = json.loads((a / "gated" / "metrics.json").read_text())["validation"]
+    assert resumed["validation"] == gates_a
