@@ -19,40 +19,68 @@ SERVERS = ("batching on", "batching off", "overload")  # what run_phases drives
 
 class LocalServer:
     """A `dynprune serve` child process on a free loopback port. ``source``: the model options
-    (``["--checkpoint", DIR]`` or ``["--model", PATH, ...]``), ``options``: the server's limits."""
+    (``["--checkpoint", DIR]`` or ``["--model", PATH, ...]``), ``options``: the server's limits,
+    ``env``: variables set for it on top of this process's environment."""
 
-    def __init__(self, source: list[str], log: Path, *options: str):
+    def __init__(self, source: list[str], log: Path, *options: str, env: dict[str, str] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dynprune.cli", "serve", *source]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *options]
-        self.log = log
+        self.log_path = log
         self._out = open(log, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def log(self) -> str:
+        """The server's output so far."""
+        if not self._out.closed:
+            self._out.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def _exited(self) -> RuntimeError:
+        return RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
 
     def wait_ready(self, timeout: float = 180) -> LocalServer:
+        """Wait until /health answers 200; stop the server and raise if it exits or times out."""
         import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.log}")
+                raise self._exited()
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {timeout} s; log: {self.log}")
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
-    def stop(self) -> int:
+    def wait_for_log(self, text: str, timeout: float = 120.0) -> LocalServer:
+        """Wait until the server's output contains ``text`` (e.g. its "ready on" line)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise self._exited()
+            time.sleep(0.2)
+        raise RuntimeError(f"{text!r} not in the server's output after {timeout} s:\n{self.log()}")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (the server drains), then wait; its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
