@@ -176,12 +176,12 @@ def main(argv: list[str]) -> int:
     report["wrong"] = check_answers(engine, checked, args.max_new_tokens)
     report["checked"] = sum(1 for r in everything if r["status"] == 200)
     report["summary"] = summarize(report["closed_loop"], gated=gated, rate="tokens_per_s", keys=KEYS)
-    write(out, report, gated)
+    write(out, report)
     print(md.read_text())
     return 0
 
 
-def write(out: Path, report: dict[str, Any], gated: str) -> None:
+def write(out: Path, report: dict[str, Any]) -> None:
     write_data(out, "bench_generate", report)
     a, s = report["args"], report["summary"]
     source = report.get("checkpoint") or f"{report.get('model')} (open gates, untrained router)"
