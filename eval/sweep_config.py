@@ -239,12 +239,6 @@ class SweepConfig:
         d["finetune"]["steps"] = q.finetune_steps
         d["seeds"] = list(q.seeds)
         d["seed"] = q.seeds[0]
-        seeds = [int(x) for x in (mine["seeds"] if "seeds" in keep else q.seeds)]
-        if len(seeds) < self.stats.min_seeds:  # one or two seeds: numbers only, no verdict
-            d["indicative"] = quick_label(len(seeds))
-        else:  # enough seeds for the intervals: verdicts, about this reduced recipe
-            note = f"quick grid ({len(seeds)} seeds, reduced steps): verdicts are about this reduced recipe"
-            d["summary_notes"] = [*d["summary_notes"], note]
         d["max_train_examples"] = q.max_train_examples
         d["evaluation"]["max_examples"] = q.eval_max_examples
         d["search"].update(
@@ -262,6 +256,12 @@ class SweepConfig:
             dst[name] = src[name]
         if "seeds" in keep and "seed" not in keep:
             d["seed"] = d["seeds"][0]
+        n_seeds = len(d["seeds"])
+        if n_seeds < self.stats.min_seeds:  # one or two seeds: numbers only, no verdict
+            d["indicative"] = quick_label(n_seeds)
+        else:  # enough seeds for the intervals: verdicts, about this reduced recipe
+            note = f"quick grid ({n_seeds} seeds, reduced steps): verdicts are about this reduced recipe"
+            d["summary_notes"] = [*d["summary_notes"], note]
         return from_dict(d)
 
 
