@@ -13,6 +13,7 @@ EXECUTIONS: tuple[str, ...] = ("auto", "masked", "gathered")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "onnxruntime")
 UnitOrder = Literal["weight_norm", "none"]
 BudgetMode = Literal["cap", "mean"]
+UnitRanking = Literal["per_flop", "logit"]
 
 
 @dataclass
@@ -50,6 +51,10 @@ class GateConfig:
     # How the router was trained: "cap" (greedy fill to each sample's budget) or "mean" (the
     # Lagrangian on the batch-mean FLOPs, units kept where logit > 0: MeanBudget's threshold policy)
     budget_mode: BudgetMode = "cap"
+    # How the hard selection ranks units under a budget: "per_flop" (log σ(logit) − log cost) or
+    # "logit" (the logit alone: the Lagrangian already priced each unit's cost into a learned
+    # router's logits, so this rounds the soft gates it was trained with; docs/architecture.md)
+    unit_ranking: UnitRanking = "per_flop"
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
@@ -80,6 +85,7 @@ class GateConfig:
         check_choice("backend", self.backend, BACKENDS)
         check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
         check_choice("budget_mode", self.budget_mode, ("cap", "mean"))
+        check_choice("unit_ranking", self.unit_ranking, ("per_flop", "logit"))
         check_budget_value(self.default_budget, "GateConfig.default_budget")
 
     @classmethod

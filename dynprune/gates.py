@@ -188,6 +188,7 @@ def select_under_budget(
     threshold: float | None = None,
     costs: tuple[Tensor, Tensor] | None = None,
     overhead: float = 0.0,
+    per_flop: bool = True,
 ) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
@@ -205,7 +206,7 @@ def select_under_budget(
        kept layers' compulsory cost (units of kinds that are not gated) does
        not fit, the lowest-scored kept layers are dropped until it does.
     2. Eligible gated units of kept layers are taken in order of
-       ``log sigmoid(logit) - log(cost)`` (stable: ties go to the lower unit
+       ``log sigmoid(logit) - log(cost)``, or of ``logit`` (``per_flop`` False) (stable: ties go to the lower unit
        index, so nested logits give prefixes) while the running cost fits.
     3. Budget left once the kept layers are full goes to the units of the
        dropped layers, in the same order (a layer comes back when one of its
@@ -213,6 +214,10 @@ def select_under_budget(
        spent — in cap mode (no threshold) and only when every kind of unit is
        gated (no compulsory cost).
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
+
+    ``per_flop`` (``GateConfig.unit_ranking``): True ranks units by score per FLOP,
+    ``log sigmoid(logit) - log(cost)``; False by ``logit`` alone (a learned router's logits
+    already carry each unit's cost: the Lagrangian priced it in training).
 
     ``costs``: (head, slice) cost as 0-dim float64 tensors instead of ``flops``'s at ``seq_len``
     (the same numbers, as graph inputs when the selection is exported to ONNX, dynprune.exec).
@@ -267,7 +272,7 @@ def select_under_budget(
         if t is None:
             continue
         logit = t.detach().double()
-        key = log_sigmoid(logit) - log_cost(cost)  # (B, L, n), < 0
+        key = log_sigmoid(logit) - log_cost(cost) if per_flop else logit  # (B, L, n)
         if threshold is not None:  # mean budgets: units above the threshold in kept layers only
             key = key.masked_fill(~keep_layer[..., None] | (logit <= threshold), float("-inf"))
         else:  # dropped layers: after every kept layer's unit (refill, step 3), or never

@@ -92,7 +92,10 @@ def route_counts(
     routing of :func:`dynprune.routing.route` in eval mode, in exportable form (costs as tensors)."""
     scores = gated.router(hidden, mask, router_budget)
     seq = hidden.shape[1]  # unused by the selection when costs are given
-    masks = select_under_budget(scores, available, gated.flops, seq, costs=(head_cost, slice_cost))
+    per_flop = gated.gate_config.unit_ranking == "per_flop"
+    masks = select_under_budget(
+        scores, available, gated.flops, seq, costs=(head_cost, slice_cost), per_flop=per_flop
+    )
     return masks.counts()
 
 

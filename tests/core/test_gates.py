@@ -1,5 +1,6 @@
 """Gate estimators and the hard choice under a budget."""
 
+import pytest
 import torch
 
 import dynprune
@@ -110,3 +111,26 @@ def test_budget_beyond_the_kept_layers_is_spent_on_dropped_layers():
     small = torch.full((3,), 0.3).double() * fm.dense(seq) - fm.fixed(seq)
     masks = select_under_budget(scores, small, fm, seq)
     assert not bool(masks.layer[0, 1:3].any())
+
+
+def test_logit_ranking_rounds_the_soft_gates_where_per_flop_ranking_prefers_cheap_units():
+    """Saturated logits (every unit ~certain to be kept, as a learned router's are early in
+    training): ranking per FLOP then takes every cheaper unit kind first, whatever the logits
+    say; ranking by logit keeps the units with the highest logits, which is what rounding the
+    soft gates (keep probability sigmoid(logit), cost already in the Lagrangian) asks."""
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16, layers=False))
+    fm, seq = gated.flops, 15
+    cheap, dear = sorted([("head", fm.head_cost(seq)), ("ffn", fm.slice_cost(seq))], key=lambda kc: kc[1])
+    n = {"head": fm.n_heads, "ffn": fm.n_slices}
+    logits = {cheap[0]: torch.full((1, 2, n[cheap[0]]), 6.0), dear[0]: torch.full((1, 2, n[dear[0]]), 9.0)}
+    scores = GateScores(logits["head"], logits["ffn"], None)
+    # room for every unit of the dearer kind and nothing else
+    available = torch.tensor([2 * n[dear[0]] * dear[1]], dtype=torch.float64)
+    by_logit = select_under_budget(scores, available, fm, seq, per_flop=False)
+    by_flop = select_under_budget(scores, available, fm, seq)
+    kept = lambda m, kind: int(getattr(m, kind).sum())  # noqa: E731
+    assert kept(by_logit, dear[0]) == 2 * n[dear[0]] and kept(by_logit, cheap[0]) == 0
+    assert kept(by_flop, cheap[0]) == 2 * n[cheap[0]]  # every cheap unit first: the logits ignored
+    assert kept(by_flop, dear[0]) < 2 * n[dear[0]]
+    with pytest.raises(ValueError, match="unit_ranking"):
+        GateConfig(unit_ranking="cheapest")
