@@ -63,6 +63,20 @@ def test_batch_one_equals_reference(model_type, router):
             _assert_same(gated, tiny_batch(batch=1, seq=seq, seed=seed, padded=False), budget=budget)
 
 
+def test_logit_ranking_is_exported_too():
+    """GateConfig.unit_ranking='logit' in the exported selection: equal to the reference, and the
+    choice differs from per-FLOP ranking's for some input (else the test could not fail)."""
+    by_logit, by_flop = _gated(unit_ranking="logit"), _gated()
+    differ = False
+    for seed, budget in enumerate((0.3, 0.45, 0.6, 0.8)):
+        batch = tiny_batch(batch=1, seq=9, seed=seed, padded=False)
+        _assert_same(by_logit, batch, budget=budget)
+        with reference_path(by_flop):
+            _, flop_info = _run(by_flop, batch, budget=budget)
+        differ |= not torch.equal(by_logit.last.masks.counts(), flop_info.masks.counts())
+    assert differ
+
+
 def test_padding_token_types_and_tuples():
     gated = _gated("bert")
     batch = tiny_batch(batch=1, seq=12, padded=False)
