@@ -51,10 +51,11 @@ class GateConfig:
     # How the router was trained: "cap" (greedy fill to each sample's budget) or "mean" (the
     # Lagrangian on the batch-mean FLOPs, units kept where logit > 0: MeanBudget's threshold policy)
     budget_mode: BudgetMode = "cap"
-    # How the hard selection ranks units under a budget: "per_flop" (log σ(logit) − log cost) or
-    # "logit" (the logit alone: the Lagrangian already priced each unit's cost into a learned
-    # router's logits, so this rounds the soft gates it was trained with; docs/architecture.md)
-    unit_ranking: UnitRanking = "per_flop"
+    # How the hard selection ranks units under a budget: "logit" (a learned router's logits: the
+    # Lagrangian already priced each unit's cost into them, so this rounds the soft gates it was
+    # trained with) or "per_flop" (log σ(logit) − log cost: the training-free router's scores, and
+    # gates saved before this option existed). docs/architecture.md, "Greedy selection"
+    unit_ranking: UnitRanking = "logit"
     # Inference
     default_budget: float = 1.0
     execution: Execution = "auto"  # auto: masked in train mode, gathered in eval mode
@@ -81,6 +82,11 @@ class GateConfig:
                     "GateConfig(router='griffin') keeps the largest-activation units of each prompt, not "
                     "prefixes of a fixed order: set nested=False (or use GateConfig.griffin())"
                 )
+            if self.unit_ranking != "per_flop":
+                raise ValueError(
+                    "GateConfig(router='griffin') scores units for ranking per FLOP (dynprune/magnitude.py): "
+                    "set unit_ranking='per_flop' (or use GateConfig.griffin())"
+                )
         check_choice("execution", self.execution, EXECUTIONS)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("unit_order", self.unit_order, ("weight_norm", "none"))
@@ -95,7 +101,9 @@ class GateConfig:
         Per sequence, the prompt runs dense and its own activation magnitudes choose the FFN
         slices and head units (KV groups) that the generated tokens use, under the budget
         (GRIFFIN-style; docs/training_free.md). Whole layers are not gated."""
-        return cls(**{"router": "griffin", "layers": False, "nested": False, **overrides})
+        return cls(
+            **{"router": "griffin", "layers": False, "nested": False, "unit_ranking": "per_flop", **overrides}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -97,7 +97,15 @@ def save_gates(gated: GatedModel, directory: str | os.PathLike) -> Path:
 
 def read_gate_config(directory: str | os.PathLike) -> GateConfig:
     meta = _read_meta(Path(directory))
-    return GateConfig.from_dict({k: v for k, v in meta["gate_config"].items() if k not in REMOVED_KEYS})
+    return GateConfig.from_dict(saved_config(meta["gate_config"]))
+
+
+def saved_config(gate_config: dict[str, Any]) -> dict[str, Any]:
+    """A saved gate config -> today's keys: removed keys dropped; gates saved before
+    ``unit_ranking`` existed were trained and evaluated ranking units per FLOP, and keep doing so."""
+    cfg = {k: v for k, v in gate_config.items() if k not in REMOVED_KEYS}
+    cfg.setdefault("unit_ranking", "per_flop")
+    return cfg
 
 
 def upgrade_legacy(gate_config: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +118,7 @@ def upgrade_legacy(gate_config: dict[str, Any], tensors: dict[str, Any]) -> dict
     """
     import torch
 
-    cfg = {k: v for k, v in gate_config.items() if k not in REMOVED_KEYS}
+    cfg = saved_config(gate_config)
     for part in ("weight", "bias"):
         old = tensors.pop(f"router.inp_static.{part}", None)
         if old is not None:

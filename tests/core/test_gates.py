@@ -134,3 +134,28 @@ def test_logit_ranking_rounds_the_soft_gates_where_per_flop_ranking_prefers_chea
     assert kept(by_flop, dear[0]) < 2 * n[dear[0]]
     with pytest.raises(ValueError, match="unit_ranking"):
         GateConfig(unit_ranking="cheapest")
+
+
+def test_gates_saved_before_unit_ranking_keep_ranking_per_flop(tmp_path):
+    """New gates rank by logit (the default) and say so in gates.json; gates saved before the
+    option existed were trained ranking per FLOP and load that way."""
+    import json
+
+    gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16))
+    assert gated.gate_config.unit_ranking == "logit"
+    dynprune.save_gates(gated, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "gates.json").read_text())
+    assert meta["gate_config"]["unit_ranking"] == "logit"
+    assert (
+        dynprune.load_gates(tiny_model("bert", layers=2), tmp_path / "g").gate_config.unit_ranking == "logit"
+    )
+    del meta["gate_config"]["unit_ranking"]
+    (tmp_path / "g" / "gates.json").write_text(json.dumps(meta))
+    old = dynprune.load_gates(tiny_model("bert", layers=2), tmp_path / "g")
+    assert old.gate_config.unit_ranking == "per_flop"
+
+
+def test_training_free_router_ranks_per_flop():
+    assert GateConfig.griffin().unit_ranking == "per_flop"
+    with pytest.raises(ValueError, match="per FLOP"):
+        GateConfig(router="griffin", layers=False, nested=False, unit_ranking="logit")
