@@ -14,6 +14,10 @@ Methods (one row each per budget < 1; ``dense`` once at 1.0):
   continuation under the same held gates (the GatedKVCache, as in ``generate``);
 - ``shortgpt``: static layer removal by block influence (eval/baselines/shortgpt.py), executed
   through the gated model's layer masks; FLOPs ratio = the FLOPs module's at ``seq_len``.
+- ``ln_structured``: static width pruning by weight norm: every layer keeps the same number of
+  head units and FFN slices (``eval.baselines.structured.uniform_counts``), the first of the
+  wrap's weight-norm order (‖V‖·‖O‖ per head unit, ‖up‖·‖down‖ per neuron), executed through
+  the gated model's masks; FLOPs ratio = the FLOPs module's at ``seq_len``.
 
 Rows land one by one in ``OUT/rows.jsonl`` (with per-chunk NLL, so a rerun resumes and the
 paired intervals can be recomputed); ``OUT/perplexity.csv`` / ``.md`` / ``meta.json`` at the end.
@@ -40,7 +44,7 @@ from dynprune.eval.perplexity import (
     windows,
 )
 
-DEFAULT_METHODS = ("dense", "griffin", "teal", "shortgpt")
+DEFAULT_METHODS = ("dense", "griffin", "teal", "shortgpt", "ln_structured")
 METHODS = (*DEFAULT_METHODS, "learned")  # learned: needs `gates`
 COLUMNS = [
     *("method", "budget", "flops_ratio", "perplexity", "ppl_lo", "ppl_hi", "ppl_ratio_to_dense"),
@@ -201,7 +205,7 @@ def _method(
     method: str, budget: float, gated: Any, cfg: PerplexityConfig, calib: torch.Tensor, shared: dict[str, Any]
 ) -> tuple[Scorer, Callable[[], float], str]:
     """(scorer, FLOPs ratio after scoring, notes) of one method at one budget."""
-    from dynprune.eval.baselines import shortgpt, teal
+    from dynprune.eval.baselines import shortgpt, structured, teal
 
     from dynprune import UnitMasks
 
@@ -240,24 +244,35 @@ def _method(
 
         notes = f"uniform sparsity {sparsity:.3f} per site; ideal sparse-kernel FLOPs; prompt dense"
         return sparse, (lambda: teal.flops_ratio(fm, sp.density(), p)), notes
+    n = gated.n_gated
+
+    def fixed_masks(masks: UnitMasks) -> Scorer:
+        def scorer(ids: torch.Tensor) -> torch.Tensor:
+            b = ids.shape[0]
+            expand = lambda t: t[None].expand(b, *t.shape).clone()  # noqa: E731
+            batch_masks = UnitMasks(expand(masks.head), expand(masks.ffn), expand(masks.layer))
+            out = gated(ids, masks=batch_masks, use_cache=False).logits[:, p:]
+            ratios.append(gated.last.flops_ratio)
+            return out
+
+        return scorer
+
+    if method == "ln_structured":
+        heads, neurons = structured.uniform_counts(fm, budget, cfg.seq_len, multiple=fm.slice_size)
+        slices = neurons // fm.slice_size
+        counts = torch.tensor([[1, heads, slices]] * n)  # (L, 3): every layer the same prefix
+        masks = UnitMasks.from_counts(counts[None], fm.n_heads, fm.n_slices)
+        masks = UnitMasks(masks.head[0], masks.ffn[0], torch.ones(n, dtype=torch.bool))
+        notes = f"every layer keeps {heads}/{fm.n_heads} head units and {slices}/{fm.n_slices} FFN slices (weight-norm order)"
+        return fixed_masks(masks), mean_ratio, notes
     if "influence" not in shared:
         shared["influence"] = shortgpt.block_influence(gated.model, calib, cfg.batch_size)
     keep = shortgpt.layers_to_keep(shared["influence"], fm, budget, cfg.seq_len)
-    n = gated.n_gated
-
-    def removed_layers(ids: torch.Tensor) -> torch.Tensor:
-        b = ids.shape[0]
-        masks = UnitMasks(
-            torch.ones(b, n, fm.n_heads, dtype=torch.bool),
-            torch.ones(b, n, fm.n_slices, dtype=torch.bool),
-            keep[None].expand(b, n).clone(),
-        )
-        out = gated(ids, masks=masks, use_cache=False).logits[:, p:]
-        ratios.append(gated.last.flops_ratio)
-        return out
-
+    masks = UnitMasks(
+        torch.ones(n, fm.n_heads, dtype=torch.bool), torch.ones(n, fm.n_slices, dtype=torch.bool), keep
+    )
     removed = [i for i in range(n) if not bool(keep[i])]
-    return removed_layers, mean_ratio, f"removed layers {removed} (lowest block influence on train books)"
+    return fixed_masks(masks), mean_ratio, f"removed layers {removed} (lowest block influence on train books)"
 
 
 def _scores(row: dict[str, Any]) -> ChunkScores:

@@ -106,3 +106,40 @@ def test_shortgpt_removes_an_identity_layer_first_and_honours_the_budget():
     assert not bool(keep[2])
     assert fm.task_head(16) + int(keep.sum()) * fm.layer_cost(16) <= 0.8 * fm.dense(16)
     assert shortgpt.layers_to_keep(bi, fm, 1.0, 16).all()
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.6, 0.8])
+def test_ln_structured_keeps_the_largest_norm_units_of_every_layer_within_the_budget(budget):
+    """The sweep's static width baseline: every layer keeps the same number of head units and
+    FFN slices, the largest by weight norm (a zeroed unit is never kept while another is
+    dropped), and the executed FLOPs fit the budget to within one unit per layer."""
+    from dynprune.eval.perplexity_sweep import PerplexityConfig, _method
+
+    model = tiny_decoder("llama", layers=3)
+    with torch.no_grad():  # layer 1's first KV group and first FFN neurons weigh nothing
+        attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        group = attn.o_proj.weight.shape[1] // (attn.config.num_key_value_heads)
+        attn.v_proj.weight[: attn.head_dim].zero_()
+        attn.o_proj.weight[:, :group].zero_()
+        mlp.down_proj.weight[:, :32].zero_()
+        mlp.up_proj.weight[:32].zero_()
+    gated = dynprune.wrap(model, GateConfig.griffin(ffn_slice_size=32)).eval()
+    fm, seq = gated.flops, 16
+    cfg = PerplexityConfig(seq_len=seq, prompt_len=8, chunks=1, calibration_chunks=1)
+    ids = torch.randint(3, 100, (2, seq), generator=torch.Generator().manual_seed(1))
+    scorer, flops, notes = _method("ln_structured", budget, gated, cfg, ids, {})
+    with torch.no_grad():
+        assert scorer(ids).shape[1] == seq - cfg.prompt_len
+    counts = gated.last.masks.counts()  # (B, L, 3)
+    assert bool((counts == counts[:1, :1]).all())  # the same in every layer and sample
+    heads, slices = int(counts[0, 0, 1]), int(counts[0, 0, 2])
+    assert slices < fm.n_slices
+    used = flops() * fm.dense(seq)
+    assert used <= budget * fm.dense(seq) * (1 + 1e-9)
+    assert used > budget * fm.dense(seq) - fm.n_layers * (fm.head_cost(seq) + fm.slice_cost(seq))
+    # the zeroed units are dropped: layer 1's kept units are all non-zero in the original weights
+    kept_groups = set(gated.head_perm[1][:heads].tolist())
+    kept_neurons = set(gated.ffn_perm[1][: slices * 32].tolist())
+    assert not kept_neurons & set(range(32))
+    assert heads == fm.n_heads or 0 not in kept_groups
+    assert f"{heads}/{fm.n_heads} head units" in notes
