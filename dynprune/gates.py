@@ -207,7 +207,9 @@ def select_under_budget(
        not fit, the lowest-scored kept layers are dropped until it does.
     2. Eligible gated units of kept layers are taken in order of
        ``log sigmoid(logit) - log(cost)``, or of ``logit`` (``per_flop`` False) (stable: ties go to the lower unit
-       index, so nested logits give prefixes) while the running cost fits.
+       index, so nested logits give prefixes) while the running cost fits; past the first
+       unit that does not fit, the other kind's units are still taken, in order, while they
+       fit (every unit of a kind costs the same, so the prefixes stay prefixes).
     3. Budget left once the kept layers are full goes to the units of the
        dropped layers, in the same order (a layer comes back when one of its
        units is taken), so a budget above what the kept layers can hold is still
@@ -293,8 +295,19 @@ def select_under_budget(
         order = torch.argsort(key_all, dim=1, descending=True, stable=True)
         key_sorted = torch.gather(key_all, 1, order)
         eligible = key_sorted > float("-inf")
-        cum = torch.cumsum(cost_all[order] * eligible, dim=1)
-        take_sorted = eligible & (cum <= remaining[:, None] * (1 + 1e-12))
+        cost_sorted = cost_all[order] * eligible  # (B, U)
+        take_sorted = eligible & (torch.cumsum(cost_sorted, dim=1) <= remaining[:, None] * (1 + 1e-12))
+        if len(slots) == 2:  # step 2's fill continues past the first unit that does not fit
+            kind_all = torch.cat(
+                [
+                    torch.zeros(n_layers, n_heads, device=device),
+                    torch.ones(n_layers, n_slices, device=device),
+                ],
+                -1,
+            ).reshape(-1)
+            take_sorted = _fill_with_other_kind(
+                take_sorted, eligible, cost_sorted, kind_all[order], remaining
+            )
         take = torch.zeros_like(take_sorted).scatter(1, order, take_sorted).reshape(batch, n_layers, -1)
         offset = 0
         for kind, n in slots:
@@ -307,6 +320,24 @@ def select_under_budget(
         if refill:
             keep_layer = keep_layer | take.any(dim=-1)
     return UnitMasks(head_mask, ffn_mask, keep_layer).canonical()
+
+
+def _fill_with_other_kind(
+    take: Tensor, eligible: Tensor, cost: Tensor, kind: Tensor, remaining: Tensor
+) -> Tensor:
+    """Units in greedy order (B, U): ``take`` is the run taken before the first unit that does not
+    fit. Every unit of one kind costs the same, so later units of that kind do not fit either; the
+    other kind's later units are taken, in order, while they fit (the greedy fill that skips a
+    unit too dear for what is left). Prefixes stay prefixes: within a kind, units are taken in
+    order until the first that does not fit."""
+    failed = eligible & ~take  # (B, U)
+    position = torch.arange(take.shape[1], device=take.device)
+    first = torch.where(failed, position, take.shape[1]).amin(dim=1)  # (B,) U when none failed
+    failed_kind = torch.gather(kind, 1, first.clamp(max=take.shape[1] - 1)[:, None])  # (B, 1)
+    other = eligible & (position > first[:, None]) & (kind != failed_kind)  # (B, U)
+    left = remaining - (cost * take).sum(dim=1)  # (B,)
+    more = other & (torch.cumsum(cost * other, dim=1) <= left[:, None] * (1 + 1e-12))
+    return take | more
 
 
 def straight_through(masks: UnitMasks, soft: Gates) -> Gates:

@@ -1,5 +1,7 @@
 """Gate estimators and the hard choice under a budget."""
 
+import math
+
 import pytest
 import torch
 
@@ -159,3 +161,27 @@ def test_training_free_router_ranks_per_flop():
     assert GateConfig.griffin().unit_ranking == "per_flop"
     with pytest.raises(ValueError, match="per FLOP"):
         GateConfig(router="griffin", layers=False, nested=False, unit_ranking="logit")
+
+
+@pytest.mark.parametrize("per_flop", [False, True])
+def test_fill_continues_past_a_unit_too_dear_for_what_is_left(per_flop):
+    """Greedy order cheap₀, dear₀, cheap₁ with room for two cheap units: dear₀ does not fit, and
+    cheap₁ (which does) is still taken — the fill does not stop at the first unit that fails."""
+    gated = dynprune.wrap(tiny_model("bert", layers=1), GateConfig(ffn_slice_size=16, layers=False))
+    fm, seq = gated.flops, 15
+    costs = {"head": fm.head_cost(seq), "ffn": fm.slice_cost(seq)}
+    cheap, dear = sorted(costs, key=costs.get)
+    n = {"head": fm.n_heads, "ffn": fm.n_slices}
+    logits = {cheap: torch.full((1, 1, n[cheap]), -30.0), dear: torch.full((1, 1, n[dear]), -30.0)}
+    logits[cheap][0, 0, :2] = torch.tensor([9.0, 7.0])
+    logits[dear][0, 0, 0] = 8.0
+    if per_flop:  # the same order by log σ(logit) − log cost: dear₀ between the two cheap units
+        logits[cheap][0, 0, :2] = torch.tensor([0.0, -2.0])
+        ls = lambda x: float(torch.nn.functional.logsigmoid(torch.tensor(x)))  # noqa: E731
+        target = (ls(0.0) + ls(-2.0)) / 2 - math.log(costs[cheap])
+        logits[dear][0, 0, 0] = float(torch.logit(torch.tensor(math.exp(target + math.log(costs[dear])))))
+    scores = GateScores(logits["head"], logits["ffn"], None)
+    available = torch.tensor([2 * costs[cheap] * (1 + 1e-9)], dtype=torch.float64)
+    assert bool(torch.isfinite(logits[dear]).all())
+    masks = select_under_budget(scores, available, fm, seq, per_flop=per_flop)
+    assert int(getattr(masks, cheap).sum()) == 2 and int(getattr(masks, dear).sum()) == 0

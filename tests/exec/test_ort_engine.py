@@ -196,8 +196,9 @@ def test_torch_threads_are_restored(gated):
 
 
 def test_large_batches_go_to_torch_path():
-    """More tokens than ``max_tokens`` (default 128): the PyTorch path runs the batch; equal outputs."""
-    gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16)).eval()
+    """More tokens than ``max_tokens`` (default 128): the PyTorch path runs the batch; equal outputs.
+    (A static router: one count vector per batch, so only the batch's size decides.)"""
+    gated = dynprune.wrap(tiny_model("bert", layers=3), GateConfig(ffn_slice_size=16, router="static")).eval()
     small, large = tiny_batch(batch=2, seq=9), tiny_batch(batch=7, seq=19, padded=True)
     with torch.inference_mode():
         for batch, fell_back in ((small, 0), (large, 1)):

@@ -66,7 +66,7 @@ def test_batch_one_equals_reference(model_type, router):
 def test_logit_ranking_is_exported_too():
     """GateConfig.unit_ranking='logit' in the exported selection: equal to the reference, and the
     choice differs from per-FLOP ranking's for some input (else the test could not fail)."""
-    by_logit, by_flop = _gated(unit_ranking="logit"), _gated()
+    by_logit, by_flop = _gated(unit_ranking="logit"), _gated(unit_ranking="per_flop")
     differ = False
     for seed, budget in enumerate((0.3, 0.45, 0.6, 0.8)):
         batch = tiny_batch(batch=1, seq=9, seed=seed, padded=False)

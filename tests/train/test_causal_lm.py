@@ -78,21 +78,24 @@ GATE = GateSection(unit_order="weight_norm", ffn_slice_size=32, budget_min=0.5, 
 def test_router_steps_reduce_the_kl_and_move_flops_to_the_target(lm_dir):
     from transformers import AutoTokenizer
 
+    # at 0.3 the untrained router's choice costs KL (at 0.5 on this tiny model, ranking its nearly
+    # equal logits by unit index happens to keep almost everything that matters)
+    gate = replace(GATE, budget_min=0.3, budget_max=0.3)
     torch.manual_seed(0)
-    gated = _gated(lm_dir, GATE)
+    gated = _gated(lm_dir, gate)
     batch = _windows(AutoTokenizer.from_pretrained(lm_dir), 8)
     teacher = frozen_self_teacher(gated)
     cfg = TrainConfig(
         task="causal_lm",
         stages=["gated"],
-        gate=GATE,
+        gate=gate,
         regularizer=RegularizerConfig(target_warmup=0.0, lambda_lr=0.05),
         distill=DistillConfig(task_weight=0.0, logits_weight=1.0, temperature=1.0),
-        evaluation=replace(TrainConfig().evaluation, budgets=[0.5]),
+        evaluation=replace(TrainConfig().evaluation, budgets=[0.3]),
     )
     objective = CausalLMObjective(gated, cfg, seed=0, teacher=teacher)
-    before = evaluate_lm(gated, teacher, batch, [0.5], batch_size=8)
-    assert before["kl@1.0"] < 1e-6 < before["kl@0.5"]  # dense = teacher; gated differs
+    before = evaluate_lm(gated, teacher, batch, [0.3], batch_size=8)
+    assert before["kl@1.0"] < 1e-6 < before["kl@0.3"]  # dense = teacher; gated differs
     opt = torch.optim.AdamW(gated.router.parameters(), lr=1e-2)
     gaps = []
     gated.train()
@@ -104,10 +107,10 @@ def test_router_steps_reduce_the_kl_and_move_flops_to_the_target(lm_dir):
         opt.zero_grad()
         objective.after_step(lambda t: t)
         gaps.append(float(logs["abs_gap"]))
-    after = evaluate_lm(gated, teacher, batch, [0.5], batch_size=8)
-    assert after["kl@0.5"] < 0.8 * before["kl@0.5"], (before, after)
-    assert after["flops_ratio@0.5"] <= 0.5 + 1e-6
-    # the router starts all-on (expected FLOPs ~1, gap ~0.5) and the Lagrangian pulls it to 0.5
+    after = evaluate_lm(gated, teacher, batch, [0.3], batch_size=8)
+    assert after["kl@0.3"] < 0.8 * before["kl@0.3"], (before, after)
+    assert after["flops_ratio@0.3"] <= 0.3 + 1e-6
+    # the router starts all-on (expected FLOPs ~1, gap ~0.7) and the Lagrangian pulls it to 0.3
     assert gaps[0] > 0.3 and sum(gaps[-5:]) / 5 < 0.5 * gaps[0], gaps
 
 

@@ -72,7 +72,8 @@ def test_models_learn_and_reload(finished_run):
     for b in (0.3, 0.5, 0.75):
         for stage in ("gated", "static"):
             r = rows[(stage, b)]
-            assert r["flops_ratio_max"] <= b + 1e-9 and abs(r["flops_rel_error"]) < 0.15
+            # within one unit of the budget: a unit of this tiny model is up to ~7 % of dense FLOPs
+            assert r["flops_ratio_max"] <= b + 1e-9 and b * abs(r["flops_rel_error"]) < 0.07
     assert rows[("gated", 0.75)]["accuracy"] >= 0.8
     # one run is one seed: accuracy comparisons are numbers, the only verdict is on executed FLOPs
     assert list(summary["goals"]) == ["executed FLOPs within +-2% of target"]
