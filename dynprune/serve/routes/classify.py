@@ -94,7 +94,8 @@ async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
         budgets: list[float | None] = [None] * len(req.texts)
     else:
         budgets = list(per_text_budgets(req, rt))
-        results = await run_queued(rt, [TextJob(t, b) for t, b in zip(req.texts, budgets)])
+        prepare = rt.engine.prepare  # tokenized now, while the model runs the previous batch
+        results = await run_queued(rt, [TextJob(prepare(t), b) for t, b in zip(req.texts, budgets)])
     labels = rt.engine.labels
     items = []
     for r, b in zip(results, budgets):
