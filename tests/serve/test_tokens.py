@@ -40,6 +40,7 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize(("max_length", "multiple"), [(128, 8), (16, 1), (24, 8), (13, 1)])
 def test_per_text_ids_padded_once_equal_the_batch_call(minilm_tokenizer, reviews, side, max_length, multiple):
