@@ -11,6 +11,7 @@ import dynprune
 from .config import ServeConfig
 from .engine import ClassifierEngine
 from .errors import install_error_handlers
+from .fast_classify import FastClassify
 from .generator import GeneratorEngine
 from .middleware import BodyGuard, Timing
 from .routes import classify, generate, system
@@ -43,6 +44,7 @@ def create_app(engine: ClassifierEngine | GeneratorEngine, cfg: ServeConfig) -> 
     install_error_handlers(app, rt.metrics.reject)
     for module in (classify, generate, system):
         app.include_router(module.router)
+    app.add_middleware(FastClassify, runtime=rt)  # innermost: after the body guard, inside the timing
     app.add_middleware(BodyGuard, max_bytes=cfg.max_body_bytes, reject=rt.metrics.reject)
     app.add_middleware(
         Timing,

@@ -3,12 +3,16 @@ batched forward. Causal LMs get the generation engine of ``generator.py``.
 
 ``ClassifierEngine.classify`` is the only code that touches the model; the batcher
 calls it from its single worker thread with the texts of several requests, each at
-its own budget (one (B,) budget tensor: per-sample masks in ONE forward).
+its own budget (one (B,) budget tensor: per-sample masks in ONE forward). The route
+hands it ``prepare(text)`` of each text, made when the request arrived: token ids
+(``tokens.py``: the worker only pads them), or the text itself when the tokenizer
+has no fast path.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from dynprune.config import GateConfig
 from dynprune.model import GatedModel
 
 from .config import ServeConfig
+from .tokens import Tokens, fast_tokenizer
 
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 
@@ -186,6 +191,7 @@ class ClassifierEngine:
         # the smallest budget the router can honour: fixed costs over dense, largest at the
         # shortest sequence (CLS + SEP = 2 tokens); padding only lowers it
         self.min_budget = math.ceil(fm.fixed(2) / fm.dense(2) * 1e4) / 1e4
+        self.fast = fast_tokenizer(tokenizer, cfg.max_length, cfg.pad_multiple, self.encode)
 
     @property
     def model_name(self) -> str:
@@ -216,24 +222,35 @@ class ClassifierEngine:
         """The unbatched reference: ``text`` alone, padded to ``padded_len`` (the length of the
         batch it was served in). Routing costs depend on the padded length, so this is the
         forward whose masks and outputs a batched answer must equal."""
-        return self._run([text], [budget], self.encode([text], pad_to=padded_len))[0]
+        return self._run([budget], self.encode([text], pad_to=padded_len))[0]
 
-    def classify(self, texts: list[str], budgets: list[float] | Any) -> list[ClassifyResult]:
-        """One forward over ``texts``: text i at ``budgets[i]`` (validated by the caller), or
-        every text under one budget object of the library (mean-budget mode)."""
-        return self._run(texts, budgets, self.encode(texts))
+    def prepare(self, text: str) -> Tokens | str:
+        """What the route queues for ``text`` (in the request handler, before the batch forms):
+        its token ids, or the text itself when the tokenizer has no fast path."""
+        return text if self.fast is None else self.fast(text)
 
-    def _run(
-        self, texts: list[str], budgets: list[float] | Any, batch: dict[str, torch.Tensor]
-    ) -> list[ClassifyResult]:
+    def batch_of(self, texts: Sequence[str | Tokens]) -> dict[str, torch.Tensor]:
+        """The padded batch of ``texts`` (strings, or what :meth:`prepare` made of them); the same
+        tensors as :meth:`encode` (tokens.py checks it when the engine is built)."""
+        if self.fast is None:
+            return self.encode(list(texts))  # type: ignore[arg-type]  # prepare() kept the texts
+        return self.fast.pad([t if isinstance(t, Tokens) else self.fast(t) for t in texts])
+
+    def classify(self, texts: Sequence[str | Tokens], budgets: list[float] | Any) -> list[ClassifyResult]:
+        """One forward over ``texts`` (strings, or what :meth:`prepare` made of them): text i at
+        ``budgets[i]`` (validated by the caller), or every text under one budget object of the
+        library (mean-budget mode)."""
+        return self._run(budgets, self.batch_of(texts))
+
+    def _run(self, budgets: list[float] | Any, batch: dict[str, torch.Tensor]) -> list[ClassifyResult]:
         tokens = batch["attention_mask"].sum(1).tolist()
         budget = torch.tensor(budgets, dtype=torch.float64) if isinstance(budgets, list) else budgets
         with torch.inference_mode():
             logits = self.gated(**batch, budget=budget).logits
             info = self.gated.last
         scores = torch.softmax(logits.float(), dim=-1).tolist()
-        ratio = info.flops_ratio.tolist() if info is not None else [1.0] * len(texts)
-        padded = int(batch["input_ids"].shape[1])
+        ratio = info.flops_ratio.tolist() if info is not None else [1.0] * len(tokens)
+        padded, size = int(batch["input_ids"].shape[1]), len(tokens)
         return [
             ClassifyResult(
                 label_id=max(range(len(s)), key=s.__getitem__),
@@ -242,7 +259,7 @@ class ClassifierEngine:
                 tokens=int(t),
                 padded_len=padded,
                 truncated=int(t) >= self.cfg.max_length,
-                batch_size=len(texts),
+                batch_size=size,
             )
             for s, r, t in zip(scores, ratio, tokens)
         ]

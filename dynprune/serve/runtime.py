@@ -10,13 +10,15 @@ from .config import ServeConfig
 from .engine import ClassifierEngine
 from .generator import GeneratorEngine
 from .metrics import ServeMetrics
+from .tokens import Tokens
 
 
 @dataclass(frozen=True)
 class TextJob:
-    """One text at one budget: texts of different requests share a forward."""
+    """One text at one budget: texts of different requests share a forward. ``text``: what
+    ``ClassifierEngine.prepare`` made of it on arrival (its token ids, or the text itself)."""
 
-    text: str
+    text: str | Tokens
     budget: float
 
 

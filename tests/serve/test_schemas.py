@@ -97,3 +97,21 @@ def test_unknown_fields_are_rejected(extra):
     with pytest.raises(ValidationError) as err:
         ClassifyRequest.model_validate({"texts": ["a"], **extra})
     assert err.value.errors()[0]["type"] == "extra_forbidden"
+
+
+def test_check_text_names_the_first_refused_character_for_every_code_point():
+    """check_text's one regex refuses exactly the characters the per-character definition does
+    (lone surrogates; category Cc except tab, newline, CR), naming the first one's position."""
+    from dynprune.serve.schemas import check_text
+
+    for code in [*range(0x10000), 0x1F600, 0xE0001, 0x10FFFF]:  # Cc and surrogates are all in the BMP
+        ch = chr(code)
+        refused = 0xD800 <= code <= 0xDFFF or (ch not in "\t\n\r" and unicodedata.category(ch) == "Cc")
+        try:
+            check_text(f"ok {ch} \x01")
+        except ValueError as err:
+            at = 3 if refused else 5
+            assert f"U+{(code if refused else 1):04X} at character {at}" in str(err)
+            assert ("surrogate" in str(err)) == (0xD800 <= code <= 0xDFFF)
+            continue
+        raise AssertionError(f"U+{code:04X}: the trailing control character was not refused")

@@ -55,6 +55,12 @@ def per_text_budgets(req: ClassifyRequest, rt: Runtime) -> list[float]:
     return budgets
 
 
+def text_jobs(rt: Runtime, texts: list[str], budgets: list[float]) -> list[TextJob]:
+    """One job per text, tokenized now (while the model runs the previous batch)."""
+    prepare = rt.engine.prepare
+    return [TextJob(prepare(t), b) for t, b in zip(texts, budgets)]
+
+
 def group_budget(spec: MeanBudget | TimeBudget, rt: Runtime):
     """The library's budget object for a request-wide ``spec`` (its texts run in a forward of their
     own); a 422 now for what the model cannot do at all (no cost table, an untrained router)."""
@@ -94,7 +100,13 @@ async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
         budgets: list[float | None] = [None] * len(req.texts)
     else:
         budgets = list(per_text_budgets(req, rt))
-        results = await run_queued(rt, [TextJob(t, b) for t, b in zip(req.texts, budgets)])
+        results = await run_queued(rt, text_jobs(rt, req.texts, budgets))
+    return response_of(rt, results, budgets)
+
+
+def response_of(rt: Runtime, results: list, budgets: list[float | None]) -> ClassifyResponse:
+    """The answer to a request whose texts ran (``results``: ClassifyResults in text order);
+    each text's executed-FLOPs ratio is observed in /metrics."""
     labels = rt.engine.labels
     items = []
     for r, b in zip(results, budgets):
