@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from .batcher import Draining, QueueFull
 from .errors import ApiError, error_bytes
+from .middleware import replay_body
 from .routes.classify import check_limits, per_text_budgets, response_of, text_jobs
 from .routes.common import timeout_error
 from .runtime import Runtime
@@ -65,7 +66,7 @@ class FastClassify:
         body = b"".join(chunks)
         queued = self._queue(body)
         if queued is None:  # not plain: the FastAPI route answers it
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         futures, budgets = queued
         rt = self.rt
@@ -100,17 +101,3 @@ class FastClassify:
         except (ApiError, QueueFull, Draining):
             return None
         return futures, list(budgets)
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    """A ``receive`` that hands over ``body`` once, then waits on the real one."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

@@ -68,16 +68,21 @@ class BodyGuard:
             msg = f"body is not valid UTF-8 (byte 0x{body[err.start]:02x} at offset {err.start})"
             await _send_error(send, 400, "invalid_encoding", msg, "body")
             return
-        sent = False
+        await self.app(scope, replay_body(body, receive), send)
 
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def replay_body(body: bytes, receive: Callable) -> Callable:
+    """A ``receive`` that hands over the already-read ``body`` once, then waits on the real one."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class Timing:

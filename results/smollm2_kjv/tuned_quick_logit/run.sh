@@ -17,12 +17,15 @@ d["gate_config"]["unit_ranking"] = "logit"
 json.dump(d, open(sys.argv[1], "w"), indent=2)
 PY
   cp "$gates/gates.json" $R/seed$s/gates.json
+  # the reference (the seed's fine-tuned dense model) and the training-free and static baselines on it
+  dynprune eval perplexity --model $run/dense --method dense griffin shortgpt ln_structured \
+      --budget 0.4 0.6 0.8 1.0 --chunks 8 --calibration-chunks 8 --batch-size 4 --threads 2 --out $R/seed$s/baselines
   dynprune eval perplexity --model $run/gated/base --method dense learned --gates "$gates" \
       --budget 0.4 0.6 0.8 1.0 --chunks 8 --calibration-chunks 8 --batch-size 4 --threads 2 --out $R/seed$s/learned
 done
 python scripts/lm_learned_summary.py \
-    --run seed0=$R/seed0/learned --reference seed0=results/smollm2_kjv/tuned_quick/seed0/dense_ft \
-    --run seed1=$R/seed1/learned --reference seed1=results/smollm2_kjv/tuned_quick/seed1/dense_ft \
-    --run seed2=$R/seed2/learned --reference seed2=results/smollm2_kjv/tuned_quick/seed2/dense_ft \
+    --run seed0=$R/seed0/learned --reference seed0=$R/seed0/baselines \
+    --run seed1=$R/seed1/learned --reference seed1=$R/seed1/baselines \
+    --run seed2=$R/seed2/learned --reference seed2=$R/seed2/baselines \
     --original results/smollm2_kjv/learned_quick/seed0 \
     --reference-name "each seed's fine-tuned dense SmolLM2-135M" --out $R
