@@ -38,7 +38,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=256, help="concurrent requests in the burst phase")
     p.add_argument("--requests", type=int, default=256, help="requests per variant per round (closed loop)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--rounds", type=int, default=14,
+        help="paired rounds of every variant; the verdict needs a 95 %% t-interval over them (7 rounds left it to the VM noise)",
+    )  # fmt: skip
     p.add_argument("--overload", type=int, default=400, help="concurrent requests in the overload phase")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
