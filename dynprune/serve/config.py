@@ -45,6 +45,11 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.max_length % self.pad_multiple:
+            raise ValueError(
+                f"--max-length ({self.max_length}) must be a multiple of --pad-multiple ({self.pad_multiple}): "
+                "the tokenizer pads a batch to a multiple of it and cannot exceed the maximum length"
+            )
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if not (self.max_wait_ms >= 0 and self.max_wait_ms < 60_000):

@@ -74,6 +74,7 @@ def test_plain_model_dir_is_no_checkpoint(capsys, tiny_model_dir):
         ("--timeout-s", "0", "--timeout-s must be in (0, 3600]"),
         ("--max-wait-ms", "-1", "--max-wait-ms must be in [0, 60000)"),
         ("--host", "example.com", "--host must be an IP address"),
+        ("--max-length", "100", "--max-length (100) must be a multiple of --pad-multiple (8)"),
     ],
 )
 def test_bad_limits_fail_before_loading(capsys, tiny_checkpoint, flag, value, says):
