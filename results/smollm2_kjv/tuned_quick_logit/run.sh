@@ -23,9 +23,6 @@ PY
   dynprune eval perplexity --model $run/gated/base --method dense learned --gates "$gates" \
       --budget 0.4 0.6 0.8 1.0 --chunks 8 --calibration-chunks 8 --batch-size 4 --threads 2 --out $R/seed$s/learned
 done
-python scripts/lm_learned_summary.py \
-    --run seed0=$R/seed0/learned --reference seed0=$R/seed0/baselines \
-    --run seed1=$R/seed1/learned --reference seed1=$R/seed1/baselines \
-    --run seed2=$R/seed2/learned --reference seed2=$R/seed2/baselines \
-    --original results/smollm2_kjv/learned_quick/seed0 \
+runs=(); for s in 0 1 2; do runs+=(--run seed$s=$R/seed$s/learned --reference seed$s=$R/seed$s/baselines); done
+python scripts/lm_learned_summary.py "${runs[@]}" --original results/smollm2_kjv/learned_quick/seed0 \
     --reference-name "each seed's fine-tuned dense SmolLM2-135M" --out $R
