@@ -29,21 +29,13 @@ from pydantic import ValidationError
 
 from .batcher import Draining, QueueFull
 from .errors import ApiError, error_bytes
-from .middleware import replay_body
+from .middleware import replay_body, send_json
 from .routes.classify import check_limits, per_text_budgets, response_of, text_jobs
-from .routes.common import timeout_error
+from .routes.common import wait_results
 from .runtime import Runtime
 from .schemas import ClassifyRequest
 
 PATH = "/v1/classify"
-JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-async def _send(send: Callable, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    head = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})
 
 
 class FastClassify:
@@ -71,16 +63,12 @@ class FastClassify:
         futures, budgets = queued
         rt = self.rt
         try:
-            results = await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.cfg.timeout_s)
-        except asyncio.TimeoutError:
-            err = timeout_error(rt)
+            results = await wait_results(rt, futures)
+        except ApiError as err:  # the timeout: answered here as the app's error handler would
             rt.metrics.reject(err.reason or "timeout")
-            await _send(send, err.status, error_bytes(err.status, err.type, err.message, err.field))
+            await send_json(send, err.status, error_bytes(err.status, err.type, err.message, err.field))
             return
-        finally:
-            for future in futures:  # timeout / disconnect: drop what has not run
-                future.cancel()
-        await _send(send, 200, response_of(rt, list(results), budgets).model_dump_json().encode())
+        await send_json(send, 200, response_of(rt, results, budgets).model_dump_json().encode())
 
     def _queue(self, body: bytes) -> tuple[list[asyncio.Future], list[float | None]] | None:
         """The request's texts queued (their futures, and the budgets to report), or None when the

@@ -15,11 +15,15 @@ Scope = dict[str, Any]
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-async def _send_error(send: Callable, status: int, type: str, message: str, field: str | None) -> None:
-    body = error_bytes(status, type, message, field)
+async def send_json(send: Callable, status: int, body: bytes) -> None:
+    """A whole JSON response (``body`` already serialised) on the raw ASGI ``send``."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Callable, status: int, type: str, message: str, field: str | None) -> None:
+    await send_json(send, status, error_bytes(status, type, message, field))
 
 
 class BodyGuard:

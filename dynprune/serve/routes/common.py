@@ -97,7 +97,12 @@ def timeout_error(rt: Runtime) -> ApiError:
 async def run_queued(rt: Runtime, jobs: Sequence[Any]) -> list[Any]:
     """Queue ``jobs`` with the batcher and wait for their results; map overload, drain and
     timeout to HTTP errors (a timed-out request's queued jobs are dropped)."""
-    futures = enqueue(rt, jobs)
+    return await wait_results(rt, enqueue(rt, jobs))
+
+
+async def wait_results(rt: Runtime, futures: list[asyncio.Future]) -> list[Any]:
+    """The results of queued jobs, in order; 504 after the server's timeout, and whatever has not
+    run when the wait ends (timeout, disconnect) is dropped."""
     try:
         return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.cfg.timeout_s))
     except asyncio.TimeoutError:
