@@ -62,10 +62,10 @@ def _run(gated: GatedModel, batches: Sequence[dict[str, Any]], budget: Any) -> _
 
 def _threshold_flops(gated: GatedModel, cached: list[tuple[Any, Any, int]], threshold: float) -> float:
     """Mean executed FLOPs ratio over the cached router outputs at ``threshold``."""
-    fm, per_flop = gated.flops, gated.gate_config.unit_ranking == "per_flop"
+    fm = gated.flops
     total, n = 0.0, 0
     for scores, available, seq in cached:
-        m = select_under_budget(scores, available, fm, seq, threshold, per_flop=per_flop)
+        m = select_under_budget(scores, available, fm, seq, threshold, ranking=gated.gate_config.unit_ranking)
         flops = fm.fixed(seq) + fm.gated_units(m.head.double(), m.ffn.double(), m.layer.double(), seq)
         total += float((flops / fm.dense(seq)).sum())
         n += flops.shape[0]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dynprune.config import UnitRanking
 from dynprune.flops import FlopsModel
 
 Tensor = torch.Tensor
@@ -188,7 +189,7 @@ def select_under_budget(
     threshold: float | None = None,
     costs: tuple[Tensor, Tensor] | None = None,
     overhead: float = 0.0,
-    per_flop: bool = True,
+    ranking: UnitRanking = "per_flop",
 ) -> UnitMasks:
     """Hard masks whose gated-layer FLOPs are <= ``available`` (B,) per sample.
 
@@ -206,7 +207,7 @@ def select_under_budget(
        kept layers' compulsory cost (units of kinds that are not gated) does
        not fit, the lowest-scored kept layers are dropped until it does.
     2. Eligible gated units of kept layers are taken in order of
-       ``log sigmoid(logit) - log(cost)``, or of ``logit`` (``per_flop`` False) (stable: ties go to the lower unit
+       ``log sigmoid(logit) - log(cost)``, or of ``logit`` (``ranking="logit"``) (stable: ties go to the lower unit
        index, so nested logits give prefixes) while the running cost fits; past the first
        unit that does not fit, the other kind's units are still taken, in order, while they
        fit (every unit of a kind costs the same, so the prefixes stay prefixes).
@@ -217,9 +218,10 @@ def select_under_budget(
        gated (no compulsory cost).
     Raises ValueError if even the compulsory cost cannot fit (layers not gated).
 
-    ``per_flop`` (``GateConfig.unit_ranking``): True ranks units by score per FLOP,
-    ``log sigmoid(logit) - log(cost)``; False by ``logit`` alone (a learned router's logits
-    already carry each unit's cost: the Lagrangian priced it in training).
+    ``ranking``: ``"per_flop"`` ranks units by score per FLOP, ``log sigmoid(logit) - log(cost)``
+    (scores that are values: the training-free router's, a cost table's tests); ``"logit"`` by
+    the logit alone (a learned router's logits already carry each unit's cost: the Lagrangian
+    priced it in training). A gated model passes its ``GateConfig.unit_ranking``.
 
     ``costs``: (head, slice) cost as 0-dim float64 tensors instead of ``flops``'s at ``seq_len``
     (the same numbers, as graph inputs when the selection is exported to ONNX, dynprune.exec).
@@ -274,7 +276,7 @@ def select_under_budget(
         if t is None:
             continue
         logit = t.detach().double()
-        key = log_sigmoid(logit) - log_cost(cost) if per_flop else logit  # (B, L, n)
+        key = log_sigmoid(logit) - log_cost(cost) if ranking == "per_flop" else logit  # (B, L, n)
         if threshold is not None:  # mean budgets: units above the threshold in kept layers only
             key = key.masked_fill(~keep_layer[..., None] | (logit <= threshold), float("-inf"))
         else:  # dropped layers: after every kept layer's unit (refill, step 3), or never
@@ -298,13 +300,9 @@ def select_under_budget(
         cost_sorted = cost_all[order] * eligible  # (B, U)
         take_sorted = eligible & (torch.cumsum(cost_sorted, dim=1) <= remaining[:, None] * (1 + 1e-12))
         if len(slots) == 2:  # step 2's fill continues past the first unit that does not fit
-            kind_all = torch.cat(
-                [
-                    torch.zeros(n_layers, n_heads, device=device),
-                    torch.ones(n_layers, n_slices, device=device),
-                ],
-                -1,
-            ).reshape(-1)
+            kind_all = (
+                torch.arange(n_heads + n_slices, device=device).repeat(n_layers) >= n_heads
+            )  # (U,): slice
             take_sorted = _fill_with_other_kind(
                 take_sorted, eligible, cost_sorted, kind_all[order], remaining
             )

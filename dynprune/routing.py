@@ -88,20 +88,19 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
         probs = fill_ungated(probabilities(scores), n, *dims, like=hidden)
         expected = fm.fixed(seq) + fm.gated_units(probs.head, probs.ffn, probs.layer, seq)
     masks = None
-    per_flop = cfg.unit_ranking == "per_flop"
     if gm.training:
         noisy = add_noise(scores, cfg.nested)
         soft = fill_ungated(relaxed(noisy, gm.relaxation.temperature), n, *dims, like=hidden)
         if gm.relaxation.hard:
             masks = select_under_budget(
-                noisy, available, prices, seq, state.threshold, overhead=overhead, per_flop=per_flop
+                noisy, available, prices, seq, state.threshold, overhead=overhead, ranking=cfg.unit_ranking
             )
             gates_sub = straight_through(masks, soft)
         else:
             gates_sub = soft
     else:
         masks = select_under_budget(
-            scores, available, prices, seq, state.threshold, overhead=overhead, per_flop=per_flop
+            scores, available, prices, seq, state.threshold, overhead=overhead, ranking=cfg.unit_ranking
         )
         gates_sub = masks.to_gates(hidden.dtype)
     gates = scatter_rows(gates_sub, rows, batch, dims, hidden)

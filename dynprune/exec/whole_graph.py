@@ -92,9 +92,13 @@ def route_counts(
     routing of :func:`dynprune.routing.route` in eval mode, in exportable form (costs as tensors)."""
     scores = gated.router(hidden, mask, router_budget)
     seq = hidden.shape[1]  # unused by the selection when costs are given
-    per_flop = gated.gate_config.unit_ranking == "per_flop"
     masks = select_under_budget(
-        scores, available, gated.flops, seq, costs=(head_cost, slice_cost), per_flop=per_flop
+        scores,
+        available,
+        gated.flops,
+        seq,
+        costs=(head_cost, slice_cost),
+        ranking=gated.gate_config.unit_ranking,
     )
     return masks.counts()
 

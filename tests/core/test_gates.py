@@ -128,7 +128,7 @@ def test_logit_ranking_rounds_the_soft_gates_where_per_flop_ranking_prefers_chea
     scores = GateScores(logits["head"], logits["ffn"], None)
     # room for every unit of the dearer kind and nothing else
     available = torch.tensor([2 * n[dear[0]] * dear[1]], dtype=torch.float64)
-    by_logit = select_under_budget(scores, available, fm, seq, per_flop=False)
+    by_logit = select_under_budget(scores, available, fm, seq, ranking="logit")
     by_flop = select_under_budget(scores, available, fm, seq)
     kept = lambda m, kind: int(getattr(m, kind).sum())  # noqa: E731
     assert kept(by_logit, dear[0]) == 2 * n[dear[0]] and kept(by_logit, cheap[0]) == 0
@@ -183,5 +183,5 @@ def test_fill_continues_past_a_unit_too_dear_for_what_is_left(per_flop):
     scores = GateScores(logits["head"], logits["ffn"], None)
     available = torch.tensor([2 * costs[cheap] * (1 + 1e-9)], dtype=torch.float64)
     assert bool(torch.isfinite(logits[dear]).all())
-    masks = select_under_budget(scores, available, fm, seq, per_flop=per_flop)
+    masks = select_under_budget(scores, available, fm, seq, ranking="per_flop" if per_flop else "logit")
     assert int(getattr(masks, cheap).sum()) == 2 and int(getattr(masks, dear).sum()) == 0
