@@ -98,6 +98,11 @@ class GatedModel(nn.Module):
             reject_forward_like(name)  # forward / generation methods of the inner model: not passed through
             return getattr(self.model, name)
 
+    def added_parameters(self) -> Iterator[nn.Parameter]:
+        """What wrapping added to the pretrained model (the router): it trains from scratch, with its
+        own learning rate (``dynprune.train.trainer.param_groups``)."""
+        return self.router.parameters()
+
     # -- forward -----------------------------------------------------------------------
     def forward(
         self,

@@ -292,6 +292,7 @@ def finetune(
         weight_decay=o.get("weight_decay", 0.01),
         warmup_ratio=o.get("warmup_ratio", 0.06),
         max_grad_norm=o.get("max_grad_norm", 1.0),
+        router_lr=o.get("router_lr", OptimConfig.router_lr),  # the added parameters (exit heads)
         group_by_length=o.get("group_by_length", True),
     )
     d = ctx.run.config.get("distill") or {}

@@ -127,6 +127,7 @@ def finetune(
         name="finetune",
         epochs=n_epochs,
         lr=o.dense_lr if lr is None else lr,
+        router_lr=o.router_lr,  # parameters the model added (e.g. early-exit heads), if any
         batch_size=o.batch_size,
         grad_accum=o.grad_accum,
         weight_decay=o.weight_decay,

@@ -23,8 +23,6 @@ from dynprune.train.data import Collator, epoch_batches
 from dynprune.train.tracking import Tracker
 from safetensors.torch import load_model, save_file, save_model
 
-from dynprune.model import GatedModel
-
 
 @dataclass
 class StageSettings:
@@ -33,7 +31,7 @@ class StageSettings:
     lr: float
     batch_size: int
     grad_accum: int = 1
-    router_lr: float | None = None
+    router_lr: float | None = None  # the added parameters' LR (routers, exit heads); None: lr
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -48,16 +46,17 @@ class StageSettings:
 
 
 def param_groups(module: torch.nn.Module, s: StageSettings) -> list[dict[str, Any]]:
-    """Weights with decay, biases/norms without, routers with their own LR and no decay."""
-    router = set()
-    if isinstance(module, GatedModel):
-        router = {id(p) for p in module.router.parameters()}
-    decay, no_decay, routed = [], [], []
+    """Weights with decay, biases/norms without; the parameters a wrapper added to the pretrained
+    model (``module.added_parameters()``: a GatedModel's router, an early-exit model's exit heads;
+    they start from scratch) with their own LR (``s.router_lr``) and no decay."""
+    added_of = getattr(module, "added_parameters", None)
+    added = {id(p) for p in added_of()} if callable(added_of) else set()
+    decay, no_decay, new = [], [], []
     for p in module.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in router:
-            routed.append(p)
+        if id(p) in added:
+            new.append(p)
         elif p.ndim < 2:
             no_decay.append(p)
         else:
@@ -66,8 +65,8 @@ def param_groups(module: torch.nn.Module, s: StageSettings) -> list[dict[str, An
         {"params": decay, "lr": s.lr, "weight_decay": s.weight_decay},
         {"params": no_decay, "lr": s.lr, "weight_decay": 0.0},
     ]
-    if routed:
-        groups.append({"params": routed, "lr": s.router_lr or s.lr, "weight_decay": 0.0})
+    if new:
+        groups.append({"params": new, "lr": s.router_lr or s.lr, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
 
 

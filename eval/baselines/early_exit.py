@@ -15,7 +15,10 @@ run plus every exit head evaluated on the way (softmax/max cost nothing).
 Training (:class:`EarlyExitObjective`): every exit gets the dense objective
 (labels + distillation from the same teacher, with the same weights as every
 other method), averaged with PABEE's weights ``k / sum(k)``; the backbone and
-all heads train together, with ``dynprune.train.finetune``'s loop and steps.
+all heads train together, with ``dynprune.train.finetune``'s loop and steps; exits 1..L-1
+are new modules and get the added parameters' learning rate (``optim.router_lr``, what a gated
+model's router gets): at the backbone's rate they did not learn on 20 Newsgroups in the
+quick recipe's 124 steps (every early exit at chance, results/news20/quick_3seeds/).
 
 :func:`calibrate_threshold` fits the threshold on the validation split so that
 the mean FLOPs ratio is the largest one not above the target.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +91,12 @@ class EarlyExitModel(nn.Module):
     @property
     def n_exits(self) -> int:
         return len(self.heads)
+
+    def added_parameters(self) -> Iterator[nn.Parameter]:
+        """The exit heads 1..L-1 (the last exit is the model's own head): new modules, trained with
+        the added parameters' learning rate, as a gated model's router is
+        (``dynprune.train.trainer.param_groups``)."""
+        return self.heads[:-1].parameters()
 
     def _embed(self, inputs: Batch) -> tuple[Tensor, Tensor | None]:
         from transformers.masking_utils import create_bidirectional_mask

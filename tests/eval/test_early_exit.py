@@ -166,3 +166,19 @@ def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
 def test_unsupported_family_is_refused():
     with pytest.raises(ValueError, match="early_exit supports"):
         EarlyExitModel(tiny_model("distilbert"))
+
+
+def test_exit_heads_train_at_the_added_parameters_rate():
+    """Exits 1..L-1 are new modules: the optimiser gives them the router's LR (no decay), the
+    backbone and the model's own head (the last exit) keep the backbone's."""
+    from dynprune.train.trainer import StageSettings, param_groups
+
+    ee = EarlyExitModel(tiny_model("bert", layers=3))
+    settings = StageSettings(name="finetune", epochs=1, lr=5e-5, batch_size=8, router_lr=1e-3)
+    groups = param_groups(ee, settings)
+    new = [g for g in groups if g["lr"] == 1e-3]
+    assert len(new) == 1 and new[0]["weight_decay"] == 0.0
+    new_ids = {id(p) for p in new[0]["params"]}
+    assert new_ids == {id(p) for h in ee.heads[:-1] for p in h.parameters()}
+    assert not new_ids & {id(p) for p in ee.heads[-1].parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(ee.parameters()))
