@@ -128,6 +128,11 @@ class GatedModel(nn.Module):
         masks: UnitMasks | None,
     ) -> Any:
         batch, device = batch_and_device(args, kwargs)
+        if not self.training and self._use_gathered() and torch.is_autocast_enabled(device.type):
+            # the gathered path computes in the weights' dtype (in-place addmm): under autocast (e.g. the
+            # evaluation inside a bf16 training run) it runs as without it
+            with torch.autocast(device.type, enabled=False):
+                return self._gated_call(run, args, kwargs, budget, masks)
         time_ms = time_router = None
         if isinstance(budget, TimeBudget):
             if self.training or self.parts.spec.causal:

@@ -167,12 +167,14 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     # Stop a stage after this many optimiser steps (null = run the epochs)
     max_steps: int | None = None
-    # no / bf16 / fp16 (fp16 needs a GPU)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # no / bf16 / fp16 (fp16 needs a GPU). False: YAML's reading of a bare `no`, taken as "no"
+    mixed_precision: Literal["no", "bf16", "fp16", False] = "no"
     # Batches of similar lengths (less padding, less compute); order still seeded and shuffled
     group_by_length: bool = True
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # `--optim.mixed_precision=no`, `mixed_precision: no`
+            self.mixed_precision = "no"
         check_positive(
             "optim",
             batch_size=self.batch_size,

@@ -234,3 +234,16 @@ def test_dense_prefix_layers_cache_like_hf_and_gated_layers_hold_gates():
     masks = random_masks(gated, 1, 0.5, seed=15, nested=True)
     got = gated.generate(ids, masks=masks, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, _no_cache_greedy(gated, ids, masks, 5))
+
+
+def test_eval_under_autocast_runs_the_gathered_path_in_the_weights_dtype():
+    """The evaluation inside a bf16 training run calls the model in eval mode under autocast: the
+    gathered path (in-place addmm on fp32 buffers) runs as without autocast."""
+    gated = dynprune.wrap(tiny_decoder("llama"), GateConfig(ffn_slice_size=32)).eval()
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        want = gated(input_ids=ids, budget=0.6).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = gated(input_ids=ids, budget=0.6).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

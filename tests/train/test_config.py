@@ -157,3 +157,17 @@ def test_gate_section_is_the_core_config_plus_its_schedule():
 def test_unknown_keys_get_a_suggestion():
     with pytest.raises(ConfigError, match=r"did you mean: gate\.temprature -> gate\.temperature"):
         parse_config(["--gate.temprature=0.5"])
+
+
+def test_mixed_precision_no_is_a_string_not_yaml_false(tmp_path):
+    """YAML reads a bare `no` as False: the documented value must still work, from the command line
+    and from a file, and survive a round trip through the dumped config."""
+    cfg = parse_config(["--optim.mixed_precision=no"])
+    assert cfg.optim.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  mixed_precision: no\n")
+    assert parse_config(["--config", str(path)]).optim.mixed_precision == "no"
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert parse_config(["--config", str(again)]).optim.mixed_precision == "no"
+    assert parse_config(["--optim.mixed_precision=bf16"]).optim.mixed_precision == "bf16"
