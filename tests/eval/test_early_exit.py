@@ -182,3 +182,22 @@ def test_exit_heads_train_at_the_added_parameters_rate():
     assert new_ids == {id(p) for h in ee.heads[:-1] for p in h.parameters()}
     assert not new_ids & {id(p) for p in ee.heads[-1].parameters()}
     assert sum(len(g["params"]) for g in groups) == len(list(ee.parameters()))
+
+
+def test_intermediate_exits_read_the_mean_of_the_real_tokens():
+    """Exits 1..L-1 pool the real tokens (padding does not move them); the last exit is the model's
+    own CLS head."""
+    ee = EarlyExitModel(tiny_model("bert", layers=3)).eval()
+    ids = torch.randint(5, 90, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 5)], dim=1).long()
+    with torch.no_grad():
+        plain = ee(input_ids=ids, attention_mask=torch.ones_like(ids)).exit_logits
+        pad = ee(input_ids=padded, attention_mask=mask).exit_logits
+        hidden, attn = ee._embed({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        first = ee._layer(0, hidden, attn)  # (1, 9, H)
+        head = ee.heads[0]
+        want = head.classifier(head.pooler(first.mean(1, keepdim=True)))  # the pooler reads position 0
+    torch.testing.assert_close(pad, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain[0], want, atol=1e-5, rtol=0)
+    assert not ee.heads[-1].mean_pool
