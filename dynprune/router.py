@@ -23,6 +23,14 @@ from dynprune.config import GateConfig
 from dynprune.gates import GateScores, nested_logits
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of each sequence's real tokens: (B, T, H), (B, T) or None -> (B, H)."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class Router(nn.Module):
     """Maps pooled hidden states (+ budget) to :class:`GateScores`.
 
@@ -93,12 +101,7 @@ class Router(nn.Module):
         z = self.budget_inp(feats if feats is not None else hidden.new_ones(batch, 1))  # (B, r)
         if self.inp is not None:
             assert self.norm is not None
-            if attention_mask is None:
-                pooled = hidden.mean(dim=1)  # (B, H)
-            else:
-                m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            z = z + self.inp(self.norm(pooled))
+            z = z + self.inp(self.norm(masked_mean(hidden, attention_mask)))
         z = self.act(z)
         if feats is not None:
             z = torch.cat([z, feats], dim=-1)  # (B, r + 2)

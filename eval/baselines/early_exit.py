@@ -44,6 +44,7 @@ from torch import nn
 
 from dynprune.arch import resolve
 from dynprune.flops import FlopsModel
+from dynprune.router import masked_mean
 
 Tensor = torch.Tensor
 SUPPORTED = ("bert", "roberta")
@@ -72,9 +73,7 @@ class ExitHead(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:  # (B, T, H), (B, T) -> (B, C)
         if self.mean_pool:  # the real tokens' mean stands in the CLS position the head reads
-            m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype)
-            mean = (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)  # (B, H)
-            hidden = mean[:, None, :]  # (B, 1, H)
+            hidden = masked_mean(hidden, mask)[:, None, :]  # (B, 1, H)
         if self.pooler is not None:  # BERT: pooler(CLS) -> dropout -> linear
             return self.classifier(self.dropout(self.pooler(hidden)))
         return self.classifier(hidden)  # RoBERTa's head takes the CLS position itself
