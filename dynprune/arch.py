@@ -311,11 +311,23 @@ def layer_parts(model: nn.Module) -> list[LayerParts]:
     return [_layer_parts(layer, spec, hidden) for layer in layers]  # type: ignore[union-attr]
 
 
-def resolve(model: nn.Module) -> ModelParts:
-    """Resolve every module dynprune touches, checking shapes are consistent."""
+@dataclass
+class LayerStack:
+    """A model's backbone, embeddings and layer list, whatever the layers' widths (a physically
+    pruned model has uneven layers: :func:`resolve` refuses it, early exit runs on it)."""
+
+    spec: ArchSpec
+    backbone: nn.Module
+    embeddings: nn.Module
+    layers: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def layer_stack(model: nn.Module) -> LayerStack:
     spec = spec_for(model)
-    config = model.config  # type: ignore[union-attr]
-    _check_supported_config(spec, config)
     backbone = getattr(model, "base_model", model)
     try:
         layers = get_attr_path(backbone, spec.layers)
@@ -325,7 +337,17 @@ def resolve(model: nn.Module) -> ModelParts:
             f"model_type={spec.family!r} but the model has no {spec.layers!r}/{spec.embeddings!r} "
             f"under {type(backbone).__name__}: {err}"
         ) from err
-    assert isinstance(layers, nn.ModuleList)
+    assert isinstance(layers, nn.ModuleList) and isinstance(embeddings, nn.Module)
+    return LayerStack(spec, backbone, embeddings, layers)
+
+
+def resolve(model: nn.Module) -> ModelParts:
+    """Resolve every module dynprune touches, checking shapes are consistent."""
+    spec = spec_for(model)
+    config = model.config  # type: ignore[union-attr]
+    _check_supported_config(spec, config)
+    stack = layer_stack(model)
+    backbone, layers, embeddings = stack.backbone, stack.layers, stack.embeddings
     hidden = int(config.hidden_size)
     parts = [_layer_parts(layer, spec, hidden) for layer in layers]
     n_query = int(config.num_attention_heads)

@@ -28,7 +28,7 @@ COLUMNS = [
 
 METHODS = (
     "dense", "dynamic", "magnitude", "ln_structured", "iterative", "static_gates", "search", "random",
-    "early_exit",
+    "early_exit", "static_early_exit",
 )  # fmt: skip
 
 STYLE = {
@@ -41,6 +41,7 @@ STYLE = {
     "search": dict(color="tab:purple", marker="v"),
     "random": dict(color="tab:olive", marker="P", linestyle="--"),
     "early_exit": dict(color="tab:orange", marker="X", linewidth=2.0),
+    "static_early_exit": dict(color="tab:brown", marker="h", linewidth=2.0),
 }
 
 

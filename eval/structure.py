@@ -74,13 +74,19 @@ class Structure:
     def neuron_counts(self) -> list[int]:
         return [len(n) if k else 0 for n, k in zip(self.neurons, self.layers)]
 
+    def layer_flops(self, fm: FlopsModel, seq_len: int) -> list[float]:
+        """FLOPs of each *kept* layer for one sample of padded length ``seq_len`` (dynprune.flops
+        formulas; a removed layer is absent from the list, as it is from the pruned model)."""
+        neuron = fm.slice_cost(seq_len) / fm.slice_size
+        return [
+            h * fm.head_cost(seq_len) + n * neuron
+            for h, n, k in zip(self.head_counts(), self.neuron_counts(), self.layers)
+            if k
+        ]
+
     def flops(self, fm: FlopsModel, seq_len: int) -> float:
         """FLOPs of one sample of padded length ``seq_len`` (same formulas as dynprune.flops)."""
-        neuron = fm.slice_cost(seq_len) / fm.slice_size
-        units = sum(
-            h * fm.head_cost(seq_len) + n * neuron for h, n in zip(self.head_counts(), self.neuron_counts())
-        )
-        return float(units + fm.task_head(seq_len))
+        return float(sum(self.layer_flops(fm, seq_len)) + fm.task_head(seq_len))
 
     def flops_ratio(self, fm: FlopsModel, seq_len: int) -> float:
         return self.flops(fm, seq_len) / fm.dense(seq_len)

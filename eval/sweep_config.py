@@ -117,8 +117,20 @@ class EarlyExitSection:
 
     # Validation examples the thresholds are fitted on (null = all of the split the sweep loaded)
     calibration_examples: int | None = None
+    # The split whose *inputs* (never labels) the thresholds are fitted on: validation (default), or
+    # the evaluation split itself ("evaluation": transductive, as a server calibrating on a sample of
+    # its own traffic would; it lands the evaluation mean on the target when validation and test
+    # inputs differ, e.g. 20 Newsgroups' later-dated test file)
+    calibration_split: Literal["validation", "evaluation"] = "validation"
+    # static_early_exit: the static width is this factor x the target budget (capped at the static
+    # control's largest trained budget); the exits bring the mean down to the target
+    width_factor: float = 2.0
 
     def __post_init__(self) -> None:
+        if not self.width_factor >= 1.0:
+            raise ValueError(
+                f"early_exit.width_factor must be >= 1 (a width at least the budget), got {self.width_factor}"
+            )
         if self.calibration_examples is not None and self.calibration_examples <= 0:
             raise ValueError(
                 f"early_exit.calibration_examples must be > 0 or null, got {self.calibration_examples}"

@@ -9,8 +9,10 @@ gated checkpoint), ``magnitude`` (global unstructured L1), ``ln_structured``
 most common mask and physically removed), ``search`` (EagleEye-style search
 over per-layer keep ratios) and ``random`` (random units, ln_structured's
 per-layer counts); ``early_exit`` (a classifier after every layer, calibrated confidence
-threshold, :mod:`dynprune.eval.sweep_early_exit`). Every point function is
-``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit)
+threshold, :mod:`dynprune.eval.sweep_early_exit`); ``static_early_exit`` (width from the
+static control, depth from exits: the static_gates model at a wider budget with exits calibrated
+down to the target mean). Every point function is
+``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit)
 use ``seed`` (a training run per seed for the first two), the classic methods run
 once with the sweep's ``seed``. Every static method's model is exported as a smaller HF
 directory (sparse for magnitude) and the *reloaded export* is what is
@@ -138,15 +140,9 @@ def _static_point(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """``build() -> (pruned model, structure, info)`` unless an export exists; evaluate the export."""
-    path = _artifact(ctx, method, budget, ctx.cfg.seed if seed is None else seed)
-    info = _finished(path)
-    if info is None:
-        pruned, structure, info = build()
-        exp = export_static_model(ctx, pruned, structure, path)
-        info.update(exp)
-        _mark(path, info)
-    structure = Structure.from_dict(json.loads((path / "dynprune_structure.json").read_text()))
-    model = materialize(load_pruned(path))
+    path, info = static_export(ctx, method, budget, build, seed)
+    model, structure = load_static_export(path)
+    model = materialize(model)
     row = measure_point(ctx, StructureRunner(model, structure, ctx.fm, method))
     row.update(
         disk_bytes=weights_bytes(path),
@@ -158,6 +154,26 @@ def _static_point(
     )
     row["build"] = {k: v for k, v in info.items() if k != "notes"}
     return row
+
+
+def static_export(
+    ctx: SweepContext, method: str, budget: float, build: Any, seed: int | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The export of ``method`` at ``budget`` (built by ``build()`` and exported unless it exists):
+    (its directory, the build's info)."""
+    path = _artifact(ctx, method, budget, ctx.cfg.seed if seed is None else seed)
+    info = _finished(path)
+    if info is None:
+        pruned, structure, info = build()
+        info.update(export_static_model(ctx, pruned, structure, path))
+        _mark(path, info)
+    return path, info
+
+
+def load_static_export(path: Path) -> tuple[nn.Module, Structure]:
+    """A static export reloaded: (the physically pruned model, its structure)."""
+    structure = Structure.from_dict(json.loads((path / "dynprune_structure.json").read_text()))
+    return load_pruned(path), structure
 
 
 def export_static_model(
@@ -223,6 +239,20 @@ def point_dynamic(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]
 
 def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     run = ctx.run_for(seed)
+    return _static_point(
+        ctx,
+        "static_gates",
+        budget,
+        static_gates_build(ctx, budget, seed),
+        {"training_run": str(run.root)},
+        seed=seed,
+    )
+
+
+def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
+    """``build()`` of the static_gates model at ``budget``: the seed's static control frozen to its
+    most common mask and physically pruned."""
+    run = ctx.run_for(seed)
 
     def build():
         gated, _ = dynprune.load_gated_model(run.static_dir)
@@ -239,7 +269,7 @@ def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str,
         }
         return _prune(plain, structure), structure, info
 
-    return _static_point(ctx, "static_gates", budget, build, {"training_run": str(run.root)}, seed=seed)
+    return build
 
 
 def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
@@ -403,6 +433,7 @@ POINTS = {
     "search": point_search,
     "random": point_random,
     "early_exit": lambda ctx, budget, seed: _early_exit(ctx, budget, seed),
+    "static_early_exit": lambda ctx, budget, seed: _static_early_exit(ctx, budget, seed),
 }
 
 
@@ -410,3 +441,9 @@ def _early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     from dynprune.eval.sweep_early_exit import point_early_exit
 
     return point_early_exit(ctx, budget, seed)
+
+
+def _static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    from dynprune.eval.sweep_early_exit import point_static_early_exit
+
+    return point_static_early_exit(ctx, budget, seed)

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from dynprune.eval.sweep_stats import STATIC_STRUCTURED, decode_correct, paired_bootstrap, t_interval
+from dynprune.eval.sweep_stats import (
+    ADAPTIVE,
+    CONTENDERS,
+    STATIC_STRUCTURED,
+    decode_correct,
+    paired_bootstrap,
+    t_interval,
+)
 
 
 def load(points: Path) -> dict[tuple[str, float], dict[int, dict]]:
@@ -65,7 +72,7 @@ def compare(pts: dict, a: str, b: str, budget: float, b_budget: float | None = N
 def main() -> None:
     sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
     pts = load(sweep / "points")
-    budgets = sorted({b for (m, b) in pts if m == "dynamic"})
+    budgets = sorted({b for (m, b) in pts if m in CONTENDERS and m != "static_gates"})
     lines = [
         "| budget | difference | accuracy % (seed means) | example bootstrap, pt [95 %] | per seed, pt "
         "| over seeds, pt [95 % t] | Δ mean FLOPs pt | reading |",
@@ -75,16 +82,19 @@ def main() -> None:
         statics = {m: np.mean([float(p["accuracy"]) for p in pts[(m, b)].values()])
                    for m in STATIC_STRUCTURED if (m, b) in pts}  # fmt: skip
         best = max(statics, key=statics.get) if statics else None
-        pairs = [("dynamic", "static_gates"), ("dynamic", "early_exit"), ("static_gates", "early_exit")]
-        if best and best != "static_gates":
-            pairs.insert(1, ("dynamic", best))
+        pairs = []
+        for mode in ADAPTIVE:
+            pairs += [(mode, "static_gates")] + ([(mode, best)] if best and best != "static_gates" else [])
+            pairs += [(mode, "early_exit")]
+        pairs += [("static_gates", "early_exit"), ("static_early_exit", "dynamic")]
         for a, c in pairs:
             row = compare(pts, a, c, b)
             if row:
                 lines.append(row)
-        row = compare(pts, "dynamic", "dense", b, 1.0)
-        if row:
-            lines.append(row)
+        for mode in ADAPTIVE:
+            row = compare(pts, mode, "dense", b, 1.0)
+            if row:
+                lines.append(row)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

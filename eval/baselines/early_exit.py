@@ -13,6 +13,11 @@ FLOPs (dynprune.flops conventions, per sample at the batch's padded length T):
 leaving at exit ``k`` costs ``k * (layer_cost(T) + task_head(T))``: the layers
 run plus every exit head evaluated on the way (softmax/max cost nothing).
 
+Width and depth together (the sweep's ``static_early_exit``): the wrapped model may be a
+physically pruned one (:func:`dynprune.eval.physical.physically_prune`) with its
+:class:`~dynprune.eval.structure.Structure`; then layer ``k`` costs what its kept heads and
+neurons cost (``Structure.layer_flops``) and there is one exit per kept layer.
+
 Training (:class:`EarlyExitObjective`): every exit gets the dense objective
 (labels + distillation from the same teacher, with the same weights as every
 other method), averaged with PABEE's weights ``k / sum(k)``; the backbone and
@@ -38,11 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 from dynprune.eval.runners import Batch, Runner
+from dynprune.eval.structure import Structure
 from dynprune.train.data import model_inputs
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from dynprune.arch import resolve
+from dynprune.arch import layer_stack
 from dynprune.flops import FlopsModel
 from dynprune.router import masked_mean
 
@@ -89,13 +95,20 @@ class ExitResult:
 class EarlyExitModel(nn.Module):
     """A classifier with an exit after every layer (see module docstring)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, structure: Structure | None = None) -> None:
+        """``structure``: the kept units when ``model`` is physically pruned (None: unpruned)."""
         super().__init__()
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED:
             raise ValueError(f"early_exit supports model types {SUPPORTED}, got {model_type!r}")
         self.model = model
-        self.parts = resolve(model)
+        self.parts = layer_stack(model)
+        if structure is not None and sum(structure.layers) != self.parts.n_layers:
+            raise ValueError(
+                f"early_exit: the structure keeps {sum(structure.layers)} layers, the model has "
+                f"{self.parts.n_layers}: pass the structure the model was pruned to"
+            )
+        self.structure = structure
         final = ExitHead.of(model)
         # exits 1..L-1 start as copies of the fine-tuned head reading the tokens' mean; exit L is the
         # model's own head
@@ -107,6 +120,10 @@ class EarlyExitModel(nn.Module):
     @property
     def n_exits(self) -> int:
         return len(self.heads)
+
+    def exit_costs(self, fm: FlopsModel, seq_len: int) -> np.ndarray:
+        """FLOPs of leaving at exit 1..L for one sample at padded length ``seq_len``: (L,)."""
+        return exit_costs(fm, seq_len, self.n_exits, self.structure)
 
     def added_parameters(self) -> Iterator[nn.Parameter]:
         """The exit heads 1..L-1 (the last exit is the model's own head): new modules, trained with
@@ -158,7 +175,7 @@ class EarlyExitModel(nn.Module):
         hidden, attn = self._embed(inputs)
         mask = inputs.get("attention_mask")  # (B, T): the rows still running, like attn
         n, seq = hidden.shape[0], hidden.shape[1]
-        per_exit = fm.layer_cost(seq) + fm.task_head(seq)
+        costs = torch.from_numpy(self.exit_costs(fm, seq))  # (L,) float64, cumulative
         active = torch.arange(n, device=hidden.device)  # rows of the batch still running
         logits: Tensor | None = None
         exit_layer = torch.zeros(n, dtype=torch.int64)
@@ -182,12 +199,21 @@ class EarlyExitModel(nn.Module):
             attn = None if attn is None else attn[keep]
             mask = None if mask is None else mask[keep]
         assert logits is not None
-        return ExitResult(logits, exit_layer, exit_layer.double() * per_exit)
+        return ExitResult(logits, exit_layer, costs[exit_layer - 1])
 
 
-def exit_costs(fm: FlopsModel, seq_len: int, n_exits: int) -> np.ndarray:
-    """FLOPs of leaving at exit 1..L for one sample at padded length ``seq_len``: (L,)."""
-    return np.arange(1, n_exits + 1) * (fm.layer_cost(seq_len) + fm.task_head(seq_len))
+def exit_costs(fm: FlopsModel, seq_len: int, n_exits: int, structure: Structure | None = None) -> np.ndarray:
+    """FLOPs of leaving at exit 1..L for one sample at padded length ``seq_len``: (L,): the layers
+    run plus every exit head on the way. ``structure``: a pruned model's kept units (one exit per
+    kept layer, each layer at its own cost); None: ``n_exits`` full layers."""
+    layers = (
+        np.full(n_exits, fm.layer_cost(seq_len))
+        if structure is None
+        else np.array(structure.layer_flops(fm, seq_len))
+    )
+    if len(layers) != n_exits:
+        raise ValueError(f"exit_costs: {n_exits} exits but the structure keeps {len(layers)} layers")
+    return np.cumsum(layers + fm.task_head(seq_len))
 
 
 def exits_at(confidence: np.ndarray, threshold: float) -> np.ndarray:
@@ -271,9 +297,12 @@ def save_early_exit(model: EarlyExitModel, path: Path, info: dict[str, Any]) -> 
     (path / "early_exit.json").write_text(json.dumps(info, indent=1))
 
 
-def load_early_exit(base: nn.Module, path: Path) -> tuple[EarlyExitModel, dict[str, Any]]:
-    """``base``: a model of the same architecture (e.g. the dense model); its weights are replaced."""
-    model = EarlyExitModel(base)
+def load_early_exit(
+    base: nn.Module, path: Path, structure: Structure | None = None
+) -> tuple[EarlyExitModel, dict[str, Any]]:
+    """``base``: a model of the same architecture (e.g. the dense model, or the pruned model of
+    ``structure``); its weights are replaced."""
+    model = EarlyExitModel(base, structure)
     load_model(model, str(path / "early_exit.safetensors"))
     return model.eval(), json.loads((path / "early_exit.json").read_text())
 

@@ -201,3 +201,46 @@ def test_intermediate_exits_read_the_mean_of_the_real_tokens():
     torch.testing.assert_close(pad, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain[0], want, atol=1e-5, rtol=0)
     assert not ee.heads[-1].mean_pool
+
+
+def _pruned_tiny():
+    """A tiny BERT physically pruned to uneven layers, one of them removed, and its structure."""
+    from dynprune.eval.physical import physically_prune
+    from dynprune.eval.structure import Structure
+
+    model = tiny_model("bert", layers=4, num_labels=3)
+    fm = static_flops_model(model)
+    ffn = fm.ffn_dim
+    structure = Structure.from_indices(
+        heads=[[0, 1], [], [1], [0, 1]],
+        neurons=[list(range(ffn // 2)), [], list(range(0, ffn, 3)), list(range(5))],
+        layers=[True, False, True, True],
+    )
+    pruned = physically_prune(model, structure.heads, structure.neurons, structure.layers)
+    return pruned, structure, fm
+
+
+def test_exits_on_a_pruned_model_cost_its_kept_units():
+    pruned, structure, fm = _pruned_tiny()
+    ee = EarlyExitModel(pruned, structure).eval()
+    assert ee.n_exits == 3  # one exit per kept layer
+    batch = tiny_batch(batch=6, seq=11, padded=False)
+    with torch.no_grad():
+        want = pruned(**batch).logits
+    res = ee.infer(batch, float("inf"), fm)  # every row runs the whole pruned model
+    torch.testing.assert_close(res.logits, want, rtol=1e-5, atol=1e-5)
+    # the last exit costs what the pruned model costs, plus the two earlier exit heads
+    assert res.flops[0].item() == pytest.approx(structure.flops(fm, 11) + 2 * fm.task_head(11))
+    conf = _confidences(ee, batch)
+    threshold = float(np.median(conf[:-1]))
+    expect = exits_at(conf, threshold)
+    assert len(set(expect.tolist())) > 1
+    res = ee.infer(batch, threshold, fm)
+    assert res.flops.numpy() == pytest.approx(ee.exit_costs(fm, 11)[expect - 1])
+    assert _counted(lambda: ee.infer(batch, threshold, fm)) == pytest.approx(float(res.flops.sum()), rel=1e-6)
+
+
+def test_a_structure_that_does_not_fit_the_model_is_refused():
+    _, structure, _ = _pruned_tiny()
+    with pytest.raises(ValueError, match="keeps 3 layers, the model has 4"):
+        EarlyExitModel(tiny_model("bert", layers=4, num_labels=3), structure)

@@ -59,10 +59,11 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
     done_first = {p.name for p in (out / "points").glob("*.json")}
     assert done_first == {
         "dense@1_s0.json",
-        *(f"{m}@{b}_s0.json" for m in ("dynamic", "static_gates", "early_exit", "ln_structured", "random")
+        *(f"{m}@{b}_s0.json"
+          for m in ("dynamic", "static_gates", "early_exit", "static_early_exit", "ln_structured", "random")
           for b in (0.3, 0.5)),
     }  # fmt: skip
-    assert len(_rows(out)) == 11  # the CSV is rewritten after every point
+    assert len(_rows(out)) == 13  # the CSV is rewritten after every point
     before = {name: (out / "points" / name).read_bytes() for name in done_first}
     assert crash.calls[-1] == ("search", 0.3)
 
@@ -101,6 +102,13 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         assert (
             sum(ee["exit_share"]) == pytest.approx(1.0) and ee["finetune_steps"] == 4
         )  # 2 steps x 2 budgets
+        # width from the static control (2 x the budget, at most its top trained budget), depth from exits
+        see = json.loads((out / "points" / f"static_early_exit@{b}_s0.json").read_text())
+        width = min(2 * b, 0.8)
+        assert see["static_width"] == pytest.approx(width) and see["finetune_steps"] == 4
+        assert (tmp_path / "work" / "models" / f"static_gates@{width:g}_s0" / "config.json").is_file()
+        assert see["calibration_flops_ratio"] <= b and float(see["flops_ratio_p95"]) <= width + 0.05
+        assert len(see["exit_share"]) == sum(1 for part in see["structure"].split() if part != "-")
         for m in ("ln_structured", "iterative", "search", "random", "static_gates"):
             r = by[m, b]
             assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
@@ -174,6 +182,7 @@ def test_changed_settings_do_not_mix_with_finished_points(tiny_run, tmp_path, ca
         (["--budgets=[0.1]"], "outside the range the gated models were trained for"),
         (["--finetune.stepz=3"], "finetune"),
         (["--timing.repeats=0"], "timing.repeats"),
+        (["--early_exit.width_factor=0.5"], "early_exit.width_factor must be >= 1"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tiny_run, tmp_path, capsys, extra, message):
@@ -306,3 +315,13 @@ def test_shipped_sweep_config_parses_in_both_modes():
     assert {"static_gates", "early_exit", "dynamic"} <= set(quick.methods)
     assert quick.finetune.steps is None and quick.finetune.match == cfg.finetune.match
     assert quick.contender_seeds == [0] and "indicative only" in quick.indicative
+
+
+def test_thresholds_fitted_on_the_evaluation_inputs_land_the_mean_there(tiny_run, tmp_path):
+    args = _args(tiny_run, tmp_path, "--methods=[dense,early_exit]", "--budgets=[0.5]")
+    assert sweep_mod.main([*args, "--early_exit.calibration_split=evaluation"]) == 0
+    ee = json.loads((tmp_path / "out" / "points" / "early_exit@0.5_s0.json").read_text())
+    # the same inputs in the same batches: the executed mean FLOPs is the calibrated one
+    assert ee["calibration_examples"] == 24
+    assert float(ee["flops_ratio"]) == pytest.approx(ee["calibration_flops_ratio"], rel=1e-9)
+    assert "evaluation inputs' mean FLOPs" in ee["notes"]

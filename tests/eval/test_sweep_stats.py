@@ -125,6 +125,35 @@ def test_goals_pick_the_best_static_method_and_count_seeds():
     assert "n/a" in missing.line()
 
 
+def test_goals_judge_the_best_dynamic_mode_and_name_it():
+    rng = np.random.default_rng(1)
+    n = 400
+    truth = rng.random(n) < 0.8
+
+    def noisy(p, seed):
+        r = np.random.default_rng(seed).random(n)
+        return np.where(r < p, truth, ~truth)
+
+    pts = [_point("dense", 1.0, 0, truth)]
+    for s in range(3):
+        pts += [
+            _point("dynamic", 0.25, s, noisy(0.7, s)),  # behind static gates
+            _point("static_gates", 0.25, s, noisy(0.85, 10 + s)),
+            _point("early_exit", 0.25, s, noisy(0.8, 20 + s)),
+            _point("static_early_exit", 0.25, s, noisy(0.97, 30 + s)),  # ahead of both
+            _point("dynamic", 0.5, s, noisy(0.99, 40 + s)),
+            _point("static_early_exit", 0.5, s, noisy(0.9, 50 + s)),
+        ]
+    beat, ee, dense = goals(pts, StatsConfig(resamples=1000))
+    assert beat.text.startswith("dynamic mode static_early_exit beats the best static method")
+    assert beat.detail.startswith("static_early_exit") and beat.verdict().startswith("MET")
+    assert ee.text.startswith("dynamic mode static_early_exit beats early_exit") and ee.estimate > 0
+    assert dense.text.startswith("dynamic within")  # at 50 % the router has the higher mean
+    # without the combined mode the router is judged, and it misses
+    alone = goals([p for p in pts if p["method"] != "static_early_exit"], StatsConfig(resamples=1000))
+    assert alone[0].text.startswith("dynamic beats") and alone[0].estimate < 0
+
+
 def test_flops_goal_lines():
     rows = [{"method": "early_exit", "budget": 0.25, "flops_ratio": 0.246, "flops_ratio_p5": 0.19,
              "flops_ratio_p95": 0.6},
