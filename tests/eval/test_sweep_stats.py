@@ -89,15 +89,19 @@ def test_verdicts_say_only_what_the_interval_supports(estimate, low, high, expec
     assert few.verdict() == "no verdict: dynamic has 1 seed(s) < 3"
 
 
-def test_goals_pick_the_best_static_method_and_count_seeds():
-    rng = np.random.default_rng(1)
-    n = 400
-    truth = rng.random(n) < 0.8
+def _truth_and_noisy(n: int = 400):
+    """Ground truth for n examples and ``noisy(p, seed)``: a method right on each with probability p."""
+    truth = np.random.default_rng(1).random(n) < 0.8
 
     def noisy(p, seed):
         r = np.random.default_rng(seed).random(n)
         return np.where(r < p, truth, ~truth)
 
+    return truth, noisy
+
+
+def test_goals_pick_the_best_static_method_and_count_seeds():
+    truth, noisy = _truth_and_noisy()
     pts = [_point("dense", 1.0, 0, truth)]
     for s in range(3):
         pts += [
@@ -126,14 +130,7 @@ def test_goals_pick_the_best_static_method_and_count_seeds():
 
 
 def test_goals_judge_the_best_dynamic_mode_and_name_it():
-    rng = np.random.default_rng(1)
-    n = 400
-    truth = rng.random(n) < 0.8
-
-    def noisy(p, seed):
-        r = np.random.default_rng(seed).random(n)
-        return np.where(r < p, truth, ~truth)
-
+    truth, noisy = _truth_and_noisy()
     pts = [_point("dense", 1.0, 0, truth)]
     for s in range(3):
         pts += [
