@@ -54,7 +54,7 @@ def main() -> None:
             ),
         ]
     )
-    write_outputs(cfg, points, header, NOTES)
+    write_outputs(cfg, points, header, NOTES + args.note)
     (args.out / "sweep_config.yaml").write_text((args.sweeps[0] / "sweep_config.yaml").read_text())
     print(json.dumps({"points": len(points), "seeds": seeds, "out": str(args.out)}))
 
