@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("sweeps", type=Path, nargs="+")
     ap.add_argument("--title", default="merged sweeps")
+    ap.add_argument("--note", action="append", default=[], help="an extra line for the summary's notes")
     ap.add_argument(
         "--indicative", help="the label of comparisons without verdicts (default: the first sweep's)"
     )
