@@ -228,27 +228,35 @@ class LayerParts:
 
 
 @dataclass
-class ModelParts:
-    """Everything dynprune needs from a supported model, resolved once.
-
-    ``n_heads`` counts head *units* (KV groups under GQA, see module docstring);
-    ``heads_per_unit`` query heads of ``head_dim`` share each unit's K and V.
-    """
+class LayerStack:
+    """A model's backbone, embeddings and layer list, whatever the layers' widths (a physically
+    pruned model has uneven layers: :func:`resolve` refuses it, early exit runs on it)."""
 
     spec: ArchSpec
     backbone: nn.Module
     embeddings: nn.Module
     layers: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class ModelParts(LayerStack):
+    """Everything dynprune needs from a supported model, resolved once: its layer stack plus each
+    layer's parts and the (uniform) widths.
+
+    ``n_heads`` counts head *units* (KV groups under GQA, see module docstring);
+    ``heads_per_unit`` query heads of ``head_dim`` share each unit's K and V.
+    """
+
     parts: list[LayerParts]
     hidden: int
     n_heads: int
     head_dim: int
     ffn_dim: int
     heads_per_unit: int = 1
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.parts)
 
     @property
     def n_query_heads(self) -> int:
@@ -309,21 +317,6 @@ def layer_parts(model: nn.Module) -> list[LayerParts]:
     layers = get_attr_path(backbone, spec.layers)
     hidden = int(model.config.hidden_size)  # type: ignore[union-attr]
     return [_layer_parts(layer, spec, hidden) for layer in layers]  # type: ignore[union-attr]
-
-
-@dataclass
-class LayerStack:
-    """A model's backbone, embeddings and layer list, whatever the layers' widths (a physically
-    pruned model has uneven layers: :func:`resolve` refuses it, early exit runs on it)."""
-
-    spec: ArchSpec
-    backbone: nn.Module
-    embeddings: nn.Module
-    layers: nn.ModuleList
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
 
 
 def layer_stack(model: nn.Module) -> LayerStack:

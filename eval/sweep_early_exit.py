@@ -61,7 +61,7 @@ def trained_early_exit(
         model, info = load_early_exit(model, path, structure)
     else:
         model = EarlyExitModel(model, structure)
-        info = finetune(ctx, model, ctx.grid_steps, f"{name}", seed=seed, objective=EarlyExitObjective)
+        info = finetune(ctx, model, ctx.grid_steps, name, seed=seed, objective=EarlyExitObjective)
         save_early_exit(model, path, info)  # a crash after this point never repeats the fine-tune
     for p in model.parameters():
         p.requires_grad_(False)
