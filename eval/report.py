@@ -28,7 +28,7 @@ COLUMNS = [
 
 METHODS = (
     "dense", "dynamic", "magnitude", "ln_structured", "iterative", "static_gates", "search", "random",
-    "early_exit", "static_early_exit",
+    "early_exit", "static_early_exit", "static_gates_ft",
 )  # fmt: skip
 
 STYLE = {
@@ -42,6 +42,7 @@ STYLE = {
     "random": dict(color="tab:olive", marker="P", linestyle="--"),
     "early_exit": dict(color="tab:orange", marker="X", linewidth=2.0),
     "static_early_exit": dict(color="tab:brown", marker="h", linewidth=2.0),
+    "static_gates_ft": dict(color="tab:green", marker="^", linestyle="--"),
 }
 
 

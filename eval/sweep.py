@@ -10,7 +10,7 @@ writes, in ``output_dir``:
                        correctness for paired comparisons; written atomically)
     sweep_config.yaml  the resolved config
 
-The contenders (dynamic, static_gates, early_exit, static_early_exit) run for every seed in
+The contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft) run for every seed in
 ``seeds``; the classic methods and dense once (``seed``). A finished point is never recomputed: a re-run (after a crash or Ctrl-C)
 reads ``points/`` and continues with the rest; fine-tuned models are cached in
 ``work_dir`` as soon as they exist. A re-run with settings that change what a
@@ -54,6 +54,7 @@ COST_ORDER = (
     "static_gates",
     "early_exit",
     "static_early_exit",
+    "static_gates_ft",
     "ln_structured",
     "random",
     "search",
@@ -151,11 +152,13 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     """Every check that can fail before the long work starts."""
     run = TrainingRun.open(cfg.training_dir)
     _check_stages(run, {"dense": run.dense_dir})
-    gated_methods = [m for m in ("dynamic", "static_gates", "static_early_exit") if m in cfg.methods]
+    gated_methods = [
+        m for m in ("dynamic", "static_gates", "static_early_exit", "static_gates_ft") if m in cfg.methods
+    ]
     for seed in cfg.contender_seeds if gated_methods else []:
         r = seed_run(cfg, run, seed)
         need = {"gated": r.gated_dir} if "dynamic" in gated_methods else {}
-        if "static_gates" in gated_methods or "static_early_exit" in gated_methods:
+        if {"static_gates", "static_early_exit", "static_gates_ft"} & set(gated_methods):
             need["static"] = r.static_dir
         _check_stages(r, need)
         if "dynamic" in gated_methods and cfg.budget_mode == "mean":
@@ -346,6 +349,8 @@ NOTES = [
     "x the target, at most the static control's largest trained budget) and calibrates them down to the "
     "target mean: width from the static control, depth from the input. Its exits are fine-tuned like "
     "`early_exit`'s, on top of the static control's own training (so it has had both runs' steps).",
+    "`static_gates_ft` is the equal-steps control of those two: the `static_gates` export fine-tuned for the "
+    "same extra steps (labels + distillation, no exits). It counts as a static method in the goals.",
     "Goals: paired bootstrap over the evaluation examples of the seed-averaged per-example correctness "
     "(dynprune.eval.sweep_stats); MET needs the estimate at the goal and the interval clear of the null "
     "value, NOT SHOWN = estimate at the goal but not significant, no verdict with too few seeds.",

@@ -189,8 +189,8 @@ class SweepConfig:
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     # The classic methods' seed (fine-tuning order, random units, search) and the timing inputs' draw
     seed: int = 0
-    # Seeds of the contenders (dynamic, static_gates, early_exit); null = [seed]. For dynamic and
-    # static_gates a seed is a training run: training_dir for its own seed, seed_training_dir otherwise
+    # Seeds of the contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft);
+    # null = [seed]. For dynamic and static_gates a seed is a training run: training_dir for its own seed, seed_training_dir otherwise
     seeds: list[int] | None = None
     # The training run of a contender seed other than training_dir's own ({training_dir}, {seed} filled in)
     seed_training_dir: str = "{training_dir}_seed{seed}"

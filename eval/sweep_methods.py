@@ -11,8 +11,9 @@ over per-layer keep ratios) and ``random`` (random units, ln_structured's
 per-layer counts); ``early_exit`` (a classifier after every layer, calibrated confidence
 threshold, :mod:`dynprune.eval.sweep_early_exit`); ``static_early_exit`` (width from the
 static control, depth from exits: the static_gates model at a wider budget with exits calibrated
-down to the target mean). Every point function is
-``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit)
+down to the target mean); ``static_gates_ft`` (static_gates fine-tuned for the exits' extra steps,
+no exits: their equal-steps control, :mod:`dynprune.eval.sweep_static_gates`). Every point function is
+``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft)
 use ``seed`` (a training run per seed for the first two), the classic methods run
 once with the sweep's ``seed``. Every static method's model is exported as a smaller HF
 directory (sparse for magnitude) and the *reloaded export* is what is
@@ -49,7 +50,7 @@ from dynprune.eval.sweep_context import SweepContext, dynamic_budget, finetune
 from dynprune.eval.sweep_stats import encode_correct
 from dynprune.eval.timing import materialize
 from dynprune.train.data import model_inputs
-from dynprune.train.evaluation import collect, summarize
+from dynprune.train.evaluation import collect
 from torch import nn
 
 import dynprune
@@ -237,41 +238,6 @@ def point_dynamic(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]
     return row
 
 
-def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
-    run = ctx.run_for(seed)
-    return _static_point(
-        ctx,
-        "static_gates",
-        budget,
-        static_gates_build(ctx, budget, seed),
-        {"training_run": str(run.root)},
-        seed=seed,
-    )
-
-
-def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
-    """``build()`` of the static_gates model at ``budget``: the seed's static control frozen to its
-    most common mask and physically pruned."""
-    run = ctx.run_for(seed)
-
-    def build():
-        gated, _ = dynprune.load_gated_model(run.static_dir)
-        rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
-        gated_acc = summarize(rec)["accuracy"]
-        structure, share = _frozen(gated, rec, ctx)
-        plain = dynprune.unwrap(gated)
-        info = {
-            "steps": run.stage_steps("static") or 0,
-            "notes": (
-                f"input-independent router frozen to its most common mask ({share:.0%} of inputs; masks "
-                f"differ only through sequence length); gated-model accuracy {gated_acc:.4f}"
-            ),
-        }
-        return _prune(plain, structure), structure, info
-
-    return build
-
-
 def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
     p = gated.parts
     return frozen_structure(
@@ -429,7 +395,8 @@ POINTS = {
     "magnitude": point_magnitude,
     "ln_structured": point_ln_structured,
     "iterative": point_iterative,
-    "static_gates": point_static_gates,
+    "static_gates": lambda ctx, budget, seed: _static_gates(ctx, budget, seed),
+    "static_gates_ft": lambda ctx, budget, seed: _static_gates(ctx, budget, seed, finetuned=True),
     "search": point_search,
     "random": point_random,
     "early_exit": lambda ctx, budget, seed: _early_exit(ctx, budget, seed),
@@ -447,3 +414,9 @@ def _static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str,
     from dynprune.eval.sweep_early_exit import point_static_early_exit
 
     return point_static_early_exit(ctx, budget, seed)
+
+
+def _static_gates(ctx: SweepContext, budget: float, seed: int, finetuned: bool = False) -> dict[str, Any]:
+    from dynprune.eval.sweep_static_gates import point_static_gates, point_static_gates_ft
+
+    return (point_static_gates_ft if finetuned else point_static_gates)(ctx, budget, seed)

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-CONTENDERS = ("dynamic", "static_gates", "early_exit", "static_early_exit")
+CONTENDERS = ("dynamic", "static_gates", "early_exit", "static_early_exit", "static_gates_ft")
 # Our dynamic modes: the goals compare the best of them (by mean accuracy at the goal's budget)
 ADAPTIVE = ("dynamic", "static_early_exit")
 # Static methods "best static" is chosen from (magnitude saves no executed FLOPs, see notes).
-STATIC_STRUCTURED = ("ln_structured", "iterative", "static_gates", "search", "random")
+STATIC_STRUCTURED = ("ln_structured", "iterative", "static_gates", "static_gates_ft", "search", "random")
 GOAL_BUDGET = 0.25
 GOAL_MARGIN_PT = 1.0
 MOONSHOT_PT = 3.0

@@ -5,7 +5,7 @@ one output directory and write its sweep.csv, summary.md and pareto.png with the
 
 The first sweep's sweep_config.yaml gives the settings (methods, statistics, indicative label);
 the contender seeds become the union of the merged points' seeds. Points other than the sweep's
-methods (e.g. scripts/static_finetuned_control.py's) are copied to OUT/points but not tabled.
+methods are copied to OUT/points but not tabled.
 """
 
 from __future__ import annotations

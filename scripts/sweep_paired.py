@@ -87,7 +87,7 @@ def main() -> None:
             pairs += [(mode, "static_gates")] + ([(mode, best)] if best and best != "static_gates" else [])
             pairs += [(mode, "early_exit")]
         pairs += [("static_gates", "early_exit"), ("static_early_exit", "dynamic")]
-        # scripts/static_finetuned_control.py: static_gates with static_early_exit's extra steps, no exits
+        # static_gates_ft: static_gates with static_early_exit's extra steps, no exits (the equal-steps control)
         pairs += [("static_early_exit", "static_gates_ft"), ("static_gates_ft", "static_gates")]
         for a, c in pairs:
             row = compare(pts, a, c, b)

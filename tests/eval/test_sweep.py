@@ -60,10 +60,11 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
     assert done_first == {
         "dense@1_s0.json",
         *(f"{m}@{b}_s0.json"
-          for m in ("dynamic", "static_gates", "early_exit", "static_early_exit", "ln_structured", "random")
+          for m in ("dynamic", "static_gates", "early_exit", "static_early_exit", "static_gates_ft",
+                    "ln_structured", "random")
           for b in (0.3, 0.5)),
     }  # fmt: skip
-    assert len(_rows(out)) == 13  # the CSV is rewritten after every point
+    assert len(_rows(out)) == 15  # the CSV is rewritten after every point
     before = {name: (out / "points" / name).read_bytes() for name in done_first}
     assert crash.calls[-1] == ("search", 0.3)
 
@@ -109,7 +110,14 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         assert (tmp_path / "work" / "models" / f"static_gates@{width:g}_s0" / "config.json").is_file()
         assert see["calibration_flops_ratio"] <= b and float(see["flops_ratio_p95"]) <= width + 0.05
         assert len(see["exit_share"]) == sum(1 for part in see["structure"].split() if part != "-")
-        for m in ("ln_structured", "iterative", "search", "random", "static_gates"):
+        # the equal-steps control: the same static_gates export, fine-tuned the exits' extra steps
+        ft = json.loads((out / "points" / f"static_gates_ft@{b}_s0.json").read_text())
+        assert ft["finetune_steps"] == see["finetune_steps"] == 4
+        assert ft["structure"] == by["static_gates", b]["structure"]
+        assert f"static_gates@{b:g}_s0" in ft["notes"]
+        static = json.loads((out / "points" / f"static_gates@{b}_s0.json").read_text())
+        assert ft["loss"] != pytest.approx(static["loss"], rel=1e-6)  # the fine-tune moved the weights
+        for m in ("ln_structured", "iterative", "search", "random", "static_gates", "static_gates_ft"):
             r = by[m, b]
             assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
             assert int(r["params"]) < int(by["dense", 1.0]["params"])

@@ -151,6 +151,23 @@ def test_goals_judge_the_best_dynamic_mode_and_name_it():
     assert alone[0].text.startswith("dynamic beats") and alone[0].estimate < 0
 
 
+def test_the_equal_steps_control_is_a_static_method_the_goal_is_judged_against():
+    truth, noisy = _truth_and_noisy()
+    pts = [_point("dense", 1.0, 0, truth)]
+    for s in range(3):
+        pts += [
+            _point("static_gates", 0.25, s, noisy(0.7, 10 + s)),  # under-trained
+            _point("static_early_exit", 0.25, s, noisy(0.9, 30 + s)),
+            _point("static_gates_ft", 0.25, s, noisy(0.9, 60 + s)),  # the same extra steps, no exits
+        ]
+    assert best_static(pts, 0.25) == "static_gates_ft"
+    beat = goals(pts, StatsConfig(resamples=1000))[0]
+    assert "vs static_gates_ft" in beat.detail and not beat.verdict().startswith("MET")
+    # without the control, the under-trained static gates make the composed mode look ahead
+    without = goals([p for p in pts if p["method"] != "static_gates_ft"], StatsConfig(resamples=1000))[0]
+    assert without.verdict().startswith("MET")
+
+
 def test_flops_goal_lines():
     rows = [{"method": "early_exit", "budget": 0.25, "flops_ratio": 0.246, "flops_ratio_p5": 0.19,
              "flops_ratio_p95": 0.6},

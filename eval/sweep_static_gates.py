@@ -1,0 +1,77 @@
+"""The sweep's ``static_gates`` points and their equal-steps control ``static_gates_ft``.
+
+``static_gates``: the seed's static control (the training run's input-independent router) frozen
+to its most common mask at the budget, physically pruned, exported and measured.
+
+``static_gates_ft``: that same export fine-tuned for :attr:`SweepContext.grid_steps` more steps
+(labels + distillation, no exits), then exported and measured. ``static_early_exit`` and
+``early_exit`` get those extra steps on top of what their base model had; without this control a
+gain over ``static_gates`` cannot be told apart from the extra training (on the quick recipes it
+was all extra training: results/news20/static_early_exit/). It counts as a static method, so the
+goals' "best static method" includes it when it ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dynprune.eval.sweep_context import SweepContext, finetune
+from dynprune.eval.sweep_methods import _frozen, _prune, _static_point, load_static_export, static_export
+from dynprune.train.evaluation import collect, summarize
+
+import dynprune
+
+
+def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    run = ctx.run_for(seed)
+    return _static_point(
+        ctx,
+        "static_gates",
+        budget,
+        static_gates_build(ctx, budget, seed),
+        {"training_run": str(run.root)},
+        seed,
+    )
+
+
+def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
+    """``build()`` of the static_gates model at ``budget``: the seed's static control frozen to its
+    most common mask and physically pruned."""
+    run = ctx.run_for(seed)
+
+    def build():
+        gated, _ = dynprune.load_gated_model(run.static_dir)
+        rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
+        gated_acc = summarize(rec)["accuracy"]
+        structure, share = _frozen(gated, rec, ctx)
+        plain = dynprune.unwrap(gated)
+        info = {
+            "steps": run.stage_steps("static") or 0,
+            "notes": (
+                f"input-independent router frozen to its most common mask ({share:.0%} of inputs; masks "
+                f"differ only through sequence length); gated-model accuracy {gated_acc:.4f}"
+            ),
+        }
+        return _prune(plain, structure), structure, info
+
+    return build
+
+
+def point_static_gates_ft(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    """The static_gates export at ``budget`` (built if missing) fine-tuned for the grid's steps."""
+    run = ctx.run_for(seed)
+    base, _ = static_export(ctx, "static_gates", budget, static_gates_build(ctx, budget, seed), seed)
+
+    def build():
+        model, structure = load_static_export(base)
+        info = finetune(ctx, model, ctx.grid_steps, f"static_gates_ft@{budget:g} s{seed}", seed=seed)
+        steps = int(info.get("steps", 0))
+        info["notes"] = (
+            f"static_gates export {base} fine-tuned {steps} more steps (labels + distillation, no exits): "
+            f"the equal-steps control of early_exit / static_early_exit"
+        )
+        return model, structure, info
+
+    row = _static_point(ctx, "static_gates_ft", budget, build, {"training_run": str(run.root)}, seed)
+    row["static_control_steps"] = run.stage_steps("static") or 0
+    return row
