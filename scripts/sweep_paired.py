@@ -89,7 +89,7 @@ def main() -> None:
         pairs += [("static_gates", "early_exit"), ("static_early_exit", "dynamic")]
         # static_gates_ft: static_gates with static_early_exit's extra steps, no exits (the equal-steps control)
         pairs += [("static_early_exit", "static_gates_ft"), ("static_gates_ft", "static_gates")]
-        for a, c in pairs:
+        for a, c in dict.fromkeys(pairs):  # in order, each pair once (the best static may be the control)
             row = compare(pts, a, c, b)
             if row:
                 lines.append(row)
