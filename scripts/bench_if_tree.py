@@ -6,9 +6,8 @@ ratio (interleaved blocks, medians):
 
 1. **If nodes**: the If-tree layers vs the sliced layers, the same count vector over and over.
 2. **Switching count vectors**: the If tree cycling through K count vectors (each of the same total
-   units, so the same FLOPs) vs each of those vectors repeated. Every (layer, kind, count) leaf
-   holds its own copy of the weights, so a router that changes counts from call to call reads
-   weights that are not in cache.
+   units, so the same FLOPs) vs each of those vectors repeated: what a router whose counts change
+   from call to call pays over one whose counts repeat.
 3. **Routing**: the exported front (embeddings, router, selection, head; the layers replaced by
    an identity) vs the same front given the counts (no routing nodes).
 

@@ -263,3 +263,38 @@ def test_bad_engine_options_are_refused_at_construction(options, message):
     gated = dynprune.wrap(tiny_model("bert", layers=2), GateConfig(ffn_slice_size=16)).eval()
     with pytest.raises(ValueError, match=message):
         FastEncoder(gated, **options)
+
+
+@pytest.mark.parametrize("heads", [5, 12])
+def test_every_count_runs_exactly_the_sliced_layers(heads):
+    """The If tree at every (heads, slices) count, for an odd and an even number of units, equals the
+    sliced layers of exactly those units (no If), skipped layers included."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dynprune.exec.onnx_pieces import gated_layers_model, sliced_layers_model
+
+    model = tiny_model("bert", layers=2, heads=heads, hidden=12 * heads, ffn=24 * heads)
+    gated = dynprune.wrap(model, GateConfig(ffn_slice_size=24)).eval()
+    layers = FastEncoder(gated).layers
+    weights = layers.weights(layers.layers)
+    tree = ort.InferenceSession(gated_layers_model(weights, 24, True).SerializeToString())
+    x = np.random.default_rng(0).standard_normal((1, 6, 12 * heads)).astype(np.float32)
+    mask = np.ones((1, 6), np.int32)
+    for h in range(heads + 1):
+        for s in range(heads + 1):
+            counts = [(1, h, s), (int((h + s) % 3 > 0), s, h)]
+            feed = {"x": x, "mask": mask}
+            for j, (keep, hj, sj) in enumerate(counts):
+                feed |= {
+                    f"l{j}_keep": np.array(bool(keep)),
+                    f"l{j}_heads": np.array(hj),
+                    f"l{j}_slices": np.array(sj),
+                }
+            sliced = ort.InferenceSession(sliced_layers_model(weights, 24, counts).SerializeToString())
+            np.testing.assert_allclose(
+                tree.run(None, feed)[0],
+                sliced.run(None, {"x": x, "mask": mask})[0],
+                atol=1e-5,
+                err_msg=str(counts),
+            )
