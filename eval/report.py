@@ -64,21 +64,34 @@ def plot_pareto(
     goal_lines: Sequence[str] = (),
     goal: tuple[float, str, float] | None = None,
 ) -> Path:
-    """Write the three-panel Pareto plot (see module docstring). ``rows``: one per (method, budget),
-    seeds averaged (``accuracy_std`` for the error bars); ``goal``: (budget, best static method, its
-    accuracy) to draw the accuracy goal's target mark."""
+    """Write the Pareto plot (see module docstring; a speed panel only when some method was timed).
+    ``rows``: one per (method, budget), seeds averaged (``accuracy_std`` for the error bars); ``goal``:
+    (budget, best static method, its accuracy) to draw the accuracy goal's target mark. Returns the
+    path written."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from dynprune.eval.sweep_stats import GOAL_MARGIN_PT
 
-    panels = [
-        ("flops_ratio", "executed mean FLOPs / dense FLOPs (lower = cheaper)"),
-        ("speedup_bs1", "measured speedup vs dense, batch 1 (higher = faster)"),
-        ("speedup_bs16", "measured speedup vs dense, batch 16 (higher = faster)"),
+    panels = [("flops_ratio", "executed mean FLOPs / dense FLOPs (lower = cheaper)")] + [
+        (key, label)
+        for key, label in (
+            ("speedup_bs1", "measured speedup vs dense, batch 1 (higher = faster)"),
+            ("speedup_bs16", "measured speedup vs dense, batch 16 (higher = faster)"),
+        )
+        if any(_num(r, key) is not None for r in rows if r.get("method") != "dense")
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6.6 + 0.25 * len(goal_lines)), sharey=True)
+    width = max(10.0, 6.3 * len(panels))
+    heading = []
+    for line in ([title] if title else []) + list(goal_lines):  # wrapped: ~14 characters per inch at size 9
+        heading += textwrap.wrap(line, int(14 * width), subsequent_indent="    ")
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width, 6.6 + 0.16 * len(heading)), sharey=True, squeeze=False
+    )
+    axes = axes[0]
     dense = next((r for r in rows if r.get("method") == "dense"), None)
     dense_acc = _num(dense, "accuracy") if dense else None
     for ax, (key, label) in zip(axes, panels):
@@ -139,8 +152,7 @@ def plot_pareto(
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), mean ± std over seeds")
-    head = title + "\n" if title else ""
-    fig.suptitle(head + "\n".join(goal_lines), fontsize=9)
+    fig.suptitle("\n".join(heading), fontsize=9)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,14 @@ def goal_lines(cfg: SweepConfig, rows: list[dict[str, Any]]) -> list[str]:
     return lines + flops_lines(agg, indicative=cfg.indicative) + speed_lines(agg)
 
 
-def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: str, notes: list[str]) -> None:
+def write_outputs(
+    cfg: SweepConfig,
+    points: dict[str, dict[str, Any]],
+    header: str,
+    notes: list[str],
+    title: str | None = None,
+) -> None:
+    """sweep.csv, pareto.png (titled ``title``, default: the training run) and summary.md of ``points``."""
     out = Path(cfg.output_dir)
     rows = ordered_rows(points, cfg)
     agg = aggregate(rows)
@@ -274,7 +281,7 @@ def write_outputs(cfg: SweepConfig, points: dict[str, dict[str, Any]], header: s
         static = best_static(rows, b)
         mark = next((r for r in agg if r["method"] == static and abs(r["budget"] - b) < 1e-6), None)
         plot_pareto(
-            agg, out / "pareto.png", title=f"dynprune sweep: {cfg.training_dir} ({len(rows)} points)",
+            agg, out / "pareto.png", title=f"{title or f'dynprune sweep: {cfg.training_dir}'} ({len(rows)} points)",
             goal_lines=lines[:3], goal=None if mark is None else (b, static, mark["accuracy"]),
         )  # fmt: skip
     spent = sum(float(r.get("seconds") or 0) for r in rows)

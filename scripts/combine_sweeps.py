@@ -55,7 +55,7 @@ def main() -> None:
             ),
         ]
     )
-    write_outputs(cfg, points, header, NOTES + args.note)
+    write_outputs(cfg, points, header, NOTES + args.note, title=args.title)
     (args.out / "sweep_config.yaml").write_text((args.sweeps[0] / "sweep_config.yaml").read_text())
     print(json.dumps({"points": len(points), "seeds": seeds, "out": str(args.out)}))
 

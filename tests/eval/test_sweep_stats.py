@@ -187,3 +187,27 @@ def test_t_interval_is_the_student_interval_of_the_mean():
         mean == 2.0 and hi - mean == pytest.approx(4.303 / 3**0.5) and mean - lo == pytest.approx(hi - mean)
     )
     assert t_interval([0.5])[0] == 0.5 and all(v != v for v in t_interval([0.5])[1:])  # nan bounds
+
+
+def test_pareto_plot_leaves_out_speed_panels_nobody_timed_and_wraps_its_goal_lines(tmp_path):
+    import matplotlib.image
+    from dynprune.eval.report import plot_pareto
+
+    rows = [
+        {"method": "dense", "budget": 1.0, "flops_ratio": 1.0, "accuracy": 0.8, "speedup_bs1": 1.0},
+        {
+            "method": "static_gates",
+            "budget": 0.25,
+            "flops_ratio": 0.25,
+            "accuracy": 0.7,
+            "accuracy_std": 0.01,
+        },
+    ]
+    long_goal = "dynamic mode static_early_exit beats the best static method " * 6
+    untimed = plot_pareto(rows, tmp_path / "a.png", title="t", goal_lines=[long_goal])
+    timed = plot_pareto(
+        [*rows[:1], {**rows[1], "speedup_bs1": 2.5, "speedup_bs16": 3.0}], tmp_path / "b.png", title="t"
+    )
+    one, three = (matplotlib.image.imread(p).shape for p in (untimed, timed))
+    assert one[1] < 0.6 * three[1]  # one panel (dense's speedup of 1.0 by definition is not a timing)
+    assert one[0] > three[0]  # the long goal line was wrapped onto more lines, not cut off
