@@ -1,7 +1,8 @@
 """Sweep outputs: the CSV columns, ``pareto.png`` and the markdown summary.
 
-The plot has three panels — accuracy vs executed FLOPs ratio, vs measured
-speedup at batch 1, vs measured speedup at batch 16 — one line per method
+The plot has up to three panels — accuracy vs executed FLOPs ratio, vs measured
+speedup at batch 1, vs measured speedup at batch 16 (each speed panel only when some
+method was timed) — one line per method
 (mean over its seeds, error bars ± one std across seeds), dense as a star and
 a dashed line. The title carries the goal lines of
 :mod:`dynprune.eval.sweep_stats` (estimate, paired bootstrap interval, verdict
