@@ -356,8 +356,8 @@ NOTES = [
     "x the target, at most the static control's largest trained budget) and calibrates them down to the "
     "target mean: width from the static control, depth from the input. Its exits are fine-tuned like "
     "`early_exit`'s, on top of the static control's own training (so it has had both runs' steps).",
-    "`static_gates_ft` is the equal-steps control of those two: the `static_gates` export fine-tuned for the "
-    "same extra steps (labels + distillation, no exits). It counts as a static method in the goals.",
+    "`static_gates_ft` is the equal-steps control of `static_early_exit`: the `static_gates` export fine-tuned "
+    "for the same extra steps (labels + distillation, no exits). It counts as a static method in the goals.",
     "Goals: paired bootstrap over the evaluation examples of the seed-averaged per-example correctness "
     "(dynprune.eval.sweep_stats); MET needs the estimate at the goal and the interval clear of the null "
     "value, NOT SHOWN = estimate at the goal but not significant, no verdict with too few seeds.",

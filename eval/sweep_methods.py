@@ -132,7 +132,7 @@ def _mark(path: Path, info: dict[str, Any]) -> None:
     (path / DONE).write_text(json.dumps(info, indent=1))
 
 
-def _static_point(
+def static_point(
     ctx: SweepContext,
     method: str,
     budget: float,
@@ -186,7 +186,7 @@ def export_static_model(
     return {"stock_hf_loadable": e.stock_loadable, "why_not_stock": e.reason}
 
 
-def _prune(model: nn.Module, structure: Structure) -> nn.Module:
+def prune_physically(model: nn.Module, structure: Structure) -> nn.Module:
     return physically_prune(model, structure.heads, structure.neurons, structure.layers)
 
 
@@ -219,8 +219,8 @@ def point_dynamic(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]
     rec = collect(gated, ctx.eval_batches, budget=arg, keep_masks=True)
     stats = mask_stats(rec)
     # the same weights frozen to the most common mask: what input-adaptivity is worth here
-    structure, share = _frozen(gated, rec, ctx)
-    frozen = _prune(dynprune.unwrap(gated), structure)
+    structure, share = most_common_structure(gated, rec, ctx)
+    frozen = prune_physically(dynprune.unwrap(gated), structure)
     frozen_eval = evaluate_runner(ctx, StructureRunner(frozen, structure, ctx.fm, "dynamic frozen"))
     row.update(
         disk_bytes=weights_bytes(run.gated_dir),
@@ -238,7 +238,7 @@ def point_dynamic(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]
     return row
 
 
-def _frozen(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
+def most_common_structure(gated: dynprune.GatedModel, rec: Any, ctx: SweepContext) -> tuple[Structure, float]:
     p = gated.parts
     return frozen_structure(
         rec.head, rec.ffn, rec.layer, gated.head_perm.cpu(), gated.ffn_perm.cpu(),
@@ -279,11 +279,11 @@ def point_ln_structured(ctx: SweepContext, budget: float, seed: int) -> dict[str
         hs, ns = ln_scores(model, ctx.head_dim, ctx.cfg.structured.norm)
         h, n = _uniform(ctx, budget)
         structure = Structure.from_indices(top_units(hs, [h] * len(hs)), top_units(ns, [n] * len(ns)))
-        pruned = _prune(model, structure)
+        pruned = prune_physically(model, structure)
         info = finetune(ctx, pruned, ctx.finetune_steps, f"ln_structured@{budget:g}")
         return pruned, structure, info
 
-    return _static_point(ctx, "ln_structured", budget, build)
+    return static_point(ctx, "ln_structured", budget, build)
 
 
 def point_random(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
@@ -294,12 +294,12 @@ def point_random(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
         structure = random_units(
             ctx.fm.n_heads, ctx.fm.ffn_dim, [h] * layers, [n] * layers, seed=ctx.cfg.seed
         )
-        pruned = _prune(model, structure)
+        pruned = prune_physically(model, structure)
         info = finetune(ctx, pruned, ctx.finetune_steps, f"random@{budget:g}")
         info["notes"] = "random heads and FFN neurons with ln_structured's per-layer counts"
         return pruned, structure, info
 
-    return _static_point(ctx, "random", budget, build)
+    return static_point(ctx, "random", budget, build)
 
 
 def point_iterative(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
@@ -317,7 +317,7 @@ def point_iterative(ctx: SweepContext, budget: float, seed: int) -> dict[str, An
             new = select(current, hs, ns, [h] * layers, [n] * layers)
             if model is not full:
                 expand_into(full, model, current, ctx.head_dim)  # fine-tuned weights back in place
-            model = _prune(full, new)
+            model = prune_physically(full, new)
             current = new
             steps = steps_left // (rounds - r + 1)
             steps_left -= steps
@@ -332,13 +332,13 @@ def point_iterative(ctx: SweepContext, budget: float, seed: int) -> dict[str, An
         }
         return model, current, info
 
-    return _static_point(ctx, "iterative", budget, build)
+    return static_point(ctx, "iterative", budget, build)
 
 
 @torch.inference_mode()
 def calibration_score(ctx: SweepContext, structure: Structure) -> float:
     """KL(teacher || candidate) (or cross-entropy) on the calibration batches, lower is better."""
-    model = _prune(ctx.dense, structure)
+    model = prune_physically(ctx.dense, structure)
     total, n = 0.0, 0
     for batch, teacher in zip(ctx.calib_batches, ctx.calib_teacher):
         logits = model(**model_inputs(batch)).logits.float()
@@ -371,7 +371,7 @@ def point_search(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
             )  # fmt: skip
         search_s = time.perf_counter() - t0
         structure = result.best.structure
-        pruned = _prune(ctx.fresh_dense(), structure)
+        pruned = prune_physically(ctx.fresh_dense(), structure)
         info = finetune(ctx, pruned, ctx.finetune_steps, f"search@{budget:g}")
         first = min(c.score for c in result.history[: s.candidates])
         info.update(
@@ -386,7 +386,7 @@ def point_search(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
         )
         return pruned, structure, info
 
-    return _static_point(ctx, "search", budget, build)
+    return static_point(ctx, "search", budget, build)
 
 
 POINTS = {

@@ -4,9 +4,9 @@
 to its most common mask at the budget, physically pruned, exported and measured.
 
 ``static_gates_ft``: that same export fine-tuned for :attr:`SweepContext.grid_steps` more steps
-(labels + distillation, no exits), then exported and measured. ``static_early_exit`` and
-``early_exit`` get those extra steps on top of what their base model had; without this control a
-gain over ``static_gates`` cannot be told apart from the extra training (on the quick recipes it
+(labels + distillation, no exits), then exported and measured. ``static_early_exit`` gets those
+extra steps (its exit fine-tune) on top of the static control's training; without this control
+its gain over ``static_gates`` cannot be told apart from the extra training (on the quick recipes it
 was all extra training: results/news20/static_early_exit/). It counts as a static method, so the
 goals' "best static method" includes it when it ran.
 """
@@ -16,7 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from dynprune.eval.sweep_context import SweepContext, finetune
-from dynprune.eval.sweep_methods import _frozen, _prune, _static_point, load_static_export, static_export
+from dynprune.eval.sweep_methods import (
+    load_static_export,
+    most_common_structure,
+    prune_physically,
+    static_export,
+    static_point,
+)
 from dynprune.train.evaluation import collect, summarize
 
 import dynprune
@@ -24,7 +30,7 @@ import dynprune
 
 def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     run = ctx.run_for(seed)
-    return _static_point(
+    return static_point(
         ctx,
         "static_gates",
         budget,
@@ -43,7 +49,7 @@ def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
         gated, _ = dynprune.load_gated_model(run.static_dir)
         rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
         gated_acc = summarize(rec)["accuracy"]
-        structure, share = _frozen(gated, rec, ctx)
+        structure, share = most_common_structure(gated, rec, ctx)
         plain = dynprune.unwrap(gated)
         info = {
             "steps": run.stage_steps("static") or 0,
@@ -52,7 +58,7 @@ def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
                 f"differ only through sequence length); gated-model accuracy {gated_acc:.4f}"
             ),
         }
-        return _prune(plain, structure), structure, info
+        return prune_physically(plain, structure), structure, info
 
     return build
 
@@ -68,10 +74,10 @@ def point_static_gates_ft(ctx: SweepContext, budget: float, seed: int) -> dict[s
         steps = int(info.get("steps", 0))
         info["notes"] = (
             f"static_gates export {base} fine-tuned {steps} more steps (labels + distillation, no exits): "
-            f"the equal-steps control of early_exit / static_early_exit"
+            "the equal-steps control of static_early_exit"
         )
         return model, structure, info
 
-    row = _static_point(ctx, "static_gates_ft", budget, build, {"training_run": str(run.root)}, seed)
+    row = static_point(ctx, "static_gates_ft", budget, build, {"training_run": str(run.root)}, seed)
     row["static_control_steps"] = run.stage_steps("static") or 0
     return row
