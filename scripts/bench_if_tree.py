@@ -20,15 +20,16 @@ MiniLM with an untrained dynamic router (the graphs do not depend on the router'
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
+import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from dynprune.eval.report import machine_description
+from dynprune.eval.timing import time_blocks
 from transformers import AutoModelForSequenceClassification
 
 import dynprune
@@ -36,40 +37,26 @@ from dynprune.assets import minilm_path
 from dynprune.exec import engine_for
 from dynprune.exec.graph_surgery import keep_only
 from dynprune.exec.onnx_pieces import sliced_layers_model
+from dynprune.exec.ort_engine import SessionFactory
 from dynprune.routing import spendable
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()[:30])}
-    name = field.get("model name", platform.machine())
-    return f"{name} (family {field.get('cpu family', '?')}, model {field.get('model', '?')}), {os.cpu_count()} CPUs"
-
-
 def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    """An ORT session with the engine's thread settings, ORT's default spinning (time_blocks pauses)."""
+    return SessionFactory(threads, spinning="on")(model)
 
 
 def interleaved(variants: dict, rounds: int, calls: int) -> dict[str, float]:
-    """Median ms per call of each variant (a list of (session, feed) run in turn), blocks interleaved."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for runs in variants.values():  # warm-up
-        for _ in range(5):
-            for s, f in runs:
-                s.run(None, f)
-    for _ in range(rounds):
-        for name, runs in variants.items():
-            time.sleep(0.02)
-            t = time.perf_counter()
-            n = 0
-            while n < calls:
-                for s, f in runs:
-                    s.run(None, f)
-                    n += 1
-            times[name].append((time.perf_counter() - t) / n * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    """Median ms per call of each variant, a list of (session, feed) taken in turn, one per call
+    (eval.timing.time_blocks: interleaved blocks of ``calls`` calls, ``rounds`` rounds)."""
+
+    def cycle(runs: list) -> Any:
+        turn = itertools.cycle(runs)
+        return lambda: (lambda s, f: s.run(None, f))(*next(turn))
+
+    stats = time_blocks({k: cycle(v) for k, v in variants.items()}, warmup=5, repeats=rounds, block=calls,
+                        pause_s=0.02, inference=False)  # fmt: skip
+    return {k: v.median_ms for k, v in stats.items()}
 
 
 def layer_feed(x: np.ndarray, counts: list[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -195,7 +182,7 @@ def table(t: dict[str, float], seq: int, budget: float, vectors: int, threads: i
     lines = [
         f"# If tree vs sliced layers, switching count vectors, routing (MiniLM, 1 x {seq}, budget {budget})",
         "",
-        f"Machine: {cpu_name()}, {threads} threads, onnxruntime {ort.__version__}, torch {torch.__version__}; "
+        f"Machine: {machine_description()}; ORT {threads} threads, onnxruntime {ort.__version__}, torch {torch.__version__}; "
         f"`python scripts/bench_if_tree.py --seq {seq} --budget {budget} --vectors {vectors}` (interleaved "
         "blocks, medians).",
         "",
