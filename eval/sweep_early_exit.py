@@ -104,11 +104,11 @@ def point_static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict
     :func:`static_width` (the same export the static_gates point would build) gets an exit after
     each kept layer, is fine-tuned like ``early_exit`` (its own steps, on top of the static
     control's training) and is calibrated down to ``budget`` mean FLOPs."""
-    from dynprune.eval.sweep_methods import load_static_export, static_export
-    from dynprune.eval.sweep_static_gates import static_gates_build
+    from dynprune.eval.sweep_methods import load_static_export
+    from dynprune.eval.sweep_static_gates import static_gates_export
 
     width = static_width(ctx, budget)
-    path, _ = static_export(ctx, "static_gates", width, static_gates_build(ctx, width, seed), seed)
+    path = static_gates_export(ctx, width, seed)
     model, info = trained_early_exit(
         ctx, seed, f"static_early_exit@{width:g}_s{seed}", base=lambda: load_static_export(path)
     )

@@ -13,6 +13,7 @@ goals' "best static method" includes it when it ran.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dynprune.eval.sweep_context import SweepContext, finetune
@@ -63,10 +64,16 @@ def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
     return build
 
 
+def static_gates_export(ctx: SweepContext, budget: float, seed: int) -> Path:
+    """The directory of the static_gates export at ``budget`` for ``seed`` (built and cached if missing):
+    the base of ``static_gates_ft`` and of ``static_early_exit``."""
+    return static_export(ctx, "static_gates", budget, static_gates_build(ctx, budget, seed), seed)[0]
+
+
 def point_static_gates_ft(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     """The static_gates export at ``budget`` (built if missing) fine-tuned for the grid's steps."""
     run = ctx.run_for(seed)
-    base, _ = static_export(ctx, "static_gates", budget, static_gates_build(ctx, budget, seed), seed)
+    base = static_gates_export(ctx, budget, seed)
 
     def build():
         model, structure = load_static_export(base)
