@@ -44,8 +44,9 @@ def test_bench_cpu_smoke(tiny_dir, tmp_path, capsys):
         if r["mask_mode"] == "shared" or r["batch"] == "1":
             assert r["distinct_masks"] == "1"
             assert computed == pytest.approx(flops, rel=1e-9)  # one block per kind: no waste
+        # each of the three columns is rounded to 3 decimals: allow their rounding, nothing more
         assert float(r["ratio_to_ideal"]) == pytest.approx(
-            float(r["speedup"]) / float(r["ideal_speedup"]), rel=1e-3
+            float(r["speedup"]) / float(r["ideal_speedup"]), abs=2e-3
         )
         assert float(r["ideal_speedup"]) == pytest.approx(1 / flops, rel=1e-3)
         assert float(r["limit_flops_ratio"]) > 0 and float(r["limit_ms"]) > 0
