@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,7 +65,7 @@ class GatedModel(nn.Module):
         self.relaxation = Relaxation()
         self._execution: Execution | None = None  # set by running(): overrides gate_config.execution
         self._backend_choice: Backend | None = None  # set by running(): overrides gate_config.backend
-        self.last: ForwardInfo | None = None
+        self._last: ForwardInfo | Callable[[], ForwardInfo] | None = None  # see ``last``
         # per mean-budget target: the fitted policy (dynprune calibrate; saved with the gates)
         self.calibration = Calibration()
         # per-machine latency model for TimeBudget (dynprune bench calibrate; saved with the gates)
@@ -97,6 +97,20 @@ class GatedModel(nn.Module):
                 raise
             reject_forward_like(name)  # forward / generation methods of the inner model: not passed through
             return getattr(self.model, name)
+
+    @property
+    def last(self) -> ForwardInfo | None:
+        """What the latest forward decided and spent. A forward that leaves only the kept counts (the
+        CPU engine's batch 1, :func:`dynprune.exec.whole_forward`) leaves a function that builds it:
+        it runs on the first read, not inside the forward, whose time it would add to (torch work
+        between ONNX Runtime calls slowed the next call by several times its own cost)."""
+        if callable(self._last):
+            self._last = self._last()
+        return self._last
+
+    @last.setter
+    def last(self, info: ForwardInfo | Callable[[], ForwardInfo] | None) -> None:
+        self._last = info
 
     def added_parameters(self) -> Iterator[nn.Parameter]:
         """What wrapping added to the pretrained model (the router): it trains from scratch, with its

@@ -136,16 +136,22 @@ def route(gm: GatedModel, hidden: Tensor, state: GateState, given: GateScores | 
     )
 
 
-def spendable(gm: GatedModel, budget: Tensor, seq: int) -> Tensor:
-    """(B,) FLOPs the gated layers may spend under each sample's cap ``budget`` (B,) at length
-    ``seq``; ValueError when a cap is below what always runs (router, task head, dense layers)."""
+def spendable(gm: GatedModel, budget: Tensor | float, seq: int) -> Tensor | float:
+    """FLOPs the gated layers may spend under each sample's cap ``budget`` ((B,) tensor -> (B,) tensor;
+    one float -> a float, no tensor ops: the CPU engine's batch-1 path) at length ``seq``; ValueError
+    when a cap is below what always runs (router, task head, dense layers)."""
     fm = gm.flops
     dense = fm.dense(seq)
-    available = budget.double() * dense - fm.fixed(seq)
-    if bool((available < 0).any()):
+    if isinstance(budget, Tensor):
+        available = budget.double() * dense - fm.fixed(seq)
+        short, lowest = bool((available < 0).any()), float(budget.min()) if budget.numel() else 0.0
+    else:
+        available = float(budget) * dense - fm.fixed(seq)
+        short, lowest = available < 0, float(budget)
+    if short:
         least = fm.fixed(seq) / dense
         raise ValueError(
-            f"budget {float(budget.min()):.4f} is below the smallest this gated model can run at "
+            f"budget {lowest:.4f} is below the smallest this gated model can run at "
             f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
             f"{gm.gate_config.router_layer} dense layer(s) always run)"
         )

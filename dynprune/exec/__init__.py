@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -283,10 +284,13 @@ def whole_forward(
             if whole.static and len(whole.ms_rejected) < 4096:
                 whole.ms_rejected.add(key)
             return None
-        gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=feed.router < 1.0)
+        gated.last = partial(
+            info_from_counts, gated, budget, seq, torch.from_numpy(counts), feed.router < 1.0
+        )
         return whole.answer(output, kwargs.get("return_dict"))
     cap = float(budget[0])
-    available = float("inf") if cap >= 1.0 else float(spendable(gated, budget, seq)[0])
+    available = float("inf") if cap >= 1.0 else spendable(gated, cap, seq)  # a float: no tensor ops
     output, counts = whole.run(tokens, cap, available, seq)
-    gated.last = info_from_counts(gated, budget, seq, torch.from_numpy(counts), routed=cap < 1.0)
+    # GatedModel.last is built on its first read, not here (GatedModel.last says why)
+    gated.last = partial(info_from_counts, gated, budget, seq, torch.from_numpy(counts), cap < 1.0)
     return whole.answer(output, kwargs.get("return_dict"))

@@ -25,6 +25,7 @@ summation order; tests/exec/test_ort_engine.py).
 from __future__ import annotations
 
 import tempfile
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,15 @@ def activation_name(config: Any) -> str | None:
 #: the torch ops between calls get the cores); "on" = ORT's default (threads keep spinning after a
 #: run); "off" = never spin (threads sleep between ops inside a run too)
 SPINNING = ("stop", "on", "off")
+
+
+def weights_key(params: list[torch.Tensor]) -> tuple[int, ...]:
+    """Changes when any of ``params`` is replaced or modified in place (data pointers, version counters);
+    checked on every engine forward, so built without a Python loop."""
+    return (*map(torch.Tensor.data_ptr, params), *map(_VERSION, params))
+
+
+_VERSION = attrgetter("_version")
 
 
 class SessionFactory:
@@ -168,7 +178,7 @@ class OrtLayers:
     # -- the session ----------------------------------------------------------------------
     def warm(self) -> ort.InferenceSession:
         """Build the session now (else on first use) if the weights changed since; returns it."""
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        key = weights_key(self._params)
         if key != self._key or self._session is None:  # first call, or trained / reordered since
             self._session = None  # drop the old one before building (memory)
             self._session = self.make_session.from_builder(self.gated_graph)

@@ -14,6 +14,7 @@ from torch import nn
 
 from dynprune.exec.graph_surgery import keep_only, splice_layers
 from dynprune.exec.onnx_pieces import sliced_layers_model
+from dynprune.exec.ort_engine import weights_key
 from dynprune.exec.whole_graph import export_front
 from dynprune.gates import UnitMasks
 from dynprune.state import ForwardInfo
@@ -70,7 +71,7 @@ class WholeForward:
 
     def warm(self) -> Any:
         """Build (or rebuild after the weights changed) the If-tree session; returns it."""
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        key = weights_key(self._params)
         if key != self._key or self._session is None:
             self._session, self._front = None, None
             self._sliced.clear()
@@ -155,9 +156,12 @@ class WholeForward:
             if t is None:
                 out[name] = (np.zeros if name == "token_type_ids" else np.ones)((1, seq), dtype=np.int64)
             else:
-                out[name] = np.asarray(t.detach().cpu() if isinstance(t, Tensor) else t).astype(
-                    np.int64, copy=False
+                array = (
+                    (t.detach() if t.device.type == "cpu" else t.cpu()).numpy()
+                    if isinstance(t, Tensor)
+                    else t
                 )
+                out[name] = np.asarray(array).astype(np.int64, copy=False)
         return out
 
     def answer(self, output: np.ndarray, return_dict: bool | None) -> Any:
@@ -229,7 +233,7 @@ def routing_timers(whole: WholeForward, inputs: dict[str, Tensor], budget: float
     ids = inputs["input_ids"]
     seq = int(ids.shape[1])
     tokens = whole.tokens(inputs, seq)
-    available = float(spendable(gated, torch.tensor([budget], dtype=torch.float64), seq)[0])
+    available = spendable(gated, float(budget), seq)
     _, counts = whole.run(tokens, budget, available, seq, sliced=False)
     routed_feed = whole.feed(tokens, budget, available, seq)
     routed = whole.warm()

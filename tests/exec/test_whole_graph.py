@@ -164,6 +164,39 @@ def test_budget_below_the_minimum_is_the_same_error():
         _run(gated, batch, budget=1e-4)
 
 
+def test_spendable_of_a_float_cap_is_the_tensor_answer():
+    from dynprune.routing import spendable
+
+    gated = _gated("bert")
+    for cap in (0.3, 0.5, 1.0):
+        assert spendable(gated, cap, 9) == pytest.approx(float(spendable(gated, torch.tensor([cap]), 9)[0]))
+    errors = []
+    for cap in (1e-4, torch.tensor([1e-4])):
+        with pytest.raises(ValueError, match="below the smallest") as err:
+            spendable(gated, cap, 9)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+def test_last_is_built_on_its_first_read_not_in_the_forward():
+    """The engine's batch-1 forward leaves the counts; GatedModel.last is built from them when read
+    (its torch work slowed the next ORT call, results/cpu_bench/ENGINES.md), equal to the reference."""
+    gated = _gated("bert")
+    batch = tiny_batch(batch=1, seq=9, padded=False)
+    with torch.inference_mode():
+        gated(**batch, budget=0.4)
+    assert callable(gated._last), "the forward built GatedModel.last itself"
+    info = gated.last
+    assert gated.last is info and not callable(gated._last)
+    with reference_path(gated):
+        _, ref = _run(gated, batch, budget=0.4)
+    torch.testing.assert_close(info.flops, ref.flops)
+    for kind in ("head", "ffn", "layer"):
+        assert torch.equal(getattr(info.masks, kind), getattr(ref.masks, kind)), kind
+    gated.last = None  # a plain value replaces a pending one
+    assert gated.last is None
+
+
 def test_mean_budget_without_calibration_is_refused_before_the_engine():
     gated = _gated("bert")
     with pytest.raises(ValueError, match="calibrat"):
