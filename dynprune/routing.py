@@ -144,12 +144,13 @@ def spendable(gm: GatedModel, budget: Tensor | float, seq: int) -> Tensor | floa
     dense = fm.dense(seq)
     if isinstance(budget, Tensor):
         available = budget.double() * dense - fm.fixed(seq)
-        short, lowest = bool((available < 0).any()), float(budget.min()) if budget.numel() else 0.0
+        short = bool((available < 0).any())
     else:
         available = float(budget) * dense - fm.fixed(seq)
-        short, lowest = available < 0, float(budget)
+        short = available < 0
     if short:
         least = fm.fixed(seq) / dense
+        lowest = float(budget.min()) if isinstance(budget, Tensor) else float(budget)
         raise ValueError(
             f"budget {lowest:.4f} is below the smallest this gated model can run at "
             f"sequence length {seq}: {least:.4f} of dense FLOPs (router, task head and "
