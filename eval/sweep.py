@@ -137,6 +137,21 @@ def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
     return {k: d[k] for k in POINT_KEYS}
 
 
+def _changed(saved: Any, now: Any, default: Any) -> bool:
+    """Whether a setting differs from the one the finished points were computed with. A setting
+    added to the config since (absent from ``saved``) counts as unchanged at its default value:
+    points computed before it existed were computed as that default computes them."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        default = default if isinstance(default, dict) else {}
+        return any(
+            _changed(saved[k], now.get(k), default.get(k))
+            if k in saved
+            else now[k] != default.get(k, object())
+            for k in set(saved) | set(now)
+        )
+    return saved != now
+
+
 def _check_calibrations(cfg: SweepConfig, gated_dir: Path) -> None:
     """budget_mode=mean: the dynamic checkpoint has a calibrated policy for every swept budget."""
     have = Calibration.load(gated_dir / "gates")
@@ -190,7 +205,8 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     if meta.is_file() and not restart:
         saved = json.loads(meta.read_text()).get("fingerprint", {})
         now = json.loads(json.dumps(fingerprint(cfg)))
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        default = json.loads(json.dumps(fingerprint(SweepConfig())))
+        diff = sorted(k for k in set(saved) | set(now) if _changed(saved.get(k), now.get(k), default.get(k)))
         if diff:
             raise SweepError(
                 f"{out} holds points computed with different settings ({', '.join(diff)}); re-run with the "
