@@ -125,15 +125,8 @@ class EarlyExitSection:
     # static_early_exit: the static width is this factor x the target budget (capped at the static
     # control's largest trained budget); the exits bring the mean down to the target
     width_factor: float = 2.0
-    # What trains the backbone: all_exits = every exit's loss (PABEE weights k / sum k); last_exit =
-    # the last exit's alone, as a model without exits trains, exits 1..L-1 on detached states
-    backbone_from: Literal["all_exits", "last_exit"] = "all_exits"
 
     def __post_init__(self) -> None:
-        if self.backbone_from not in ("all_exits", "last_exit"):
-            raise ValueError(
-                f"early_exit.backbone_from must be all_exits or last_exit, got {self.backbone_from!r}"
-            )
         if not self.width_factor >= 1.0:
             raise ValueError(
                 f"early_exit.width_factor must be >= 1 (a width at least the budget), got {self.width_factor}"

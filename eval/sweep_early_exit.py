@@ -15,7 +15,6 @@ other method. ``static_early_exit`` does the same on a static_gates model at a w
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +55,13 @@ def trained_early_exit(
     ``base() -> (model, structure)``: what the exits are put on (default: a fresh dense copy, no
     structure; ``static_early_exit``: a static_gates export and its structure)."""
     name = name or f"early_exit_s{seed}"
-    backbone_from = ctx.cfg.early_exit.backbone_from
-    if backbone_from != "all_exits":  # another objective: another model
-        name = f"{name}_{backbone_from}"
     path = ctx.work / "models" / name
     model, structure = base() if base is not None else (ctx.fresh_dense(), None)
     if (path / "early_exit.json").is_file():
         model, info = load_early_exit(model, path, structure)
     else:
         model = EarlyExitModel(model, structure)
-        objective = partial(EarlyExitObjective, backbone_from=backbone_from)
-        info = finetune(ctx, model, ctx.grid_steps, name, seed=seed, objective=objective)
+        info = finetune(ctx, model, ctx.grid_steps, name, seed=seed, objective=EarlyExitObjective)
         save_early_exit(model, path, info)  # a crash after this point never repeats the fine-tune
     for p in model.parameters():
         p.requires_grad_(False)
@@ -134,7 +129,6 @@ def _measure(
     every method."""
     from dynprune.eval.sweep_methods import measure_point
 
-    backbone = ctx.cfg.early_exit.backbone_from
     conf, ratios = calibration_profile(ctx, model, info["path"])
     threshold, val_ratio = calibrate_threshold(conf, ratios, budget)
     runner = EarlyExitRunner(model, threshold, ctx.fm, method)
@@ -157,12 +151,6 @@ def _measure(
             f"ratio {val_ratio:.3f} on {conf.shape[1]} examples); share of inputs leaving at exits 1..{model.n_exits}: "
             + ", ".join(f"{x:.2f}" for x in share)
             + f"; fine-tuned once for all budgets, {int(info.get('steps', 0))} steps"
-            + (
-                ""
-                if backbone == "all_exits"
-                else f", the backbone trained by the {backbone.replace('_', ' ')} alone"
-            )
         ),
-        backbone_from=backbone,
     )
     return row

@@ -54,8 +54,6 @@ from dynprune.router import masked_mean
 
 Tensor = torch.Tensor
 SUPPORTED = ("bert", "roberta")
-#: what trains the backbone under EarlyExitObjective: every exit's loss, or the last exit's alone
-BACKBONE_FROM = ("all_exits", "last_exit")
 
 
 class ExitHead(nn.Module):
@@ -153,16 +151,14 @@ class EarlyExitModel(nn.Module):
         out = self.parts.layers[k](hidden, attention_mask=attn)
         return out[0] if isinstance(out, tuple) else out
 
-    def forward(self, detach_early: bool = False, **inputs: Tensor) -> SimpleNamespace:
-        """Every exit on every sample (training): ``.exit_logits`` (L, B, C), ``.logits`` = last exit.
-        ``detach_early``: exits 1..L-1 read detached hidden states (their losses train the heads only)."""
+    def forward(self, **inputs: Tensor) -> SimpleNamespace:
+        """Every exit on every sample (training): ``.exit_logits`` (L, B, C), ``.logits`` = last exit."""
         hidden, attn = self._embed(inputs)
         mask = inputs.get("attention_mask")
         exits = []
-        last = self.n_exits - 1
         for k in range(self.n_exits):
             hidden = self._layer(k, hidden, attn)
-            exits.append(self.heads[k](hidden.detach() if detach_early and k < last else hidden, mask))
+            exits.append(self.heads[k](hidden, mask))
         stacked = torch.stack(exits)
         return SimpleNamespace(logits=stacked[-1], exit_logits=stacked)
 
@@ -261,35 +257,26 @@ def calibrate_threshold(confidence: np.ndarray, ratios: np.ndarray, target: floa
 
 
 class EarlyExitObjective:
-    """The dense objective (labels + distillation) at every exit.
-
-    ``backbone_from="all_exits"``: PABEE's weights ``k / sum k``, every exit's loss trains the
-    backbone. ``"last_exit"``: the backbone trains on the last exit's loss alone (weight 1: what a
-    model without exits trains on), exits 1..L-1 learn on detached hidden states (weight 1 each;
-    their losses reach only their own heads)."""
+    """The dense objective (labels + distillation) at every exit, PABEE-weighted (k / sum k)."""
 
     name = "early_exit"
 
-    def __init__(self, distill: Any, backbone_from: str = "all_exits") -> None:
+    def __init__(self, distill: Any) -> None:
         from dynprune.train.objectives import DenseObjective
 
-        if backbone_from not in BACKBONE_FROM:
-            raise ValueError(f"backbone_from must be one of {BACKBONE_FROM}, got {backbone_from!r}")
         self.dense = DenseObjective(distill)
-        self.backbone_from = backbone_from
 
     def begin_step(self, step: int, total: int) -> dict[str, float]:
         return self.dense.begin_step(step, total)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], step: int, micro: int):
-        last_only = self.backbone_from == "last_exit"
-        out = model(**model_inputs(batch), detach_early=last_only)
+        out = model(**model_inputs(batch))
         n = out.exit_logits.shape[0]
         total, logs = 0.0, {}
         for k in range(n):  # the one dense loss, applied to exit k's logits
             exit_k = SimpleNamespace(logits=out.exit_logits[k])
             loss_k, logs = self.dense.loss(lambda _o=exit_k, **_: _o, batch, step, micro)
-            total = total + (1.0 if last_only else (k + 1) / (n * (n + 1) / 2)) * loss_k
+            total = total + (k + 1) / (n * (n + 1) / 2) * loss_k
         return total, logs  # logs of the last exit
 
     def after_step(self, reduce: Any) -> None:

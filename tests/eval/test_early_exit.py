@@ -163,40 +163,6 @@ def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
     assert info == {"steps": 25}
 
 
-def test_last_exit_backbone_trains_on_the_last_exit_alone():
-    """backbone_from="last_exit": the backbone's gradient is the last exit's loss's alone (what the
-    model without exits would get), every early exit head still gets its own loss's gradient."""
-    from dynprune.train.config import DistillConfig
-
-    distill = DistillConfig(task_weight=0.3, logits_weight=0.7, temperature=2.0)
-    torch.manual_seed(0)
-    ee = EarlyExitModel(tiny_model("bert", layers=3)).eval()
-    batch = {**tiny_batch(batch=8, seq=9, padded=False), "labels": torch.tensor([0, 1] * 4)}
-    batch["teacher_logits"] = torch.randn(8, 2)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    backbone = ee.parts.layers[0].attention.self.query.weight
-
-    def dense_loss(logits):
-        return 0.3 * F.cross_entropy(logits, batch["labels"]) + 0.7 * logits_distillation(
-            logits, batch["teacher_logits"], 2.0
-        )
-
-    loss, _ = EarlyExitObjective(distill, backbone_from="last_exit").loss(ee, batch, 0, 0)
-    exits = ee(**inputs).exit_logits
-    assert float(loss) == pytest.approx(float(sum(dense_loss(exits[k]) for k in range(3))), rel=1e-5)
-    loss.backward()
-    got = backbone.grad.clone()
-    assert all(h.classifier.weight.grad is not None for h in ee.heads)
-    ee.zero_grad()
-    dense_loss(ee(**inputs).exit_logits[-1]).backward()  # the last exit's loss alone
-    torch.testing.assert_close(got, backbone.grad)
-    ee.zero_grad()  # PABEE (the default): the early exits' losses reach the backbone too
-    EarlyExitObjective(distill).loss(ee, batch, 0, 0)[0].backward()
-    assert not torch.allclose(backbone.grad * 2, got)  # the last exit's weight is 2 / (n + 1) there
-    with pytest.raises(ValueError, match="backbone_from"):
-        EarlyExitObjective(distill, backbone_from="first")
-
-
 def test_unsupported_family_is_refused():
     with pytest.raises(ValueError, match="early_exit supports"):
         EarlyExitModel(tiny_model("distilbert"))
