@@ -182,17 +182,17 @@ def test_changed_settings_do_not_mix_with_finished_points(tiny_run, tmp_path, ca
 
 def test_a_setting_added_since_resumes_at_its_default(tiny_run, tmp_path, capsys):
     """Points computed before a setting existed resume when it has its default value, and do not
-    when it has another (early_exit.backbone_from was added after sweeps were running)."""
+    when it has another (a field added to the early_exit section once refused every running sweep)."""
     import json
 
     args = _args(tiny_run, tmp_path, "--methods=[dense]")
     assert sweep_mod.main(args) == 0
     meta = tmp_path / "out" / "sweep_meta.json"
     saved = json.loads(meta.read_text())
-    del saved["fingerprint"]["early_exit"]["backbone_from"]  # as written before the setting existed
+    del saved["fingerprint"]["early_exit"]["width_factor"]  # as if written before the setting existed
     meta.write_text(json.dumps(saved))
     assert sweep_mod.main(args) == 0
-    assert sweep_mod.main([*args, "--early_exit.backbone_from=last_exit"]) == 2
+    assert sweep_mod.main([*args, "--early_exit.width_factor=3"]) == 2
     assert "different settings (early_exit)" in capsys.readouterr().err
 
 
