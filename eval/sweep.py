@@ -325,8 +325,13 @@ def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
             f"length {ctx.ref_seq})",
             f"- fine-tuning of every pruned baseline (dynprune.train.finetune): {ctx.finetune_steps} steps × batch "
             f"{cfg.finetune.batch_size} per (method, budget), lr {ctx.lr}, distillation from the shared dense teacher: "
-            f"{cfg.finetune.distill}. The dynamic model's gated stage ran {run.stage_steps('gated')} steps for all "
-            f"budgets at once" + _match_note(cfg, ctx, run),
+            f"{cfg.finetune.distill}. "
+            + (
+                f"The dynamic model's gated stage ran {run.stage_steps('gated')} steps for all budgets at once"
+                if run.stage_steps("gated") is not None
+                else "The training run has no gated stage (the steps were set with --finetune.steps)"
+            )
+            + _match_note(cfg, ctx, run),
             f"- latency: {cfg.timing.bs1_inputs} single inputs (batch 1; time per input = the set's time / its "
             f"size) and {cfg.timing.bs16_batches} batches of 16, {cfg.timing.repeats} interleaved rounds after "
             f"{cfg.timing.warmup} warm-up, medians",
