@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dynprune.eval.report import COLUMNS, machine_description, plot_pareto, write_summary
-from dynprune.eval.sweep_config import POINT_KEYS, SweepConfig, from_dict
+from dynprune.eval.sweep_config import SweepConfig, changed_settings, fingerprint, from_dict
 from dynprune.eval.sweep_context import SweepError, TrainingRun, dynamic_budget, seed_run
 from dynprune.eval.sweep_stats import (
     CONTENDERS,
@@ -132,26 +132,6 @@ def grid(cfg: SweepConfig) -> list[tuple[str, float, int]]:
     return points
 
 
-def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
-    return {k: d[k] for k in POINT_KEYS}
-
-
-def _changed(saved: Any, now: Any, default: Any) -> bool:
-    """Whether a setting differs from the one the finished points were computed with. A setting
-    added to the config since (absent from ``saved``) counts as unchanged at its default value:
-    points computed before it existed were computed as that default computes them."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        default = default if isinstance(default, dict) else {}
-        return any(
-            _changed(saved[k], now.get(k), default.get(k))
-            if k in saved
-            else now[k] != default.get(k, object())
-            for k in set(saved) | set(now)
-        )
-    return saved != now
-
-
 def _check_calibrations(cfg: SweepConfig, gated_dir: Path) -> None:
     """budget_mode=mean: the dynamic checkpoint has a calibrated policy for every swept budget."""
     have = Calibration.load(gated_dir / "gates")
@@ -203,10 +183,7 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     out = Path(cfg.output_dir)
     meta = out / "sweep_meta.json"
     if meta.is_file() and not restart:
-        saved = json.loads(meta.read_text()).get("fingerprint", {})
-        now = json.loads(json.dumps(fingerprint(cfg)))
-        default = json.loads(json.dumps(fingerprint(SweepConfig())))
-        diff = sorted(k for k in set(saved) | set(now) if _changed(saved.get(k), now.get(k), default.get(k)))
+        diff = changed_settings(json.loads(meta.read_text()).get("fingerprint", {}), cfg)
         if diff:
             raise SweepError(
                 f"{out} holds points computed with different settings ({', '.join(diff)}); re-run with the "
@@ -314,6 +291,7 @@ def _csv_value(x: Any) -> Any:
 # -- main ---------------------------------------------------------------------------------------
 def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
     run = ctx.run
+    gated_steps = run.stage_steps("gated")
     return "\n".join(
         [
             f"# Accuracy–FLOPs–latency sweep: {run.root}",
@@ -327,11 +305,11 @@ def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
             f"{cfg.finetune.batch_size} per (method, budget), lr {ctx.lr}, distillation from the shared dense teacher: "
             f"{cfg.finetune.distill}. "
             + (
-                f"The dynamic model's gated stage ran {run.stage_steps('gated')} steps for all budgets at once"
-                if run.stage_steps("gated") is not None
+                f"The dynamic model's gated stage ran {gated_steps} steps for all budgets at once"
+                if gated_steps is not None
                 else "The training run has no gated stage (the steps were set with --finetune.steps)"
             )
-            + _match_note(cfg, ctx, run),
+            + _match_note(cfg, ctx, gated_steps),
             f"- latency: {cfg.timing.bs1_inputs} single inputs (batch 1; time per input = the set's time / its "
             f"size) and {cfg.timing.bs16_batches} batches of 16, {cfg.timing.repeats} interleaved rounds after "
             f"{cfg.timing.warmup} warm-up, medians",
@@ -348,8 +326,7 @@ def _header(cfg: SweepConfig, ctx: Any, started: str) -> str:
     )
 
 
-def _match_note(cfg: SweepConfig, ctx: Any, run: Any) -> str:
-    gated = run.stage_steps("gated")
+def _match_note(cfg: SweepConfig, ctx: Any, gated: int | None) -> str:
     if cfg.finetune.steps is not None or not gated:
         return "."
     if cfg.finetune.match == "per_method":

@@ -8,6 +8,7 @@ training configs. ``--quick`` applies the ``quick`` section on top.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -313,3 +314,29 @@ POINT_KEYS = (
     "training_dir", "seed", "seed_training_dir", "budget_mode", "max_train_examples", "finetune",
     "structured", "search", "evaluation", "early_exit",
 )  # fmt: skip
+
+
+def fingerprint(cfg: SweepConfig) -> dict[str, Any]:
+    """The settings that define a point (POINT_KEYS), as JSON values (what sweep_meta.json holds)."""
+    d = json.loads(json.dumps(cfg.to_dict()))
+    return {k: d[k] for k in POINT_KEYS}
+
+
+def changed_settings(saved: dict[str, Any], cfg: SweepConfig) -> list[str]:
+    """The POINT_KEYS sections in which ``cfg`` differs from the ``saved`` fingerprint of finished points.
+    A setting added to the config since (absent from ``saved``) counts as unchanged at its default:
+    points computed before it existed were computed as that default computes them."""
+    now, default = fingerprint(cfg), fingerprint(SweepConfig())
+    return sorted(k for k in set(saved) | set(now) if _changed(saved.get(k), now.get(k), default.get(k)))
+
+
+def _changed(saved: Any, now: Any, default: Any) -> bool:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        default = default if isinstance(default, dict) else {}
+        return any(
+            _changed(saved[k], now.get(k), default.get(k))
+            if k in saved
+            else now[k] != default.get(k, object())
+            for k in set(saved) | set(now)
+        )
+    return saved != now

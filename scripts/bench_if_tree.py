@@ -52,7 +52,12 @@ def interleaved(variants: dict, rounds: int, calls: int) -> dict[str, float]:
 
     def cycle(runs: list) -> Any:
         turn = itertools.cycle(runs)
-        return lambda: (lambda s, f: s.run(None, f))(*next(turn))
+
+        def call() -> Any:
+            session, feed = next(turn)
+            return session.run(None, feed)
+
+        return call
 
     stats = time_blocks({k: cycle(v) for k, v in variants.items()}, warmup=5, repeats=rounds, block=calls,
                         pause_s=0.02, inference=False)  # fmt: skip

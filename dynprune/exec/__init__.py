@@ -284,13 +284,12 @@ def whole_forward(
             if whole.static and len(whole.ms_rejected) < 4096:
                 whole.ms_rejected.add(key)
             return None
-        gated.last = partial(
-            info_from_counts, gated, budget, seq, torch.from_numpy(counts), feed.router < 1.0
-        )
-        return whole.answer(output, kwargs.get("return_dict"))
-    cap = float(budget[0])
-    available = float("inf") if cap >= 1.0 else spendable(gated, cap, seq)  # a float: no tensor ops
-    output, counts = whole.run(tokens, cap, available, seq)
+        routed = feed.router < 1.0
+    else:
+        cap = float(budget[0])
+        available = float("inf") if cap >= 1.0 else spendable(gated, cap, seq)  # a float: no tensor ops
+        output, counts = whole.run(tokens, cap, available, seq)
+        routed = cap < 1.0
     # GatedModel.last is built on its first read, not here (GatedModel.last says why)
-    gated.last = partial(info_from_counts, gated, budget, seq, torch.from_numpy(counts), cap < 1.0)
+    gated.last = partial(info_from_counts, gated, budget, seq, torch.from_numpy(counts), routed)
     return whole.answer(output, kwargs.get("return_dict"))

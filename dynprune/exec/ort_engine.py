@@ -78,13 +78,13 @@ def activation_name(config: Any) -> str | None:
 SPINNING = ("stop", "on", "off")
 
 
+_VERSION = attrgetter("_version")
+
+
 def weights_key(params: list[torch.Tensor]) -> tuple[int, ...]:
     """Changes when any of ``params`` is replaced or modified in place (data pointers, version counters);
     checked on every engine forward, so built without a Python loop."""
     return (*map(torch.Tensor.data_ptr, params), *map(_VERSION, params))
-
-
-_VERSION = attrgetter("_version")
 
 
 class SessionFactory:

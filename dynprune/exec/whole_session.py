@@ -156,11 +156,7 @@ class WholeForward:
             if t is None:
                 out[name] = (np.zeros if name == "token_type_ids" else np.ones)((1, seq), dtype=np.int64)
             else:
-                array = (
-                    (t.detach() if t.device.type == "cpu" else t.cpu()).numpy()
-                    if isinstance(t, Tensor)
-                    else t
-                )
+                array = t.detach().cpu().numpy() if isinstance(t, Tensor) else t  # CPU: views, no copy
                 out[name] = np.asarray(array).astype(np.int64, copy=False)
         return out
 
