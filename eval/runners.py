@@ -44,6 +44,9 @@ class Runner:
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def end_evaluation(self) -> None:
+        """Called after the accuracy pass, before timing: a runner that adapts between batches stops."""
+
 
 class DenseRunner(Runner):
     """An unpruned HF model (also a magnitude-pruned one: its zeros still execute)."""

@@ -123,6 +123,10 @@ class EarlyExitSection:
     # its own traffic would; it lands the evaluation mean on the target when validation and test
     # inputs differ, e.g. 20 Newsgroups' later-dated test file)
     calibration_split: Literal["validation", "evaluation"] = "validation"
+    # Correct the threshold online while evaluating (dynprune.governor.MeanGovernor, no labels): after
+    # each batch it moves so the running mean FLOPs lands on the budget even when the evaluation
+    # inputs spend more than the calibration inputs did; batches then run in a seeded random order
+    governor: bool = False
     # static_early_exit: the static width is this factor x the target budget (capped at the static
     # control's largest trained budget); the exits bring the mean down to the target
     width_factor: float = 2.0

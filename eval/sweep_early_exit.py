@@ -27,6 +27,7 @@ from dynprune.eval.baselines.early_exit import (
     exit_costs,
     load_early_exit,
     save_early_exit,
+    threshold_governor,
 )
 from dynprune.eval.sweep_context import SweepContext, _batches, finetune
 from dynprune.eval.timing import materialize
@@ -90,7 +91,7 @@ def calibration_profile(ctx: SweepContext, model: EarlyExitModel, key: str) -> t
 
 def point_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
     model, info = trained_early_exit(ctx, seed)
-    return _measure(ctx, model, info, budget, "early_exit")
+    return _measure(ctx, model, info, budget, "early_exit", seed)
 
 
 def static_width(ctx: SweepContext, budget: float) -> float:
@@ -112,7 +113,7 @@ def point_static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict
     model, info = trained_early_exit(
         ctx, seed, f"static_early_exit@{width:g}_s{seed}", base=lambda: load_static_export(path)
     )
-    row = _measure(ctx, model, info, budget, "static_early_exit")
+    row = _measure(ctx, model, info, budget, "static_early_exit", seed)
     assert model.structure is not None
     row.update(
         static_width=width,
@@ -123,22 +124,36 @@ def point_static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict
 
 
 def _measure(
-    ctx: SweepContext, model: EarlyExitModel, info: dict[str, Any], budget: float, method: str
+    ctx: SweepContext, model: EarlyExitModel, info: dict[str, Any], budget: float, method: str, seed: int
 ) -> dict[str, Any]:
     """Calibrate ``model``'s threshold to ``budget`` (:func:`calibration_profile`), then measure it like
-    every method."""
+    every method. With ``early_exit.governor`` the threshold is corrected online while the evaluation
+    batches run, in a random order seeded by ``seed`` (:func:`threshold_governor`)."""
     from dynprune.eval.sweep_methods import measure_point
 
     conf, ratios = calibration_profile(ctx, model, info["path"])
     threshold, val_ratio = calibrate_threshold(conf, ratios, budget)
-    runner = EarlyExitRunner(model, threshold, ctx.fm, method)
-    row = measure_point(ctx, runner)
-    exits = []
-    for batch in ctx.eval_batches:  # where the evaluation inputs left
-        runner(batch)
-        assert runner.last_exits is not None
-        exits.append(runner.last_exits.numpy())
-    share = np.bincount(np.concatenate(exits), minlength=model.n_exits + 1)[1:] / sum(len(e) for e in exits)
+    governor, order = None, None
+    if ctx.cfg.early_exit.governor:
+        governor = threshold_governor(conf, ratios, budget)
+        order = np.random.default_rng(seed).permutation(len(ctx.eval_batches)).tolist()
+    runner = EarlyExitRunner(model, threshold, ctx.fm, method, governor)
+    row = measure_point(ctx, runner, order)
+    # where the evaluation inputs left: the accuracy pass's calls come first (timing calls follow)
+    exits = np.concatenate([e.numpy() for e in runner.exit_log[: len(ctx.eval_batches)]])
+    share = np.bincount(exits, minlength=model.n_exits + 1)[1:] / len(exits)
+    split = ctx.cfg.early_exit.calibration_split
+    notes = (
+        f"confidence threshold {threshold:.4f} ({split} inputs' mean FLOPs "
+        f"ratio {val_ratio:.3f} on {conf.shape[1]} examples)"
+    )
+    if governor is not None:
+        notes += (
+            f", governed while evaluating (batches in random order): final threshold {governor.knob:.4f}; "
+            f"the evaluation inputs spent {governor.bias:+.3f} of dense FLOPs per input against the calibration's "
+            "prediction"
+        )
+        row.update(threshold_final=governor.knob, governor_bias=governor.bias)
     row.update(
         disk_bytes=(Path(info["path"]) / WEIGHTS).stat().st_size,
         finetune_steps=int(info.get("steps", 0)),
@@ -147,8 +162,8 @@ def _measure(
         calibration_examples=int(conf.shape[1]),
         exit_share=[round(float(x), 4) for x in share],
         notes=(
-            f"confidence threshold {threshold:.4f} ({ctx.cfg.early_exit.calibration_split} inputs' mean FLOPs "
-            f"ratio {val_ratio:.3f} on {conf.shape[1]} examples); share of inputs leaving at exits 1..{model.n_exits}: "
+            notes
+            + f"; share of inputs leaving at exits 1..{model.n_exits}: "
             + ", ".join(f"{x:.2f}" for x in share)
             + f"; fine-tuned once for all budgets, {int(info.get('steps', 0))} steps"
         ),

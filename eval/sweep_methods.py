@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from dynprune.eval.sweep_stats import encode_correct
 from dynprune.eval.timing import materialize
 from dynprune.train.data import model_inputs
 from dynprune.train.evaluation import collect
-from torch import nn
+from torch import Tensor, nn
 
 import dynprune
 
@@ -59,22 +60,29 @@ DONE = "sweep_done.json"
 
 
 # -- measurement shared by every method ---------------------------------------------------------
-def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
+def evaluate_runner(ctx: SweepContext, runner: Runner, order: Sequence[int] | None = None) -> dict[str, Any]:
     """Accuracy, loss and per-sample FLOPs ratio over the evaluation batches; ``correct``: per-example
-    correctness in the batches' fixed order (for paired comparisons between methods)."""
-    correct, loss, n, ratios, hits = 0, 0.0, 0, [], []
+    correctness in the batches' fixed order (for paired comparisons between methods). ``order``: the
+    batches are run in this order (a runner that adapts between batches), results kept in the fixed one."""
+    correct, loss, n = 0, 0.0, 0
+    order = range(len(ctx.eval_batches)) if order is None else order
+    if sorted(order) != list(range(len(ctx.eval_batches))):
+        raise ValueError("evaluation order must be a permutation of the evaluation batches")
+    ratios: list[Tensor] = [torch.empty(0)] * len(ctx.eval_batches)
+    hits: list[Tensor] = [torch.empty(0)] * len(ctx.eval_batches)
     with torch.inference_mode():
-        for batch in ctx.eval_batches:
+        for i in order:
+            batch = ctx.eval_batches[i]
             logits = runner(batch).float()
             labels = batch["labels"]
             hit = logits.argmax(-1) == labels
-            hits.append(hit.cpu())
+            hits[i] = hit.cpu()
             correct += int(hit.sum())
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             n += labels.shape[0]
             dense = ctx.fm.dense(batch["input_ids"].shape[1])
             assert runner.last_flops is not None
-            ratios.append(runner.last_flops / dense)
+            ratios[i] = runner.last_flops / dense
     r = torch.cat(ratios).numpy()
     return {
         "accuracy": correct / n,
@@ -87,8 +95,10 @@ def evaluate_runner(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
     }
 
 
-def measure_point(ctx: SweepContext, runner: Runner) -> dict[str, Any]:
-    row = evaluate_runner(ctx, runner)
+def measure_point(ctx: SweepContext, runner: Runner, order: Sequence[int] | None = None) -> dict[str, Any]:
+    """Accuracy and FLOPs (:func:`evaluate_runner`, batches in ``order``), then latency vs dense."""
+    row = evaluate_runner(ctx, runner, order)
+    runner.end_evaluation()
     lat, attempts = timed(ctx, runner)
     row["timing_attempts"] = attempts
     for key, value in lat.items():

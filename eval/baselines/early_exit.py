@@ -50,6 +50,7 @@ from torch import nn
 
 from dynprune.arch import layer_stack
 from dynprune.flops import FlopsModel
+from dynprune.governor import MeanGovernor
 from dynprune.router import masked_mean
 
 Tensor = torch.Tensor
@@ -256,6 +257,14 @@ def calibrate_threshold(confidence: np.ndarray, ratios: np.ndarray, target: floa
     return t, mean_ratio(t)
 
 
+def threshold_governor(confidence: np.ndarray, ratios: np.ndarray, target: float) -> MeanGovernor:
+    """A :class:`MeanGovernor` whose knob is the exit threshold, solved by :func:`calibrate_threshold`
+    on these samples (confidence, ratios: (L, N)); it may aim anywhere between every sample leaving
+    at the first exit and every sample running to the last."""
+    bounds = (float(ratios[0].mean()), float(ratios[-1].mean()))
+    return MeanGovernor(target, lambda aim: calibrate_threshold(confidence, ratios, aim), bounds)
+
+
 class EarlyExitObjective:
     """The dense objective (labels + distillation) at every exit, PABEE-weighted (k / sum k)."""
 
@@ -308,14 +317,35 @@ def load_early_exit(
 
 
 class EarlyExitRunner(Runner):
-    """The sweep's runner: exit at ``threshold``; FLOPs per sample as counted by :meth:`infer`."""
+    """The sweep's runner: exit at ``threshold``; FLOPs per sample as counted by :meth:`infer`.
 
-    def __init__(self, model: EarlyExitModel, threshold: float, fm: FlopsModel, name: str = "early_exit"):
+    With a ``governor`` (:class:`dynprune.governor.MeanGovernor`) the threshold is the governor's
+    knob, and every call reports what it spent so the next one lands the running mean on its
+    target. ``exit_log``: the exit layers of every call, in call order (cleared by the caller)."""
+
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        threshold: float,
+        fm: FlopsModel,
+        name: str = "early_exit",
+        governor: MeanGovernor | None = None,
+    ):
         super().__init__()
         self.model, self.threshold, self.fm, self.name = model, threshold, fm, name
+        self.governor = governor
         self.last_exits: Tensor | None = None
+        self.exit_log: list[Tensor] = []
 
     def __call__(self, batch: Batch) -> Tensor:
-        res = self.model.infer(batch, self.threshold, self.fm)
+        threshold = self.threshold if self.governor is None else self.governor.knob
+        res = self.model.infer(batch, threshold, self.fm)
         self.last_flops, self.last_exits = res.flops, res.exit_layer
+        self.exit_log.append(res.exit_layer)
+        if self.governor is not None:
+            self.governor.observe((res.flops / self.fm.dense(batch["input_ids"].shape[1])).numpy())
         return res.logits
+
+    def end_evaluation(self) -> None:
+        if self.governor is not None:
+            self.governor.freeze()

@@ -13,6 +13,7 @@ from dynprune.eval.baselines.early_exit import (
     exits_at,
     load_early_exit,
     save_early_exit,
+    threshold_governor,
 )
 from dynprune.eval.structure import static_flops_model
 from dynprune.train.losses import logits_distillation
@@ -124,6 +125,55 @@ def test_calibrated_on_validation_lands_near_the_target_on_test():
         got.append(runner.last_flops / fm.dense(15))
     test_mean = float(torch.cat(got).mean())
     assert val_mean <= 0.5 and test_mean == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_governed_threshold_lands_the_mean_when_the_inputs_are_less_confident():
+    """Calibrated on one set of inputs, served on inputs whose exits are all less confident (they
+    leave later): the calibrated threshold overshoots the target; the governed one does not."""
+    rng = np.random.default_rng(0)
+    n_exits, n = 6, 4000
+    ratios_of = lambda m: np.repeat((np.arange(1, n_exits + 1) / n_exits)[:, None], m, axis=1)  # noqa: E731
+    conf = np.sort(rng.uniform(0.4, 1.0, size=(n_exits, n)), axis=0)  # later exits more confident
+    served = np.clip(np.sort(rng.uniform(0.4, 1.0, size=(n_exits, n)), axis=0) - 0.06, 0, 1)
+    target = 0.4
+    fixed, _ = calibrate_threshold(conf, ratios_of(n), target)
+    gov = threshold_governor(conf, ratios_of(n), target)
+    assert gov.knob == fixed
+    spent_fixed, spent_gov = [], []
+    for b in np.array_split(np.arange(n), n // 64):  # batches of 64 served inputs
+        spent_fixed.append(ratios_of(len(b))[exits_at(served[:, b], fixed) - 1, np.arange(len(b))])
+        spent = ratios_of(len(b))[exits_at(served[:, b], gov.knob) - 1, np.arange(len(b))]
+        gov.observe(spent)
+        spent_gov.append(spent)
+    assert np.concatenate(spent_fixed).mean() > target * 1.05  # outside +-2 %, by far
+    assert np.concatenate(spent_gov).mean() == pytest.approx(target, rel=0.02)
+    assert gov.knob < fixed and gov.bias > 0  # it exits earlier to make up for it
+
+
+def test_a_governed_runner_adapts_while_evaluating_and_stops_after():
+    model = tiny_model("bert", layers=4, num_labels=3, seed=5)
+    ee = EarlyExitModel(model).eval()
+    fm = static_flops_model(model)
+    calib = [tiny_batch(batch=16, seq=12, seed=s, padded=False) for s in range(6)]
+    conf = np.concatenate([_confidences(ee, b) for b in calib], axis=1)
+    ratios = np.repeat((exit_costs(fm, 12, 4) / fm.dense(12))[:, None], conf.shape[1], axis=1)
+    gov = threshold_governor(conf, ratios, 0.55)
+    runner = EarlyExitRunner(ee, gov.knob, fm, governor=gov)
+    served = [tiny_batch(batch=16, seq=12, seed=50 + s, padded=False) for s in range(4)]
+    knobs, spent = [], []
+    for b in served:
+        knobs.append(gov.knob)
+        runner(b)
+        spent.append((runner.last_flops / fm.dense(12)).numpy())
+        # the runner ran at the knob the governor held, and told it what that spent
+        assert runner.last_exits.numpy().tolist() == exits_at(_confidences(ee, b), knobs[-1]).tolist()
+    assert gov.seen == 64 and len(runner.exit_log) == 4
+    assert gov.mean_spent == pytest.approx(float(np.concatenate(spent).mean()))
+    assert len(set(knobs)) > 1  # it moved between batches
+    runner.end_evaluation()
+    frozen = gov.knob
+    runner(served[0])
+    assert gov.knob == frozen and gov.seen == 64
 
 
 def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):

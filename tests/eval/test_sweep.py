@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from dynprune.eval import sweep as sweep_mod
 from dynprune.eval import sweep_methods
 from dynprune.eval.report import COLUMNS, METHODS
@@ -349,3 +350,43 @@ def test_thresholds_fitted_on_the_evaluation_inputs_land_the_mean_there(tiny_run
     assert ee["calibration_examples"] == 24
     assert float(ee["flops_ratio"]) == pytest.approx(ee["calibration_flops_ratio"], rel=1e-9)
     assert "evaluation inputs' mean FLOPs" in ee["notes"]
+
+
+def test_a_governed_early_exit_reports_its_correction_and_where_inputs_left(tiny_run, tmp_path, capsys):
+    args = _args(
+        tiny_run, tmp_path, "--methods=[dense,early_exit]", "--budgets=[0.5]", "--evaluation.batch_size=8"
+    )
+    assert sweep_mod.main([*args, "--early_exit.governor=true"]) == 0
+    ee = json.loads((tmp_path / "out" / "points" / "early_exit@0.5_s0.json").read_text())
+    assert "governed while evaluating" in ee["notes"]
+    assert {"threshold_final", "governor_bias"} <= set(ee)
+    assert sum(ee["exit_share"]) == pytest.approx(1.0, abs=1e-3)
+    # a governed point is another setting: the ungoverned sweep does not reuse it
+    assert sweep_mod.main(args) == 2
+    assert "different settings (early_exit)" in capsys.readouterr().err
+
+
+def test_evaluation_in_another_batch_order_keeps_results_in_the_fixed_order():
+    from types import SimpleNamespace
+
+    from dynprune.eval.runners import DenseRunner
+    from dynprune.eval.structure import static_flops_model
+    from dynprune.eval.sweep_methods import evaluate_runner
+
+    from tests.helpers import tiny_batch, tiny_model
+
+    model = tiny_model("bert", layers=2, num_labels=3).eval()
+    batches = []
+    for s, seq in enumerate((7, 9, 12, 15)):
+        b = tiny_batch(batch=5, seq=seq, seed=s)
+        b["labels"] = torch.arange(5) % 3
+        batches.append(b)
+    ctx = SimpleNamespace(eval_batches=batches, fm=static_flops_model(model))
+    runner = DenseRunner(model, ctx.fm)
+    fixed = evaluate_runner(ctx, runner)
+    shuffled = evaluate_runner(ctx, runner, order=[2, 0, 3, 1])
+    assert shuffled["correct"] == fixed["correct"]
+    for key in ("accuracy", "flops_ratio", "flops_ratio_p5", "flops_ratio_p95"):
+        assert shuffled[key] == pytest.approx(fixed[key])
+    with pytest.raises(ValueError, match="permutation"):
+        evaluate_runner(ctx, runner, order=[0, 0, 1, 2])

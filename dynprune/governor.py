@@ -1,0 +1,87 @@
+"""Keep a mean FLOPs budget on target when the inputs differ from the calibration inputs.
+
+A mean-budget policy has one knob (an early-exit confidence threshold, a cascade's re-run
+threshold, a router's logit threshold) fitted on validation inputs so that their mean FLOPs
+equals the target. Inputs that differ — 20 Newsgroups' later-dated test file, traffic that
+drifts — spend more or less: early exit's validation thresholds landed 3–5 % over the target on
+that test file (results/news20/full_recipe/).
+
+:class:`MeanGovernor` corrects this online, from what the policy actually spent and without
+labels. The calibration gives ``solve(aim) -> (knob, predicted)``: the knob whose mean FLOPs ratio
+on the calibration inputs is ``predicted`` (about ``aim``). After each batch the governor updates
+
+    bias = sum over seen inputs of (spent ratio - predicted ratio of the knob it ran at) / inputs seen
+
+and the next batch runs at ``solve(target - bias)``. Inputs that spend a constant amount more than
+the calibration predicts (the shift) are answered with a knob that spends that much less; the first
+batch runs at the calibrated knob, so over n batches of the same size the mean lands within about
+shift / n of the target. Feed it batches in an order that does not drift on purpose (e.g. not sorted
+by length): it adapts to whatever it is shown, and a sorted stream teaches it a per-length knob.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+#: ``solve(aim) -> (knob, predicted mean FLOPs ratio of that knob on the calibration inputs)``
+Solver = Callable[[float], tuple[float, float]]
+
+
+class MeanGovernor:
+    """The knob of a mean-budget policy, corrected after each batch so the running mean of executed
+    FLOPs ratios stays at ``target`` (see the module docstring).
+
+    ``bounds``: the aims ``solve`` accepts (e.g. the cheapest and the dearest mean the calibration
+    inputs can reach); the governor never asks for one outside them.
+    """
+
+    def __init__(self, target: float, solve: Solver, bounds: tuple[float, float]) -> None:
+        lo, hi = bounds
+        if not (math.isfinite(target) and target > 0):
+            raise ValueError(f"governor target must be a mean FLOPs ratio > 0, got {target}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+            raise ValueError(f"governor bounds must be finite with 0 <= low <= high, got {bounds}")
+        self.target, self.bounds, self._solve = float(target), (float(lo), float(hi)), solve
+        self.learning = True
+        self._excess = 0.0  # sum over seen inputs of (spent - predicted)
+        self._spent = 0.0
+        self._seen = 0
+        self.calibrated_knob, self._predicted = solve(self._aim(0.0))
+        self.knob = self.calibrated_knob
+
+    def _aim(self, bias: float) -> float:
+        return min(max(self.target - bias, self.bounds[0]), self.bounds[1])
+
+    @property
+    def bias(self) -> float:
+        """Mean of (spent - predicted) over the inputs seen: how much more these inputs spend."""
+        return self._excess / self._seen if self._seen else 0.0
+
+    @property
+    def mean_spent(self) -> float | None:
+        """Mean executed FLOPs ratio of the inputs seen (None before the first batch)."""
+        return self._spent / self._seen if self._seen else None
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    def observe(self, spent: np.ndarray) -> None:
+        """Account one batch run at :attr:`knob` (``spent``: (B,) executed FLOPs ratios) and move
+        the knob for the next one. Does nothing once :meth:`freeze` was called."""
+        if not self.learning:
+            return
+        r = np.asarray(spent, dtype=np.float64).reshape(-1)
+        if r.size == 0 or not np.isfinite(r).all() or (r < 0).any():
+            raise ValueError("governor.observe needs a non-empty batch of finite FLOPs ratios >= 0")
+        self._excess += float((r - self._predicted).sum())
+        self._spent += float(r.sum())
+        self._seen += r.size
+        self.knob, self._predicted = self._solve(self._aim(self.bias))
+
+    def freeze(self) -> None:
+        """Stop adapting: the knob stays where it is (e.g. for timing runs after an evaluation)."""
+        self.learning = False
