@@ -7,7 +7,7 @@ gated.last.flops_ratio          # executed FLOPs / dense, per sample
 
 from dynprune.arch import ARCH_TABLE, ArchSpec, UnsupportedModelError
 from dynprune.budget import MeanBudget, TimeBudget, parse_budget
-from dynprune.calibration import BudgetModeError, Calibration, MissingCalibrationError
+from dynprune.calibration import BudgetModeError, Calibration, GovernedMean, MissingCalibrationError, govern
 from dynprune.config import GateConfig
 from dynprune.cost_model import CostTable, IncompatibleCostTableError, MissingCostTableError
 from dynprune.gates import Gates, GateScores, UnitMasks
@@ -30,6 +30,7 @@ __all__ = [
     "GatedKVCache",
     "GatedModel",
     "Gates",
+    "GovernedMean",
     "IncompatibleCostTableError",
     "IncompatibleGatesError",
     "MeanBudget",
@@ -39,6 +40,7 @@ __all__ = [
     "UnitMasks",
     "UnsupportedModelError",
     "__version__",
+    "govern",
     "load_gated_model",
     "load_gates",
     "parse_budget",

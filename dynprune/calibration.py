@@ -10,6 +10,10 @@ validation split by :mod:`dynprune.calibration_fit` / ``dynprune calibrate``):
   ``low``; inputs whose confidence (max softmax probability) is below the
   calibrated ``confidence`` run again at ``high``. Their FLOPs are the sum of
   both passes; with a cap, ``low + high <= cap``.
+
+Each entry also keeps the fit's curve (the policy's knob — threshold or confidence — against the
+mean FLOPs it gave on the calibration inputs), so :func:`govern` can correct the knob online
+(:class:`~dynprune.governor.MeanGovernor`) when the inputs served spend more or less than those.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +29,7 @@ import torch
 
 from dynprune.budget import MeanBudget, ThresholdRoute
 from dynprune.config import check_budget_value
+from dynprune.governor import MeanGovernor, curve_solver
 from dynprune.state import ForwardInfo
 
 if TYPE_CHECKING:
@@ -184,16 +189,61 @@ def check_policy_fits(gated: GatedModel, policy: Policy | str) -> None:
         )
 
 
-def mean_budget_forward(gated: GatedModel, budget: MeanBudget, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """``gated(..., budget=MeanBudget(...))``: the calibrated policy for ``budget``."""
-    if budget.target >= 1.0:
-        return gated(*args, budget=1.0, **kwargs)
+@dataclass
+class GovernedMean:
+    """A :class:`MeanBudget` whose calibrated knob is corrected online: pass it as ``budget=`` to every
+    forward of a stream (keep the one object); each forward runs the policy at the governor's knob
+    and tells it what the batch spent (:mod:`dynprune.governor`). Made by :func:`govern`."""
+
+    budget: MeanBudget
+    governor: MeanGovernor
+
+    @property
+    def spec(self) -> str:
+        return self.budget.spec
+
+
+def govern(gated: GatedModel, budget: MeanBudget) -> GovernedMean:
+    """``budget``'s calibrated policy with its knob governed (its entry's curve gives the solver)."""
     entry = gated.calibration.lookup(budget)
-    policy = entry.policy
+    curve = entry.fitted.get("curve")
+    if not curve:
+        raise MissingCalibrationError(
+            f"the calibration of {budget.spec} has no curve (fitted before governed budgets existed): "
+            + how_to_calibrate(budget)
+        )
+    solve, bounds = curve_solver(curve)
+    return GovernedMean(budget, MeanGovernor(budget.target, solve, bounds))
+
+
+def _with_knob(policy: Policy, knob: float) -> Policy:
+    if isinstance(policy, ThresholdPolicy):
+        return replace(policy, threshold=knob)
+    return replace(policy, confidence=max(knob, 0.0))
+
+
+def mean_budget_forward(
+    gated: GatedModel, budget: MeanBudget | GovernedMean, args: tuple, kwargs: dict[str, Any]
+) -> Any:
+    """``gated(..., budget=MeanBudget(...))``: the calibrated policy for ``budget``; a
+    :class:`GovernedMean` runs it at its governor's knob and reports what the inputs spent."""
+    governed = budget if isinstance(budget, GovernedMean) else None
+    mean = budget.budget if isinstance(budget, GovernedMean) else budget
+    if mean.target >= 1.0:
+        return gated(*args, budget=1.0, **kwargs)
+    policy = gated.calibration.lookup(mean).policy
+    if governed is not None:
+        policy = _with_knob(policy, governed.governor.knob)
     check_policy_fits(gated, policy)
     if isinstance(policy, ThresholdPolicy):
-        return gated(*args, budget=ThresholdRoute(budget.target, policy.threshold, budget.cap), **kwargs)
-    return cascade_forward(gated, policy, budget, args, kwargs)
+        out = gated(*args, budget=ThresholdRoute(mean.target, policy.threshold, mean.cap), **kwargs)
+    else:
+        out = cascade_forward(gated, policy, mean, args, kwargs)
+    if governed is not None:
+        info = gated.last
+        assert info is not None
+        governed.governor.observe((info.flops / info.dense_flops).double().cpu().numpy())
+    return out
 
 
 def cascade_forward(

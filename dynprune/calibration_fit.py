@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 LOW_FACTORS = (0.6, 0.7, 0.8, 0.9)  # cascade: first-pass budgets, as fractions of the target
 HIGH_FACTORS = (1.5, 2.0, 3.0)  # second-pass budgets (and dense, 1.0)
+CURVE_FACTORS = (0.5, 0.7, 0.8, 0.9, 0.95, 1.05, 1.1, 1.2, 1.3, 1.5)  # aims (x target) of the saved curve
+CURVE_POINTS = 65  # cascade: points of its saved curve
 
 
 @dataclass
@@ -86,19 +88,30 @@ def fit_threshold(
         seq = info.seq_len
         available = info.budget.double() * info.dense_flops - gated.flops.fixed(seq)
         cached.append((info.scores, available, seq))
+    threshold = _bisect_threshold(gated, cached, budget.target, iters)
+    # the curve a governor corrects along: thresholds for aims around the target, with their means
+    # here (the router's logits are those at the target, as a governed forward computes them)
+    curve = {threshold: _threshold_flops(gated, cached, threshold)}
+    for f in CURVE_FACTORS:
+        t = _bisect_threshold(gated, cached, min(budget.target * f, 1.0), iters)
+        curve[t] = _threshold_flops(gated, cached, t)
+    check = _run(gated, batches, ThresholdRoute(budget.target, threshold, budget.cap))
+    fitted = _fitted(check, batches, curve=sorted([t, m] for t, m in curve.items()))
+    return CalibrationEntry(budget, ThresholdPolicy(threshold), fitted)
+
+
+def _bisect_threshold(gated: GatedModel, cached: list[tuple[Any, Any, int]], aim: float, iters: int) -> float:
+    """The threshold whose mean FLOPs ratio over the cached router outputs is ``aim`` (at most)."""
     lo, hi = -40.0, 40.0  # FLOPs fall as the threshold rises
-    if _threshold_flops(gated, cached, lo) < budget.target:
+    if _threshold_flops(gated, cached, lo) < aim:
         lo = -1e9  # every unit eligible: the mean cannot go higher (a cap, or a tiny model)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if _threshold_flops(gated, cached, mid) > budget.target:
+        if _threshold_flops(gated, cached, mid) > aim:
             lo = mid
         else:
             hi = mid
-    threshold = hi  # mean FLOPs <= target
-    check = _run(gated, batches, ThresholdRoute(budget.target, threshold, budget.cap))
-    fitted = _fitted(check, batches)
-    return CalibrationEntry(budget, ThresholdPolicy(threshold), fitted)
+    return hi  # mean FLOPs <= aim
 
 
 def _fitted(p: _Pass, batches: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -194,8 +207,29 @@ def fit_cascade(
     ratio = passes[lo].ratio + np.where(rerun, passes[hi].ratio, 0.0)
     correct = np.where(rerun, passes[hi].correct, passes[lo].correct)
     p = _Pass(ratio, correct, passes[lo].confidence)
-    fitted = _fitted(p, batches, rerun_fraction=float(k / n), candidates={"low": lows, "high": highs})
+    fitted = _fitted(
+        p,
+        batches,
+        rerun_fraction=float(k / n),
+        candidates={"low": lows, "high": highs},
+        curve=cascade_curve(passes[lo], passes[hi], c),
+    )
     return CalibrationEntry(budget, CascadePolicy(lo, hi, c), fitted)
+
+
+def cascade_curve(low: _Pass, high: _Pass, confidence: float) -> list[list[float]]:
+    """[confidence threshold, mean FLOPs ratio] of re-running the k least confident inputs, for
+    CURVE_POINTS values of k from none to all (and the fitted ``confidence``): what a governor
+    moves the cascade's threshold along."""
+    n = low.ratio.shape[0]
+    conf = np.sort(low.confidence, kind="stable")
+    ks = np.unique(np.linspace(1, n - 1, CURVE_POINTS - 2).astype(int)) if n > 1 else []
+    knobs = {confidence, 0.0, 2.0, *(0.5 * (conf[k - 1] + conf[k]) for k in ks)}
+    points = {}
+    for c in knobs:
+        rerun = low.confidence < c
+        points[float(c)] = float((low.ratio + np.where(rerun, high.ratio, 0.0)).mean())
+    return sorted([c, m] for c, m in points.items())
 
 
 def fit(

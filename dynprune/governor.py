@@ -85,3 +85,28 @@ class MeanGovernor:
     def freeze(self) -> None:
         """Stop adapting: the knob stays where it is (e.g. for timing runs after an evaluation)."""
         self.learning = False
+
+
+def curve_solver(curve: list[list[float]] | list[tuple[float, float]]) -> tuple[Solver, tuple[float, float]]:
+    """A solver from a calibration curve, ``[[knob, mean FLOPs ratio on the calibration inputs], ...]``
+    (the points a fit measured; the mean must be monotone in the knob, either way): the knob for an
+    aim is interpolated linearly between the two points around it. Returns (solve, bounds): the
+    bounds are the curve's lowest and highest mean."""
+    points = np.asarray(curve, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 2 or not np.isfinite(points).all():
+        raise ValueError("a calibration curve needs >= 2 finite [knob, mean FLOPs ratio] points")
+    points = points[np.argsort(points[:, 0], kind="stable")]
+    step = np.diff(points[:, 1])
+    if not ((step >= -1e-12).all() or (step <= 1e-12).all()):
+        raise ValueError("a calibration curve's mean FLOPs ratio must be monotone in its knob")
+    by_mean = points[np.argsort(points[:, 1], kind="stable")]
+    means, first = np.unique(by_mean[:, 1], return_index=True)  # one knob per mean
+    knobs = by_mean[first, 0]
+
+    def solve(aim: float) -> tuple[float, float]:
+        if len(means) == 1:
+            return float(knobs[0]), float(means[0])
+        predicted = min(max(aim, float(means[0])), float(means[-1]))
+        return float(np.interp(predicted, means, knobs)), predicted
+
+    return solve, (float(means[0]), float(means[-1]))

@@ -11,7 +11,7 @@ from torch import nn
 
 from dynprune.arch import ModelParts, resolve
 from dynprune.budget import MeanBudget, ThresholdRoute, TimeBudget, batch_and_device, route_budgets
-from dynprune.calibration import Calibration, mean_budget_forward
+from dynprune.calibration import Calibration, GovernedMean, mean_budget_forward
 from dynprune.config import BACKENDS, EXECUTIONS, Backend, Execution, GateConfig, check_choice
 from dynprune.cost_model import CostTable, TimePricing, require_table
 from dynprune.exec import engine_for, whole_forward
@@ -38,6 +38,8 @@ class GatedModel(nn.Module):
     (default ``GateConfig.default_budget``): a cap per sample; or a
     :class:`~dynprune.budget.MeanBudget`: a mean over the inputs, spent by the
     policy calibrated for it (``self.calibration``, saved with the gates); or a
+    :class:`~dynprune.calibration.GovernedMean` (``dynprune.govern(gated, MeanBudget(...))``): that
+    policy with its knob corrected online from what the inputs spent; or a
     :class:`~dynprune.budget.TimeBudget`: milliseconds per input at batch 1, units priced by this
     machine's measured cost table (``self.cost_table``, saved with the gates); ``masks``: explicit
     :class:`UnitMasks` instead of the router (for tests and baselines).
@@ -121,13 +123,13 @@ class GatedModel(nn.Module):
     def forward(
         self,
         *args: Any,
-        budget: float | Tensor | MeanBudget | ThresholdRoute | TimeBudget | None = None,
+        budget: float | Tensor | MeanBudget | GovernedMean | ThresholdRoute | TimeBudget | None = None,
         masks: UnitMasks | None = None,
         **kwargs: Any,
     ) -> Any:
         """The HF model's forward under gates. Decoders: ``cache=`` a :class:`GatedKVCache` (or
         ``use_cache=True`` to get one back) holds the prefill's gates for later steps."""
-        if isinstance(budget, MeanBudget):
+        if isinstance(budget, (MeanBudget, GovernedMean)):
             if masks is not None:
                 raise ValueError("masks= chooses the units itself; it cannot be combined with a MeanBudget")
             return mean_budget_forward(self, budget, args, kwargs)

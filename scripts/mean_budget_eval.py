@@ -22,6 +22,8 @@ the batches evaluation uses, so that padded lengths and FLOPs match):
   (re-fitted here on the same validation batches as the cascades; the threshold saved at the
   end of training, fitted on all of validation at the training's evaluation batch size, is
   recorded beside it as ``saved_threshold``)
+- ``<method>_governed`` (for both calibrated methods): the same policy with its knob corrected
+  online while the test batches run in a seeded random order (``dynprune.govern``)
 - ``mean_ckpt_cap``: the mean-trained router at a cap per input = t (not what it was trained
   for: a reference, not the comparison that matters)
 Writes ``rows.csv`` (one row per seed x method x target) and ``per_example.npz`` (correct /
@@ -162,6 +164,8 @@ def main() -> None:
         return (args.seed, method, target) not in done
 
     def calibrated(method: str, gated: dynprune.GatedModel, t: float, policy: str, passes: dict) -> None:
+        if not (todo(method, t) or todo(f"{method}_governed", t)):
+            return
         saved = gated.calibration.entries.get(dynprune.MeanBudget(t).spec)
         entry = fit(gated, val, dynprune.MeanBudget(t), policy=policy, trained=trained, passes=passes)
         gated.calibration.add(entry)
@@ -173,7 +177,13 @@ def main() -> None:
         }
         if policy == "threshold" and saved is not None:
             extra["saved_threshold"] = json.dumps(saved.policy.__dict__)
-        record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
+        if todo(method, t):
+            record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
+        if todo(f"{method}_governed", t):  # the knob corrected online, test batches in a seeded random order
+            governed = dynprune.govern(gated, dynprune.MeanBudget(t))
+            order = np.random.default_rng(args.seed).permutation(len(test))
+            rec = collect(gated, [test[i] for i in order], budget=governed)
+            record(f"{method}_governed", t, rec, {**extra, "final_knob": round(governed.governor.knob, 6)})
 
     for name in args.models:
         run, stage = MODELS[name]
@@ -186,8 +196,7 @@ def main() -> None:
         for t in args.targets:
             if todo(f"{name}_cap", t):
                 record(f"{name}_cap", t, collect(gated, test, budget=t))
-            if todo(f"{name}_cascade", t):
-                calibrated(f"{name}_cascade", gated, t, "cascade", passes)
+            calibrated(f"{name}_cascade", gated, t, "cascade", passes)
     if args.mean_runs is None:
         mean_ckpt = seed_dir / args.mean_variant / "gated"
     else:
@@ -195,8 +204,7 @@ def main() -> None:
     if mean_ckpt is not None and (mean_ckpt / "gates" / "gates.json").is_file():
         gated, _ = dynprune.load_gated_model(mean_ckpt)
         for t in args.targets:
-            if todo("mean_threshold", t):
-                calibrated("mean_threshold", gated, t, "threshold", {})
+            calibrated("mean_threshold", gated, t, "threshold", {})
             if todo("mean_ckpt_cap", t):
                 record("mean_ckpt_cap", t, collect(gated, test, budget=t))
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from dynprune.train.data import DataError, model_inputs
 
 from dynprune.budget import MeanBudget, TimeBudget
+from dynprune.calibration import GovernedMean
 from dynprune.model import GatedModel
 
 
@@ -57,7 +58,7 @@ def _dense_flops_fn(model: torch.nn.Module):
 def collect(
     model: torch.nn.Module,
     dataloader,
-    budget: float | MeanBudget | TimeBudget | None = None,
+    budget: float | MeanBudget | GovernedMean | TimeBudget | None = None,
     keep_masks: bool = False,
     progress: bool = False,
     execution: str | None = None,
@@ -72,7 +73,7 @@ def collect(
     if (
         budget is not None
         and not gated
-        and (isinstance(budget, (MeanBudget, TimeBudget)) or float(budget) != 1.0)
+        and (isinstance(budget, (MeanBudget, GovernedMean, TimeBudget)) or float(budget) != 1.0)
     ):
         raise ValueError(
             f"budget={budget} needs a GatedModel (dynprune.wrap); a plain model runs dense (1.0)"
@@ -138,7 +139,7 @@ def collect(
         lengths=cat["len"],
         budget=None
         if budget is None
-        else (budget.spec if isinstance(budget, (MeanBudget, TimeBudget)) else float(budget)),
+        else (budget.spec if isinstance(budget, (MeanBudget, GovernedMean, TimeBudget)) else float(budget)),
     )
     if keep_masks and masks["layer"]:
         rec.head, rec.ffn, rec.layer = (torch.cat(masks[k])[order].numpy() for k in ("head", "ffn", "layer"))

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes)
     p.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch threads (0: torch default)")
     p.add_argument(
+        "--govern-mean",
+        action="store_true",
+        help="mean budgets: one governor per budget keeps the server's running mean FLOPs on target",
+    )
+    p.add_argument(
         "--untrained-budgets",
         action="store_true",
         help="--model: accept budgets below 1.0 although its router is untrained (smoke tests only)",

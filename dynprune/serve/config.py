@@ -32,6 +32,10 @@ class ServeConfig:
     # --model wraps a plain model with an UNTRAINED router: budgets below 1.0 are refused (their output
     # is not meaningful) unless this is set (smoke tests of batching and per-row budgets)
     untrained_budgets: bool = False
+    # requests with a mean budget ({"mean": m}) share one governor per budget (dynprune.govern): the
+    # calibrated knob is corrected from what served texts spent, so the server's running mean of
+    # executed FLOPs stays at m when traffic differs from the validation split it was fitted on
+    govern_mean: bool = False
 
     def __post_init__(self) -> None:
         try:

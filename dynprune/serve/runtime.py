@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .batcher import Batcher
 from .config import ServeConfig
@@ -11,6 +11,9 @@ from .engine import ClassifierEngine
 from .generator import GeneratorEngine
 from .metrics import ServeMetrics
 from .tokens import Tokens
+
+if TYPE_CHECKING:
+    from dynprune.calibration import GovernedMean
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Runtime:
     def __init__(self, engine: ClassifierEngine | GeneratorEngine, cfg: ServeConfig):
         self.engine, self.cfg = engine, cfg
         self.draining = False
+        self.governed: dict[str, GovernedMean] = {}  # cfg.govern_mean: by mean-budget spec
         self.metrics = ServeMetrics(queue_depth=lambda: self.batcher.depth())
         self.batcher = Batcher(
             self.run_jobs,

@@ -66,7 +66,17 @@ def group_budget(spec: MeanBudget | TimeBudget, rt: Runtime):
     own); a 422 now for what the model cannot do at all (no cost table, an untrained router)."""
     refuse_untrained(rt, "budget", "a budget object")
     if isinstance(spec, MeanBudget):
-        return dynprune.MeanBudget(spec.mean, cap=spec.cap)
+        mean = dynprune.MeanBudget(spec.mean, cap=spec.cap)
+        if not rt.cfg.govern_mean:
+            return mean
+        if mean.spec not in rt.governed:
+            try:
+                rt.governed[mean.spec] = dynprune.govern(rt.engine.gated, mean)
+            except ValueError as err:  # no calibration (or one without a curve) for this mean
+                raise ApiError(
+                    422, "unsupported", f"budget: {err}", field="budget", reason="unsupported"
+                ) from err
+        return rt.governed[mean.spec]
     if rt.engine.gated.cost_table is None:
         raise _invalid(
             "budget", f"budget.ms needs this machine's cost table saved with the gates: {how_to_calibrate()}"
