@@ -203,8 +203,9 @@ class GovernedMean:
         return self.budget.spec
 
 
-def govern(gated: GatedModel, budget: MeanBudget) -> GovernedMean:
-    """``budget``'s calibrated policy with its knob governed (its entry's curve gives the solver)."""
+def govern(gated: GatedModel, budget: MeanBudget, prior: int = 128) -> GovernedMean:
+    """``budget``'s calibrated policy with its knob governed (its entry's curve gives the solver;
+    ``prior``: inputs the calibration counts as, see :class:`~dynprune.governor.MeanGovernor`)."""
     entry = gated.calibration.lookup(budget)
     curve = entry.fitted.get("curve")
     if not curve:
@@ -213,7 +214,7 @@ def govern(gated: GatedModel, budget: MeanBudget) -> GovernedMean:
             + how_to_calibrate(budget)
         )
     solve, bounds = curve_solver(curve)
-    return GovernedMean(budget, MeanGovernor(budget.target, solve, bounds))
+    return GovernedMean(budget, MeanGovernor(budget.target, solve, bounds, prior))
 
 
 def _with_knob(policy: Policy, knob: float) -> Policy:

@@ -23,7 +23,10 @@ the batches evaluation uses, so that padded lengths and FLOPs match):
   end of training, fitted on all of validation at the training's evaluation batch size, is
   recorded beside it as ``saved_threshold``)
 - ``<method>_governed`` (for both calibrated methods): the same policy with its knob corrected
-  online while the test batches run in a seeded random order (``dynprune.govern``)
+  online while the test batches run in a seeded random order (``dynprune.govern``); when the
+  method's own row exists from an earlier call, ``<method>_refit`` is the ungoverned policy of
+  this call's fit (floating-point differences between machines can change which cascade pair
+  wins), the reference the governed row is compared with
 - ``mean_ckpt_cap``: the mean-trained router at a cap per input = t (not what it was trained
   for: a reference, not the comparison that matters)
 Writes ``rows.csv`` (one row per seed x method x target) and ``per_example.npz`` (correct /
@@ -177,9 +180,12 @@ def main() -> None:
         }
         if policy == "threshold" and saved is not None:
             extra["saved_threshold"] = json.dumps(saved.policy.__dict__)
-        if todo(method, t):
+        fresh = todo(method, t)
+        if fresh:
             record(method, t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
         if todo(f"{method}_governed", t):  # the knob corrected online, test batches in a seeded random order
+            if not fresh:  # the fit may differ from the one the method's row had: its own reference
+                record(f"{method}_refit", t, collect(gated, test, budget=dynprune.MeanBudget(t)), extra)
             governed = dynprune.govern(gated, dynprune.MeanBudget(t))
             order = np.random.default_rng(args.seed).permutation(len(test))
             rec = collect(gated, [test[i] for i in order], budget=governed)

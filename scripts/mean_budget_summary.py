@@ -30,7 +30,8 @@ from dynprune.eval.sweep_stats import t_interval
 #: rows written before the eval recorded its machine
 MACHINE = "2-core AMD EPYC VM, CPU only, torch 2.13.0+cpu, 2 threads"
 ORDER = (
-    "dense", "static_cap", "static_cascade", "dynamic_cap", "dynamic_cascade", "mean_ckpt_cap", "mean_threshold",
+    "dense", "static_cap", "static_cascade", "static_cascade_refit", "static_cascade_governed", "dynamic_cap",
+    "dynamic_cascade", "mean_ckpt_cap", "mean_threshold", "mean_threshold_refit", "mean_threshold_governed",
 )  # fmt: skip
 WHAT = {
     "dense": "dense teacher",
@@ -40,6 +41,12 @@ WHAT = {
     "dynamic_cascade": "dynamic cap-trained router, MeanBudget(target), cascade policy",
     "mean_ckpt_cap": "router trained with gate.budget_mode=mean, run with a cap per input = target",
     "mean_threshold": "router trained with gate.budget_mode=mean, MeanBudget(target), threshold policy",
+    "static_cascade_refit": "static_cascade re-fitted in the call that measured static_cascade_governed (the "
+    "same fit, ungoverned: the governed row's reference)",
+    "static_cascade_governed": "that fit with its confidence threshold governed online (dynprune.govern, prior "
+    "128 inputs; test batches in a seeded random order)",
+    "mean_threshold_refit": "mean_threshold re-fitted with mean_threshold_governed (its reference)",
+    "mean_threshold_governed": "that fit with its threshold governed online (dynprune.govern)",
 }
 PAIRS = (  # (mean-budget policy, cap mode it is compared with)
     ("static_cascade", "static_cap"),
@@ -48,6 +55,9 @@ PAIRS = (  # (mean-budget policy, cap mode it is compared with)
     ("mean_threshold", "mean_ckpt_cap"),
     ("mean_threshold", "static_cap"),
     ("mean_threshold", "static_cascade"),
+    ("static_cascade_governed", "static_cascade_refit"),
+    ("static_cascade_governed", "static_cap"),
+    ("mean_threshold_governed", "mean_threshold_refit"),
 )
 #: two-sided 95 % Student t quantiles by degrees of freedom (seeds - 1)
 N_BOOT = 10_000

@@ -257,12 +257,14 @@ def calibrate_threshold(confidence: np.ndarray, ratios: np.ndarray, target: floa
     return t, mean_ratio(t)
 
 
-def threshold_governor(confidence: np.ndarray, ratios: np.ndarray, target: float) -> MeanGovernor:
+def threshold_governor(
+    confidence: np.ndarray, ratios: np.ndarray, target: float, prior: int = 128
+) -> MeanGovernor:
     """A :class:`MeanGovernor` whose knob is the exit threshold, solved by :func:`calibrate_threshold`
     on these samples (confidence, ratios: (L, N)); it may aim anywhere between every sample leaving
     at the first exit and every sample running to the last."""
     bounds = (float(ratios[0].mean()), float(ratios[-1].mean()))
-    return MeanGovernor(target, lambda aim: calibrate_threshold(confidence, ratios, aim), bounds)
+    return MeanGovernor(target, lambda aim: calibrate_threshold(confidence, ratios, aim), bounds, prior)
 
 
 class EarlyExitObjective:

@@ -36,7 +36,7 @@ def test_a_governed_mean_lands_where_the_calibrated_policy_misses(mode, seq, voc
     served = _served(16, seq, vocab)
     fixed = float(_ratios(gated, served, budget).mean())
     assert abs(fixed - 0.4) > 0.05 * 0.4  # these inputs spend far more than the calibration's
-    governed = dynprune.govern(gated, budget)
+    governed = dynprune.govern(gated, budget, prior=16)  # a short stream: 16 batches of 16
     got = float(_ratios(gated, served, governed).mean())
     assert abs(got - 0.4) <= 0.02 * 0.4
     assert governed.governor.seen == 16 * 16

@@ -23,7 +23,7 @@ def _linear_policy(shift: float):
 def test_a_constant_shift_is_cancelled_and_the_mean_lands_on_the_target(shift):
     solve, spend = _linear_policy(shift)
     rng = np.random.default_rng(0)
-    gov = MeanGovernor(0.25, solve, bounds=(0.05, 1.0))
+    gov = MeanGovernor(0.25, solve, bounds=(0.05, 1.0), prior=0)
     assert gov.knob == gov.calibrated_knob == 0.25 and gov.mean_spent is None
     for _ in range(40):
         gov.observe(spend(gov.knob, rng, 64))
@@ -45,7 +45,7 @@ def test_the_aim_stays_inside_the_bounds():
         return solve(aim)
 
     rng = np.random.default_rng(1)
-    gov = MeanGovernor(0.25, recording, bounds=(0.1, 0.9))
+    gov = MeanGovernor(0.25, recording, bounds=(0.1, 0.9), prior=0)
     for _ in range(5):
         gov.observe(spend(gov.knob, rng, 8))
     assert min(asked) == pytest.approx(0.1) and max(asked) <= 0.9
@@ -76,6 +76,21 @@ def test_frozen_governor_keeps_its_knob():
 def test_bad_settings_are_refused(target, bounds, message):
     with pytest.raises(ValueError, match=message):
         MeanGovernor(target, lambda aim: (aim, aim), bounds)
+    with pytest.raises(ValueError, match="prior"):
+        MeanGovernor(0.5, lambda aim: (aim, aim), (0.0, 1.0), prior=-1)
+
+
+def test_the_prior_keeps_one_unusual_batch_from_swinging_the_knob():
+    """No shift, but the first batch happens to spend 0.1 more (short or long inputs, say)."""
+    for prior, moved in ((0, 0.1), (128, 0.1 * 64 / (64 + 128))):
+        gov = MeanGovernor(0.25, lambda aim: (aim, aim), (0.0, 1.0), prior=prior)
+        gov.observe(np.full(64, 0.35))
+        assert gov.bias == pytest.approx(moved) and gov.knob == pytest.approx(0.25 - moved)
+    # over a long stream the prior weighs little: a constant shift is still found
+    gov = MeanGovernor(0.25, lambda aim: (aim, aim), (0.0, 1.0))
+    for _ in range(200):
+        gov.observe(np.full(64, gov.knob + 0.02))
+    assert gov.bias == pytest.approx(0.02, rel=0.02)
 
 
 @pytest.mark.parametrize("batch", [[], [0.2, float("nan")], [0.2, -0.1]])

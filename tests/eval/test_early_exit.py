@@ -137,7 +137,7 @@ def test_a_governed_threshold_lands_the_mean_when_the_inputs_are_less_confident(
     served = np.clip(np.sort(rng.uniform(0.4, 1.0, size=(n_exits, n)), axis=0) - 0.06, 0, 1)
     target = 0.4
     fixed, _ = calibrate_threshold(conf, ratios_of(n), target)
-    gov = threshold_governor(conf, ratios_of(n), target)
+    gov = threshold_governor(conf, ratios_of(n), target, prior=0)
     assert gov.knob == fixed
     spent_fixed, spent_gov = [], []
     for b in np.array_split(np.arange(n), n // 64):  # batches of 64 served inputs
