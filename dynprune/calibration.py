@@ -48,10 +48,11 @@ class BudgetModeError(ValueError):
     """A policy was asked of a checkpoint that was not trained for it."""
 
 
-def how_to_calibrate(budget: MeanBudget) -> str:
+def how_to_calibrate(budget: MeanBudget, replace: bool = False) -> str:
     cap = "" if budget.cap is None else f" --cap {budget.cap:g}"
+    verb, flag = ("re-fit it", " --overwrite") if replace else ("make one", "")
     return (
-        f"make one with `dynprune calibrate --checkpoint DIR --target {budget.target:g}{cap}` "
+        f"{verb} with `dynprune calibrate --checkpoint DIR --target {budget.target:g}{cap}{flag}` "
         "(fits the policy on the validation split and saves it in DIR/gates/calibration.json)"
     )
 
@@ -211,7 +212,7 @@ def govern(gated: GatedModel, budget: MeanBudget, prior: int = 128) -> GovernedM
     if not curve:
         raise MissingCalibrationError(
             f"the calibration of {budget.spec} has no curve (fitted before governed budgets existed): "
-            + how_to_calibrate(budget)
+            + how_to_calibrate(budget, replace=True)
         )
     solve, bounds = curve_solver(curve)
     return GovernedMean(budget, MeanGovernor(budget.target, solve, bounds, prior))

@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-untrained-budgets", action="store_true", help="allow budgets outside the trained range"
     )
     p.add_argument(
+        "--govern",
+        action="store_true",
+        help="mean budgets: correct each policy's knob online while evaluating (dynprune.govern; batches "
+        "in a seeded random order), so the mean lands on the target when these inputs differ from the "
+        "calibration's",
+    )
+    p.add_argument(
         "--export-frozen",
         type=Path,
         default=None,
@@ -155,18 +162,23 @@ def _budget_order(b: float | MeanBudget | TimeBudget) -> tuple[float, int, float
     return (float(b), 1, 0.0)
 
 
-def result_paths(out: Path, budgets: list[float | MeanBudget] | list[str]) -> tuple[Path, Path]:
-    """eval-<budgets>.json / .csv in ``out`` (budgets in evaluation order: highest first)."""
+def result_paths(
+    out: Path, budgets: list[float | MeanBudget] | list[str], governed: bool = False
+) -> tuple[Path, Path]:
+    """eval-<budgets>[-governed].json / .csv in ``out`` (budgets in evaluation order: highest first)."""
     ordered = sorted(
         {budget_spec(parse_budget(b)): parse_budget(b) for b in budgets}.values(), key=_budget_order
     )
     name = "eval-" + "_".join(budget_spec(b).replace(":", "").replace(",", "-") for b in reversed(ordered))
+    name += "-governed" if governed else ""
     return out / f"{name}.json", out / f"{name}.csv"
 
 
-def output_paths(out: Path, budgets: list[float | MeanBudget], overwrite: bool) -> tuple[Path, Path]:
+def output_paths(
+    out: Path, budgets: list[float | MeanBudget], overwrite: bool, governed: bool = False
+) -> tuple[Path, Path]:
     """:func:`result_paths`; an existing result is an error unless ``overwrite``."""
-    paths = result_paths(out, budgets)
+    paths = result_paths(out, budgets, governed)
     if not overwrite and any(p.exists() for p in paths):
         raise EvalError(
             f"{paths[0]} already holds a result for these budgets; pass --overwrite to replace it "
@@ -256,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(b, MeanBudget) and b.target < 1.0:
             try:
                 check_policy_fits(gated, gated.calibration.lookup(b).policy)
+                if args.govern:
+                    dynprune.govern(gated, b)  # its calibration has the curve a governor needs
             except ValueError as err:
                 raise EvalError(str(err).replace("DIR", str(ckpt))) from None
     if any(isinstance(b, TimeBudget) for b in budgets):  # ms budgets need this machine's cost table
@@ -266,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise EvalError(str(err).replace("DIR", str(ckpt))) from None
     out = args.out or ckpt / "eval"
-    json_path, csv_path = output_paths(out, budgets, args.overwrite)
+    json_path, csv_path = output_paths(out, budgets, args.overwrite, args.govern)
     examples = load_examples(args, train_cfg, label_names, tokenizer)
     torch.set_num_threads(args.threads)
     from dynprune.eval.evaluate import evaluate_checkpoint, print_table

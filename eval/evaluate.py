@@ -19,6 +19,7 @@ from dynprune.eval.latency import TimingInputs, measure
 from dynprune.eval.runners import DenseRunner, GatedRunner
 from dynprune.eval.timing import materialize
 
+import dynprune
 from dynprune.budget import MeanBudget, TimeBudget, budget_spec
 from dynprune.model import GatedModel
 
@@ -56,13 +57,27 @@ def evaluate_checkpoint(
         fraction = None if isinstance(b, TimeBudget) else b.target if isinstance(b, MeanBudget) else b
         if fraction is not None and fraction >= 1.0:
             continue
-        rec = collect(gated, batches, budget=b, keep_masks=True)
+        run_as: Any = b
+        if getattr(args, "govern", False) and isinstance(b, MeanBudget):
+            run_as = dynprune.govern(gated, b)  # batches in a seeded random order: not sorted by length
+            order = np.random.default_rng(0).permutation(len(batches))
+            rec = collect(gated, [batches[i] for i in order], budget=run_as, keep_masks=True)
+            run_as.governor.freeze()  # the timing below runs at the knob it ended on
+        else:
+            rec = collect(gated, batches, budget=b, keep_masks=True)
         row: dict[str, Any] = {
             "budget": fraction,  # None for a time budget (budget_spec: ms:4)
             "budget_spec": budget_spec(b),
             **_stats(summarize(rec)),
             "compute": where_compute_goes(rec.flops_ratio, rec.lengths, dense_conf),
         }
+        if run_as is not b:
+            gov = run_as.governor
+            row["governor"] = {
+                "calibrated_knob": gov.calibrated_knob,
+                "final_knob": gov.knob,
+                "bias": gov.bias,
+            }
         if gated.cost_table is not None and rec.head is not None:
             row.update(predicted_ms(gated.cost_table, rec))
         if rec.head is not None:
@@ -73,7 +88,7 @@ def evaluate_checkpoint(
                 "layer": rec.layer.mean(axis=0).round(4).tolist(),  # type: ignore[union-attr]
             }
         if timing is not None:
-            lat = measure(dense_runner, GatedRunner(gated, b), timing, warmup=2, repeats=args.repeats)
+            lat = measure(dense_runner, GatedRunner(gated, run_as), timing, warmup=2, repeats=args.repeats)
             for key, value in lat.items():
                 row.update(
                     {

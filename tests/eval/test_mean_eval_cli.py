@@ -64,3 +64,31 @@ def test_calibrate_then_eval_mean_budget_and_no_silent_overwrite(ckpt, capsys):
 def test_bad_mean_budgets_fail_fast(ckpt, capsys, budget, message):
     assert cli_main(["eval", "--checkpoint", str(ckpt), "--budget", budget, *FAST]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_governed_evaluation_writes_a_file_of_its_own_with_the_governors_account(ckpt, capsys):
+    assert cli_main(["calibrate", "--checkpoint", str(ckpt), "--target", "0.4", "--threads", "1"]) == 0
+    assert cli_main(["eval", "--checkpoint", str(ckpt), "--budget", "mean:0.4", "--govern", *FAST]) == 0
+    result = ckpt / "eval" / "eval-mean0.4-governed.json"
+    rows = {r["budget_spec"]: r for r in json.loads(result.read_text())["rows"]}
+    gov = rows["mean:0.4"]["governor"]
+    assert set(gov) == {"calibrated_knob", "final_knob", "bias"}
+    assert gov["final_knob"] != gov["calibrated_knob"] or gov["bias"] == 0.0
+    # the ungoverned evaluation of the same budget is another result, not an overwrite
+    assert cli_main(["eval", "--checkpoint", str(ckpt), "--budget", "mean:0.4", *FAST]) == 0
+    assert (ckpt / "eval" / "eval-mean0.4.json").is_file() and result.is_file()
+
+
+def test_governing_a_calibration_without_a_curve_is_refused_before_work(ckpt, capsys):
+    assert cli_main(["calibrate", "--checkpoint", str(ckpt), "--target", "0.4", "--threads", "1"]) == 0
+    path = ckpt / "gates" / "calibration.json"
+    saved = json.loads(path.read_text())
+    del saved["entries"]["mean:0.4"]["fitted"]["curve"]  # as written before governed budgets existed
+    path.write_text(json.dumps(saved))
+    rc = cli_main(["eval", "--checkpoint", str(ckpt), "--budget", "mean:0.4", "--govern", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no curve" in err
+    fix = f"dynprune calibrate --checkpoint {ckpt} --target 0.4 --overwrite"
+    assert fix in err and not (ckpt / "eval").exists()
+    assert cli_main([*fix.split()[1:], "--threads", "1"]) == 0  # the advice works
+    assert cli_main(["eval", "--checkpoint", str(ckpt), "--budget", "mean:0.4", "--govern", *FAST]) == 0
