@@ -371,7 +371,7 @@ def test_evaluation_in_another_batch_order_keeps_results_in_the_fixed_order():
 
     from dynprune.eval.runners import DenseRunner
     from dynprune.eval.structure import static_flops_model
-    from dynprune.eval.sweep_methods import evaluate_runner
+    from dynprune.eval.sweep_measure import evaluate_runner
 
     from tests.helpers import tiny_batch, tiny_model
 
