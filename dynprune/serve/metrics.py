@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from dynprune.governor import MeanGovernor
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,6 +65,25 @@ class ServeMetrics:
         )
         self.queue_depth = Gauge("dynprune_queue_depth", "Texts waiting for a forward", registry=r)
         self.queue_depth.set_function(queue_depth)
+        self.governed_spent = Gauge(
+            "dynprune_governed_mean_flops_ratio",
+            "Mean executed FLOPs ratio of the texts a governed mean budget served (--govern-mean)",
+            ["budget"],
+            registry=r,
+        )
+        self.governed_knob = Gauge(
+            "dynprune_governed_knob",
+            "The governed policy's knob now (threshold or confidence), by mean budget (--govern-mean)",
+            ["budget"],
+            registry=r,
+        )
+
+    def watch_governor(self, spec: str, governor: MeanGovernor) -> None:
+        """Expose a governed mean budget's running mean and knob (read at each scrape)."""
+        self.governed_spent.labels(spec).set_function(
+            lambda: float("nan") if governor.mean_spent is None else governor.mean_spent
+        )
+        self.governed_knob.labels(spec).set_function(lambda: governor.knob)
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -53,6 +53,13 @@ def test_requests_with_one_mean_budget_share_its_governor(governed_client):
     gov = rt.governed["mean:0.5"].governor
     assert gov.seen == 3 * len(TEXTS)  # every text of every request
     assert gov.mean_spent == pytest.approx(float(np.mean(spent)), rel=1e-4)
+    shown = {  # and /metrics shows it
+        line.split("{")[0]: float(line.split()[-1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("dynprune_governed_") and 'budget="mean:0.5"' in line
+    }
+    assert shown["dynprune_governed_mean_flops_ratio"] == pytest.approx(gov.mean_spent)
+    assert shown["dynprune_governed_knob"] == pytest.approx(gov.knob)
 
 
 def test_a_mean_budget_without_a_calibration_is_refused_before_it_runs(governed_client):

@@ -76,6 +76,7 @@ def group_budget(spec: MeanBudget | TimeBudget, rt: Runtime):
                 raise ApiError(
                     422, "unsupported", f"budget: {err}", field="budget", reason="unsupported"
                 ) from err
+            rt.metrics.watch_governor(mean.spec, rt.governed[mean.spec].governor)
         return rt.governed[mean.spec]
     if rt.engine.gated.cost_table is None:
         raise _invalid(
