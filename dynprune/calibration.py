@@ -207,6 +207,8 @@ class GovernedMean:
 def govern(gated: GatedModel, budget: MeanBudget, prior: int = 128) -> GovernedMean:
     """``budget``'s calibrated policy with its knob governed (its entry's curve gives the solver;
     ``prior``: inputs the calibration counts as, see :class:`~dynprune.governor.MeanGovernor`)."""
+    if budget.target >= 1.0:  # dense: nothing to govern (mean_budget_forward runs the model as is)
+        return GovernedMean(budget, MeanGovernor(1.0, lambda aim: (0.0, 1.0), (1.0, 1.0), prior))
     entry = gated.calibration.lookup(budget)
     curve = entry.fitted.get("curve")
     if not curve:

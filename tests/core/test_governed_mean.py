@@ -81,6 +81,10 @@ def test_the_curve_is_saved_with_the_gates_and_a_calibration_without_one_is_refu
         dynprune.govern(gated, budget)
     with pytest.raises(MissingCalibrationError, match="dynprune calibrate"):
         dynprune.govern(gated, MeanBudget(0.3))
+    dense = dynprune.govern(gated, MeanBudget(1.0))  # needs no calibration: runs the model as is
+    b = _served(1, 14, VOCAB)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(gated(**b, budget=dense).logits, gated(**b, budget=1.0).logits)
 
 
 def test_curve_solver_interpolates_inside_and_clamps_outside():
