@@ -232,7 +232,7 @@ def mean_budget_forward(
     """``gated(..., budget=MeanBudget(...))``: the calibrated policy for ``budget``; a
     :class:`GovernedMean` runs it at its governor's knob and reports what the inputs spent."""
     governed = budget if isinstance(budget, GovernedMean) else None
-    mean = budget.budget if isinstance(budget, GovernedMean) else budget
+    mean = budget if governed is None else governed.budget
     if mean.target >= 1.0:
         return gated(*args, budget=1.0, **kwargs)
     policy = gated.calibration.lookup(mean).policy
