@@ -29,7 +29,7 @@ COLUMNS = [
 
 METHODS = (
     "dense", "dynamic", "magnitude", "ln_structured", "iterative", "static_gates", "search", "random",
-    "early_exit", "static_early_exit", "static_gates_ft",
+    "early_exit", "static_early_exit", "static_gates_ft", "static_cascade",
 )  # fmt: skip
 
 STYLE = {
@@ -44,6 +44,7 @@ STYLE = {
     "early_exit": dict(color="tab:orange", marker="X", linewidth=2.0),
     "static_early_exit": dict(color="tab:brown", marker="h", linewidth=2.0),
     "static_gates_ft": dict(color="tab:green", marker="^", linestyle="--"),
+    "static_cascade": dict(color="tab:pink", marker="d", linewidth=2.0),
 }
 
 

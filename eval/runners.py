@@ -84,7 +84,7 @@ class GatedRunner(Runner):
     PyTorch eager: the sweep compares methods on one engine. Engines (ONNX Runtime dense, the
     gated model's default ORT engine on CPU) are compared by ``dynprune bench cpu``."""
 
-    def __init__(self, gated: GatedModel, budget: float, name: str = "dynamic") -> None:
+    def __init__(self, gated: GatedModel, budget: Any, name: str = "dynamic") -> None:
         super().__init__()
         self.model, self.budget, self.name = gated, budget, name
         self.last_masks: UnitMasks | None = None
@@ -98,3 +98,8 @@ class GatedRunner(Runner):
         self.last_flops = info.flops.detach().double().cpu()
         self.last_masks = info.masks
         return logits
+
+    def end_evaluation(self) -> None:
+        governor = getattr(self.budget, "governor", None)  # a GovernedMean: timing runs at its last knob
+        if governor is not None:
+            governor.freeze()

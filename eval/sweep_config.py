@@ -143,6 +143,24 @@ class EarlyExitSection:
 
 
 @dataclass
+class CascadeSection:
+    """static_cascade: the static control at a mean budget, run low and the least confident re-run high."""
+
+    # Validation examples the (low, high, confidence) triple is fitted on (labels used: the pair with
+    # the best validation accuracy at mean FLOPs <= the budget); null = all of the split the sweep loaded
+    calibration_examples: int | None = None
+    # Correct the confidence threshold online while evaluating (dynprune.govern, no labels), batches in
+    # a seeded random order, as early_exit.governor does for exit thresholds
+    governor: bool = True
+
+    def __post_init__(self) -> None:
+        if self.calibration_examples is not None and self.calibration_examples <= 0:
+            raise ValueError(
+                f"cascade.calibration_examples must be > 0 or null, got {self.calibration_examples}"
+            )
+
+
+@dataclass
 class StatsConfig:
     """How the summary compares methods: paired bootstrap over test examples, seed counts."""
 
@@ -210,6 +228,7 @@ class SweepConfig:
     evaluation: EvalSection = field(default_factory=EvalSection)
     timing: TimingConfig = field(default_factory=TimingConfig)
     early_exit: EarlyExitSection = field(default_factory=EarlyExitSection)
+    cascade: CascadeSection = field(default_factory=CascadeSection)
     stats: StatsConfig = field(default_factory=StatsConfig)
     quick: QuickConfig = field(default_factory=QuickConfig)
     # When set (--quick sets it), comparisons are printed under this label, without MET/MISSED verdicts
@@ -306,6 +325,7 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
         "evaluation": EvalSection,
         "timing": TimingConfig,
         "early_exit": EarlyExitSection,
+        "cascade": CascadeSection,
         "stats": StatsConfig,
         "quick": QuickConfig,
     }
@@ -316,7 +336,7 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
 # Sections whose change invalidates finished points (a re-run with other values starts over).
 POINT_KEYS = (
     "training_dir", "seed", "seed_training_dir", "budget_mode", "max_train_examples", "finetune",
-    "structured", "search", "evaluation", "early_exit",
+    "structured", "search", "evaluation", "early_exit", "cascade",
 )  # fmt: skip
 
 
@@ -331,7 +351,11 @@ def changed_settings(saved: dict[str, Any], cfg: SweepConfig) -> list[str]:
     A setting added to the config since (absent from ``saved``) counts as unchanged at its default:
     points computed before it existed were computed as that default computes them."""
     now, default = fingerprint(cfg), fingerprint(SweepConfig())
-    return sorted(k for k in set(saved) | set(now) if _changed(saved.get(k), now.get(k), default.get(k)))
+    return sorted(
+        k
+        for k in set(saved) | set(now)
+        if (_changed(saved[k], now.get(k), default.get(k)) if k in saved else now[k] != default.get(k))
+    )
 
 
 def _changed(saved: Any, now: Any, default: Any) -> bool:

@@ -12,8 +12,10 @@ per-layer counts); ``early_exit`` (a classifier after every layer, calibrated co
 threshold, :mod:`dynprune.eval.sweep_early_exit`); ``static_early_exit`` (width from the
 static control, depth from exits: the static_gates model at a wider budget with exits calibrated
 down to the target mean); ``static_gates_ft`` (static_gates fine-tuned for the exits' extra steps,
-no exits: their equal-steps control, :mod:`dynprune.eval.sweep_static_gates`). Every point function is
-``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft)
+no exits: their equal-steps control, :mod:`dynprune.eval.sweep_static_gates`); ``static_cascade``
+(the static control at a mean budget: run low, the least confident re-run high,
+:mod:`dynprune.eval.sweep_cascade`). Every point function is
+``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft, static_cascade)
 use ``seed`` (a training run per seed for the first two), the classic methods run
 once with the sweep's ``seed``. Every static method's model is exported as a smaller HF
 directory (sparse for magnitude) and the *reloaded export* is what is
@@ -339,6 +341,7 @@ POINTS = {
     "random": point_random,
     "early_exit": lambda ctx, budget, seed: _early_exit(ctx, budget, seed),
     "static_early_exit": lambda ctx, budget, seed: _static_early_exit(ctx, budget, seed),
+    "static_cascade": lambda ctx, budget, seed: _static_cascade(ctx, budget, seed),
 }
 
 
@@ -352,6 +355,12 @@ def _static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str,
     from dynprune.eval.sweep_early_exit import point_static_early_exit
 
     return point_static_early_exit(ctx, budget, seed)
+
+
+def _static_cascade(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
+    from dynprune.eval.sweep_cascade import point_static_cascade
+
+    return point_static_cascade(ctx, budget, seed)
 
 
 def _static_gates(ctx: SweepContext, budget: float, seed: int, finetuned: bool = False) -> dict[str, Any]:

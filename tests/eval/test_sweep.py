@@ -62,10 +62,10 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         "dense@1_s0.json",
         *(f"{m}@{b}_s0.json"
           for m in ("dynamic", "static_gates", "early_exit", "static_early_exit", "static_gates_ft",
-                    "ln_structured", "random")
+                    "static_cascade", "ln_structured", "random")
           for b in (0.3, 0.5)),
     }  # fmt: skip
-    assert len(_rows(out)) == 15  # the CSV is rewritten after every point
+    assert len(_rows(out)) == 17  # the CSV is rewritten after every point
     before = {name: (out / "points" / name).read_bytes() for name in done_first}
     assert crash.calls[-1] == ("search", 0.3)
 
@@ -118,6 +118,18 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         assert f"static_gates@{b:g}_s0" in ft["notes"]
         static = json.loads((out / "points" / f"static_gates@{b}_s0.json").read_text())
         assert ft["loss"] != pytest.approx(static["loss"], rel=1e-6)  # the fine-tune moved the weights
+        # the static control at a mean budget: run low, the least confident re-run high, governed
+        sc = json.loads((out / "points" / f"static_cascade@{b}_s0.json").read_text())
+        assert sc["cascade"]["low"] < b < sc["cascade"]["high"] and sc["finetune_steps"] == 0
+        assert sc["calibration_flops_ratio"] <= b + 1e-9 and sc["calibration_examples"] == 24
+        assert 0.0 <= sc["rerun_share"] <= 1.0 and "governed while evaluating" in sc["notes"]
+        # an input costs low, or low + high when re-run: p5 at the first pass, the mean between
+        assert float(sc["flops_ratio_p5"]) <= sc["cascade"]["low"] + 0.05
+        assert (
+            float(sc["flops_ratio_p5"])
+            <= float(sc["flops_ratio"])
+            <= sc["cascade"]["low"] + sc["cascade"]["high"]
+        )
         for m in ("ln_structured", "iterative", "search", "random", "static_gates", "static_gates_ft"):
             r = by[m, b]
             assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
@@ -195,6 +207,11 @@ def test_a_setting_added_since_resumes_at_its_default(tiny_run, tmp_path, capsys
     assert sweep_mod.main(args) == 0
     assert sweep_mod.main([*args, "--early_exit.width_factor=3"]) == 2
     assert "different settings (early_exit)" in capsys.readouterr().err
+    del saved["fingerprint"]["cascade"]  # a whole section added since
+    meta.write_text(json.dumps(saved))
+    assert sweep_mod.main(args) == 0
+    assert sweep_mod.main([*args, "--cascade.governor=false"]) == 2
+    assert "different settings (cascade)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -208,6 +225,8 @@ def test_a_setting_added_since_resumes_at_its_default(tiny_run, tmp_path, capsys
         (["--finetune.stepz=3"], "finetune"),
         (["--timing.repeats=0"], "timing.repeats"),
         (["--early_exit.width_factor=0.5"], "early_exit.width_factor must be >= 1"),
+        (["--cascade.calibration_examples=0"], "cascade.calibration_examples must be > 0"),
+        (["--methods=[static_cascade]", "--budgets=[0.2]"], "static_cascade cannot run budget 0.2"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tiny_run, tmp_path, capsys, extra, message):
@@ -350,6 +369,22 @@ def test_thresholds_fitted_on_the_evaluation_inputs_land_the_mean_there(tiny_run
     assert ee["calibration_examples"] == 24
     assert float(ee["flops_ratio"]) == pytest.approx(ee["calibration_flops_ratio"], rel=1e-9)
     assert "evaluation inputs' mean FLOPs" in ee["notes"]
+
+
+def test_a_cascade_fitted_on_the_evaluation_inputs_reproduces_its_fit_there(tiny_run, tmp_path):
+    """Ungoverned, fitted on the very batches it is evaluated on: the executed mean FLOPs and accuracy
+    are the fit's (the point runs the fitted policy, both passes counted), and the re-run share is the
+    fit's too."""
+    args = _args(
+        tiny_run, tmp_path, "--methods=[static_cascade]", "--budgets=[0.5]", "--evaluation.split=validation"
+    )
+    assert sweep_mod.main([*args, "--cascade.governor=false"]) == 0
+    sc = json.loads((tmp_path / "out" / "points" / "static_cascade@0.5_s0.json").read_text())
+    assert sc["calibration_examples"] == 24 and "governed" not in sc["notes"]
+    assert float(sc["flops_ratio"]) == pytest.approx(sc["calibration_flops_ratio"], rel=1e-9)
+    fitted = sc["notes"].split("fitted on 24 validation examples: accuracy ")[1]
+    assert float(sc["accuracy"]) == pytest.approx(float(fitted.split(",")[0]), abs=1e-4)
+    assert f"{sc['rerun_share']:.1%} re-run)" in sc["notes"]
 
 
 def test_a_governed_early_exit_reports_its_correction_and_where_inputs_left(tiny_run, tmp_path, capsys):
