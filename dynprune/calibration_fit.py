@@ -37,7 +37,7 @@ CURVE_POINTS = 65  # cascade: points of its saved curve
 
 
 @dataclass
-class _Pass:
+class Pass:
     """Per-sample results of one pass over the batches (in batch order)."""
 
     ratio: np.ndarray  # (N,) executed FLOPs / dense
@@ -50,7 +50,7 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _run(gated: GatedModel, batches: Sequence[dict[str, Any]], budget: Any) -> _Pass:
+def _run(gated: GatedModel, batches: Sequence[dict[str, Any]], budget: Any) -> Pass:
     ratio, correct, conf = [], [], []
     for batch in batches:
         logits = gated(**_inputs(batch), budget=budget).logits.float()
@@ -59,7 +59,7 @@ def _run(gated: GatedModel, batches: Sequence[dict[str, Any]], budget: Any) -> _
         ratio.append((info.flops / info.dense_flops).double().cpu())
         correct.append((logits.argmax(-1) == batch["labels"]).cpu())
         conf.append(logits.softmax(-1).amax(-1).cpu())
-    return _Pass(*(torch.cat(t).numpy() for t in (ratio, correct, conf)))
+    return Pass(*(torch.cat(t).numpy() for t in (ratio, correct, conf)))
 
 
 def _threshold_flops(gated: GatedModel, cached: list[tuple[Any, Any, int]], threshold: float) -> float:
@@ -114,7 +114,7 @@ def _bisect_threshold(gated: GatedModel, cached: list[tuple[Any, Any, int]], aim
     return hi  # mean FLOPs <= aim
 
 
-def _fitted(p: _Pass, batches: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def _fitted(p: Pass, batches: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {
         "n": int(p.ratio.shape[0]),
         "batch_size": int(max(b["input_ids"].shape[0] for b in batches)),
@@ -139,7 +139,7 @@ def cascade_candidates(
     return lows, highs
 
 
-def best_cascade(low: _Pass, high: _Pass, target: float) -> tuple[float, float, float, int]:
+def best_cascade(low: Pass, high: Pass, target: float) -> tuple[float, float, float, int]:
     """(validation accuracy, mean FLOPs ratio, confidence threshold, inputs re-run) for one pair."""
     n = low.ratio.shape[0]
     order = np.argsort(low.confidence, kind="stable")  # least confident first
@@ -164,7 +164,7 @@ def fit_cascade(
     batches: Sequence[dict[str, Any]],
     budget: MeanBudget,
     trained: tuple[float, float] | None = None,
-    passes: dict[float, _Pass] | None = None,
+    passes: dict[float, Pass] | None = None,
 ) -> CalibrationEntry:
     """The (low, high, confidence) cascade with the best validation accuracy at mean FLOPs <= target.
 
@@ -206,7 +206,7 @@ def fit_cascade(
     rerun = passes[lo].confidence < c
     ratio = passes[lo].ratio + np.where(rerun, passes[hi].ratio, 0.0)
     correct = np.where(rerun, passes[hi].correct, passes[lo].correct)
-    p = _Pass(ratio, correct, passes[lo].confidence)
+    p = Pass(ratio, correct, passes[lo].confidence)
     fitted = _fitted(
         p,
         batches,
@@ -217,7 +217,7 @@ def fit_cascade(
     return CalibrationEntry(budget, CascadePolicy(lo, hi, c), fitted)
 
 
-def cascade_curve(low: _Pass, high: _Pass, confidence: float) -> list[list[float]]:
+def cascade_curve(low: Pass, high: Pass, confidence: float) -> list[list[float]]:
     """[confidence threshold, mean FLOPs ratio] of re-running the k least confident inputs, for
     CURVE_POINTS values of k from none to all (and the fitted ``confidence``): what a governor
     moves the cascade's threshold along."""
@@ -238,7 +238,7 @@ def fit(
     budget: MeanBudget,
     policy: str = "auto",
     trained: tuple[float, float] | None = None,
-    passes: dict[float, _Pass] | None = None,
+    passes: dict[float, Pass] | None = None,
 ) -> CalibrationEntry:
     """Fit ``policy`` (auto: threshold for mean-mode checkpoints, else cascade) for ``budget``
     (``passes``: the cascade's cache of passes over these batches, see :func:`fit_cascade`)."""

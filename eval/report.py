@@ -29,7 +29,7 @@ COLUMNS = [
 
 METHODS = (
     "dense", "dynamic", "magnitude", "ln_structured", "iterative", "static_gates", "search", "random",
-    "early_exit", "static_early_exit", "static_gates_ft", "static_cascade",
+    "early_exit", "static_early_exit", "static_gates_ft", "static_cascade", "static_cascade_ft",
 )  # fmt: skip
 
 STYLE = {
@@ -45,6 +45,7 @@ STYLE = {
     "static_early_exit": dict(color="tab:brown", marker="h", linewidth=2.0),
     "static_gates_ft": dict(color="tab:green", marker="^", linestyle="--"),
     "static_cascade": dict(color="tab:pink", marker="d", linewidth=2.0),
+    "static_cascade_ft": dict(color="tab:pink", marker="d", linestyle="--", linewidth=2.0),
 }
 
 

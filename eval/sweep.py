@@ -10,7 +10,8 @@ writes, in ``output_dir``:
                        correctness for paired comparisons; written atomically)
     sweep_config.yaml  the resolved config
 
-The contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft, static_cascade) run for every seed in
+The contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft, static_cascade, static_cascade_ft) run
+for every seed in
 ``seeds``; the classic methods and dense once (``seed``). A finished point is never recomputed: a re-run (after a crash or Ctrl-C)
 reads ``points/`` and continues with the rest; fine-tuned models are cached in
 ``work_dir`` as soon as they exist. A re-run with settings that change what a
@@ -48,6 +49,8 @@ from dynprune.calibration import Calibration
 from dynprune.config import check_budget_value
 from dynprune.io import atomic_write_bytes
 
+# Methods built from the seed's static control (they need its static/ stage)
+STATIC_CONTROL_METHODS = ("static_early_exit", "static_gates_ft", "static_cascade", "static_cascade_ft")
 COST_ORDER = (
     "dense",
     "dynamic",
@@ -56,6 +59,7 @@ COST_ORDER = (
     "static_early_exit",
     "static_gates_ft",
     "static_cascade",
+    "static_cascade_ft",
     "ln_structured",
     "random",
     "search",
@@ -148,15 +152,11 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
     """Every check that can fail before the long work starts."""
     run = TrainingRun.open(cfg.training_dir)
     _check_stages(run, {"dense": run.dense_dir})
-    gated_methods = [
-        m
-        for m in ("dynamic", "static_gates", "static_early_exit", "static_gates_ft", "static_cascade")
-        if m in cfg.methods
-    ]
+    gated_methods = [m for m in ("dynamic", "static_gates", *STATIC_CONTROL_METHODS) if m in cfg.methods]
     for seed in cfg.contender_seeds if gated_methods else []:
         r = seed_run(cfg, run, seed)
         need = {"gated": r.gated_dir} if "dynamic" in gated_methods else {}
-        if {"static_gates", "static_early_exit", "static_gates_ft", "static_cascade"} & set(gated_methods):
+        if {"static_gates", *STATIC_CONTROL_METHODS} & set(gated_methods):
             need["static"] = r.static_dir
         _check_stages(r, need)
         if "dynamic" in gated_methods and cfg.budget_mode == "mean":
@@ -168,9 +168,10 @@ def preflight(cfg: SweepConfig, restart: bool) -> TrainingRun:
                     f"budget {b} is outside the range the gated models were trained for [{low}, {high}] "
                     f"(gate.budget_min/max of {r.root}/config.yaml); choose budgets inside it"
                 )
-            if "static_cascade" in cfg.methods and b < 1.0 and b <= low + 1e-9:
+            cascades = [m for m in ("static_cascade", "static_cascade_ft") if m in cfg.methods]
+            if cascades and b < 1.0 and b <= low + 1e-9:
                 raise SweepError(
-                    f"static_cascade cannot run budget {b}: its first pass needs a lower budget, and {low} is the "
+                    f"{cascades[0]} cannot run budget {b}: its first pass needs a lower budget, and {low} is the "
                     f"lowest the static control of {r.root} was trained for; drop that budget or the method (--methods)"
                 )
     if "early_exit" in cfg.methods:
@@ -368,6 +369,9 @@ NOTES = [
     "confident re-run at a higher one (both passes counted); the (low, high, confidence) triple is fitted "
     "per budget on the validation split, the confidence governed while evaluating (cascade.governor). No "
     "fine-tuning: it has the static control's steps only (as `static_gates`, fewer than `static_gates_ft`).",
+    "`static_cascade_ft` is that cascade at equal steps: the `static_gates` exports at static_cascade's "
+    "(low, high) pair, each fine-tuned half of `static_gates_ft`'s steps, the confidence re-fitted on "
+    "validation for the fine-tuned pair (and governed the same way).",
     "Goals: paired bootstrap over the evaluation examples of the seed-averaged per-example correctness "
     "(dynprune.eval.sweep_stats); MET needs the estimate at the goal and the interval clear of the null "
     "value, NOT SHOWN = estimate at the goal but not significant, no verdict with too few seeds.",

@@ -342,6 +342,7 @@ POINTS = {
     "early_exit": lambda ctx, budget, seed: _early_exit(ctx, budget, seed),
     "static_early_exit": lambda ctx, budget, seed: _static_early_exit(ctx, budget, seed),
     "static_cascade": lambda ctx, budget, seed: _static_cascade(ctx, budget, seed),
+    "static_cascade_ft": lambda ctx, budget, seed: _static_cascade(ctx, budget, seed, finetuned=True),
 }
 
 
@@ -357,10 +358,10 @@ def _static_early_exit(ctx: SweepContext, budget: float, seed: int) -> dict[str,
     return point_static_early_exit(ctx, budget, seed)
 
 
-def _static_cascade(ctx: SweepContext, budget: float, seed: int) -> dict[str, Any]:
-    from dynprune.eval.sweep_cascade import point_static_cascade
+def _static_cascade(ctx: SweepContext, budget: float, seed: int, finetuned: bool = False) -> dict[str, Any]:
+    from dynprune.eval.sweep_cascade import point_static_cascade, point_static_cascade_ft
 
-    return point_static_cascade(ctx, budget, seed)
+    return (point_static_cascade_ft if finetuned else point_static_cascade)(ctx, budget, seed)
 
 
 def _static_gates(ctx: SweepContext, budget: float, seed: int, finetuned: bool = False) -> dict[str, Any]:

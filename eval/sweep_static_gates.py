@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dynprune.eval.structure import Structure
 from dynprune.eval.sweep_context import SweepContext, finetune
 from dynprune.eval.sweep_methods import (
     load_static_export,
@@ -43,14 +44,19 @@ def point_static_gates(ctx: SweepContext, budget: float, seed: int) -> dict[str,
 
 def static_gates_build(ctx: SweepContext, budget: float, seed: int) -> Any:
     """``build()`` of the static_gates model at ``budget``: the seed's static control frozen to its
-    most common mask and physically pruned."""
+    most common mask and physically pruned (at budget 1: its backbone at full width, e.g. a
+    cascade's dense second pass)."""
     run = ctx.run_for(seed)
 
     def build():
         gated, _ = dynprune.load_gated_model(run.static_dir)
-        rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=True)
+        rec = collect(gated, ctx.eval_batches, budget=budget, keep_masks=budget < 1.0)
         gated_acc = summarize(rec)["accuracy"]
-        structure, share = most_common_structure(gated, rec, ctx)
+        if budget >= 1.0:  # the dense forward keeps no masks: every unit
+            p = gated.parts
+            structure, share = Structure.full(p.n_layers, p.n_heads, p.ffn_dim), 1.0
+        else:
+            structure, share = most_common_structure(gated, rec, ctx)
         plain = dynprune.unwrap(gated)
         info = {
             "steps": run.stage_steps("static") or 0,

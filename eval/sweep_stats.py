@@ -35,10 +35,11 @@ CONTENDERS = (
     "static_early_exit",
     "static_gates_ft",
     "static_cascade",
+    "static_cascade_ft",
 )
 # Our dynamic modes: the goals compare the best of them (by mean accuracy at the goal's budget)
-ADAPTIVE = ("dynamic", "static_early_exit", "static_cascade")
-VARIABLE_COST = ("dynamic", "early_exit", "static_early_exit", "static_cascade")  # per-input FLOPs vary
+ADAPTIVE = ("dynamic", "static_early_exit", "static_cascade", "static_cascade_ft")
+VARIABLE_COST = ("early_exit", *ADAPTIVE)  # per-input FLOPs vary
 # Static methods "best static" is chosen from (magnitude saves no executed FLOPs, see notes).
 STATIC_STRUCTURED = ("ln_structured", "iterative", "static_gates", "static_gates_ft", "search", "random")
 GOAL_BUDGET = 0.25

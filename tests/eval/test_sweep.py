@@ -62,10 +62,10 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
         "dense@1_s0.json",
         *(f"{m}@{b}_s0.json"
           for m in ("dynamic", "static_gates", "early_exit", "static_early_exit", "static_gates_ft",
-                    "static_cascade", "ln_structured", "random")
+                    "static_cascade", "static_cascade_ft", "ln_structured", "random")
           for b in (0.3, 0.5)),
     }  # fmt: skip
-    assert len(_rows(out)) == 17  # the CSV is rewritten after every point
+    assert len(_rows(out)) == 19  # the CSV is rewritten after every point
     before = {name: (out / "points" / name).read_bytes() for name in done_first}
     assert crash.calls[-1] == ("search", 0.3)
 
@@ -130,6 +130,19 @@ def test_sweep_every_method_then_resume_without_recomputing(tiny_run, tmp_path, 
             <= float(sc["flops_ratio"])
             <= sc["cascade"]["low"] + sc["cascade"]["high"]
         )
+        # at equal steps: the same pair as two exports, each fine-tuned half of static_gates_ft's steps
+        scf = json.loads((out / "points" / f"static_cascade_ft@{b}_s0.json").read_text())
+        assert (
+            scf["cascade"]["low"] == sc["cascade"]["low"] and scf["cascade"]["high"] == sc["cascade"]["high"]
+        )
+        assert (
+            scf["finetune_steps"] == ft["finetune_steps"] == 4 and "governed while evaluating" in scf["notes"]
+        )
+        for part in ("low", "high"):
+            assert (
+                tmp_path / "work" / "models" / f"static_cascade_ft@{sc['cascade'][part]:g}_s0" / "config.json"
+            ).is_file()
+        assert scf["calibration_flops_ratio"] <= b + 1e-9 and 0.0 <= scf["rerun_share"] <= 1.0
         for m in ("ln_structured", "iterative", "search", "random", "static_gates", "static_gates_ft"):
             r = by[m, b]
             assert float(r["flops_ratio"]) <= b + 0.03, (m, b, r["flops_ratio"])
