@@ -89,6 +89,8 @@ def main() -> None:
         pairs += [("static_gates", "early_exit"), ("static_early_exit", "dynamic")]
         # static_gates_ft: static_gates with static_early_exit's extra steps, no exits (the equal-steps control)
         pairs += [("static_early_exit", "static_gates_ft"), ("static_gates_ft", "static_gates")]
+        # the cascade's two forms: what the control's steps add to it
+        pairs += [("static_cascade_ft", "static_cascade"), ("static_cascade_ft", "static_early_exit")]
         for a, c in dict.fromkeys(pairs):  # in order, each pair once (the best static may be the control)
             row = compare(pts, a, c, b)
             if row:
