@@ -139,8 +139,8 @@ def _measure(
         order = np.random.default_rng(seed).permutation(len(ctx.eval_batches)).tolist()
     runner = EarlyExitRunner(model, threshold, ctx.fm, method, governor)
     row = measure_point(ctx, runner, order)
-    # where the evaluation inputs left: the accuracy pass's calls come first (timing calls follow)
-    exits = np.concatenate([e.numpy() for e in runner.exit_log[: len(ctx.eval_batches)]])
+    # where the evaluation inputs left (the runner logs the accuracy pass only, not the timing calls)
+    exits = np.concatenate([e.numpy() for e in runner.exit_log])
     share = np.bincount(exits, minlength=model.n_exits + 1)[1:] / len(exits)
     split = ctx.cfg.early_exit.calibration_split
     notes = (

@@ -322,8 +322,10 @@ class EarlyExitRunner(Runner):
     """The sweep's runner: exit at ``threshold``; FLOPs per sample as counted by :meth:`infer`.
 
     With a ``governor`` (:class:`dynprune.governor.MeanGovernor`) the threshold is the governor's
-    knob, and every call reports what it spent so the next one lands the running mean on its
-    target. ``exit_log``: the exit layers of every call, in call order (cleared by the caller)."""
+    knob (``threshold`` is then only its starting point's record), and every call reports what it
+    spent so the next one lands the running mean on its target. ``exit_log``: the exit layers of
+    every call of the accuracy pass, in call order (:meth:`end_evaluation` stops it: timing calls
+    add nothing)."""
 
     def __init__(
         self,
@@ -338,16 +340,19 @@ class EarlyExitRunner(Runner):
         self.governor = governor
         self.last_exits: Tensor | None = None
         self.exit_log: list[Tensor] = []
+        self.evaluating = True
 
     def __call__(self, batch: Batch) -> Tensor:
         threshold = self.threshold if self.governor is None else self.governor.knob
         res = self.model.infer(batch, threshold, self.fm)
         self.last_flops, self.last_exits = res.flops, res.exit_layer
-        self.exit_log.append(res.exit_layer)
+        if self.evaluating:
+            self.exit_log.append(res.exit_layer)
         if self.governor is not None:
             self.governor.observe((res.flops / self.fm.dense(batch["input_ids"].shape[1])).numpy())
         return res.logits
 
     def end_evaluation(self) -> None:
+        self.evaluating = False
         if self.governor is not None:
             self.governor.freeze()

@@ -174,6 +174,7 @@ def test_a_governed_runner_adapts_while_evaluating_and_stops_after():
     frozen = gov.knob
     runner(served[0])
     assert gov.knob == frozen and gov.seen == 64
+    assert len(runner.exit_log) == 4  # timing calls after the evaluation are not logged
 
 
 def test_objective_trains_every_exit_and_the_model_roundtrips(tmp_path):
