@@ -1,4 +1,5 @@
-"""The sweep's ``static_cascade`` points: the static control run at a *mean* budget by a cascade.
+"""The sweep's ``static_cascade`` and ``static_cascade_ft`` points: the static control run at a
+*mean* budget by a cascade.
 
 The seed's static control (one set of learned static gates per budget, shared weights) runs every
 input at a low budget and re-runs the least confident at a higher one; both passes count. Per swept
@@ -10,6 +11,8 @@ in a seeded random order (:func:`dynprune.govern`), as early exit's threshold is
 
 No fine-tuning: its training is the static control's alone, so it has fewer steps than
 ``static_gates_ft`` and ``static_early_exit`` (the row says how many) and the same as ``static_gates``.
+``static_cascade_ft`` is the same cascade at equal steps (:func:`point_static_cascade_ft`): the
+fitted pair's two static_gates exports, each fine-tuned half of ``static_gates_ft``'s steps.
 """
 
 from __future__ import annotations
