@@ -51,21 +51,8 @@ from dynprune.io import atomic_write_bytes
 
 # Methods built from the seed's static control (they need its static/ stage)
 STATIC_CONTROL_METHODS = ("static_early_exit", "static_gates_ft", "static_cascade", "static_cascade_ft")
-COST_ORDER = (
-    "dense",
-    "dynamic",
-    "static_gates",
-    "early_exit",
-    "static_early_exit",
-    "static_gates_ft",
-    "static_cascade",
-    "static_cascade_ft",
-    "ln_structured",
-    "random",
-    "search",
-    "iterative",
-    "magnitude",
-)
+# The order points run in: dense, the contenders, then the classic methods (cheapest first)
+COST_ORDER = ("dense", *CONTENDERS, "ln_structured", "random", "search", "iterative", "magnitude")
 
 
 # -- config and preflight -------------------------------------------------------------------------
