@@ -17,6 +17,7 @@ from dynprune.eval.structure import Structure
 from dynprune.train.data import model_inputs
 from torch import nn
 
+from dynprune.calibration import GovernedMean
 from dynprune.flops import FlopsModel
 from dynprune.gates import UnitMasks
 from dynprune.model import GatedModel
@@ -37,6 +38,8 @@ class Runner:
 
     def __init__(self) -> None:
         self.last_flops: Tensor | None = None
+        self.governor: Any = None  # a runner that adapts between batches: its MeanGovernor
+        self.evaluating = True  # the accuracy pass; False once timing calls may follow
 
     def __call__(self, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -45,7 +48,11 @@ class Runner:
         return sum(p.numel() for p in self.model.parameters())
 
     def end_evaluation(self) -> None:
-        """Called after the accuracy pass, before timing: a runner that adapts between batches stops."""
+        """Called after the accuracy pass, before timing: a runner that adapts between batches stops
+        (its governor keeps its last knob) and per-call logs stop growing."""
+        self.evaluating = False
+        if self.governor is not None:
+            self.governor.freeze()
 
 
 class DenseRunner(Runner):
@@ -87,6 +94,7 @@ class GatedRunner(Runner):
     def __init__(self, gated: GatedModel, budget: Any, name: str = "dynamic") -> None:
         super().__init__()
         self.model, self.budget, self.name = gated, budget, name
+        self.governor = budget.governor if isinstance(budget, GovernedMean) else None
         self.last_masks: UnitMasks | None = None
 
     def __call__(self, batch: Batch) -> Tensor:
@@ -98,8 +106,3 @@ class GatedRunner(Runner):
         self.last_flops = info.flops.detach().double().cpu()
         self.last_masks = info.masks
         return logits
-
-    def end_evaluation(self) -> None:
-        governor = getattr(self.budget, "governor", None)  # a GovernedMean: timing runs at its last knob
-        if governor is not None:
-            governor.freeze()

@@ -43,7 +43,6 @@ class CascadeRunner(GatedRunner):
     def __init__(self, gated: dynprune.GatedModel, budget: Any) -> None:
         super().__init__(gated, budget, name="static_cascade")
         self.rerun: list[Tensor] = []
-        self.evaluating = True
 
     def __call__(self, batch: dict[str, Tensor]) -> Tensor:
         logits = super().__call__(batch)
@@ -51,10 +50,6 @@ class CascadeRunner(GatedRunner):
         if self.evaluating and info is not None and info.passes is not None:
             self.rerun.append(info.passes.cpu() > 1)
         return logits
-
-    def end_evaluation(self) -> None:
-        super().end_evaluation()
-        self.evaluating = False
 
 
 def _static_model(ctx: SweepContext, seed: int) -> tuple[dynprune.GatedModel, dict[float, Any], list[Any]]:
@@ -141,7 +136,6 @@ class ExportCascadeRunner(Runner):
         self.low, self.high, self.confidence, self.governor = low, high, confidence, governor
         self.model = low.model  # params() counts both below
         self.rerun: list[Tensor] = []
-        self.evaluating = True
 
     def params(self) -> int:
         return self.low.params() + self.high.params()
@@ -166,11 +160,6 @@ class ExportCascadeRunner(Runner):
         if self.evaluating:
             self.rerun.append(torch.zeros(logits.shape[0], dtype=torch.bool).index_fill(0, rows, True))
         return logits
-
-    def end_evaluation(self) -> None:
-        if self.governor is not None:
-            self.governor.freeze()
-        self.evaluating = False
 
 
 def _passes(ctx: SweepContext, runner: StructureRunner, batches: list[Any]) -> Pass:

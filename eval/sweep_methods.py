@@ -13,8 +13,8 @@ threshold, :mod:`dynprune.eval.sweep_early_exit`); ``static_early_exit`` (width 
 static control, depth from exits: the static_gates model at a wider budget with exits calibrated
 down to the target mean); ``static_gates_ft`` (static_gates fine-tuned for the exits' extra steps,
 no exits: their equal-steps control, :mod:`dynprune.eval.sweep_static_gates`); ``static_cascade``
-(the static control at a mean budget: run low, the least confident re-run high,
-:mod:`dynprune.eval.sweep_cascade`). Every point function is
+(the static control at a mean budget: run low, the least confident re-run high) and
+``static_cascade_ft`` (that pair fine-tuned at equal steps, :mod:`dynprune.eval.sweep_cascade`). Every point function is
 ``(ctx, budget, seed) -> row``: the contenders (dynamic, static_gates, early_exit, static_early_exit, static_gates_ft, static_cascade)
 use ``seed`` (a training run per seed for the first two), the classic methods run
 once with the sweep's ``seed``. Every static method's model is exported as a smaller HF

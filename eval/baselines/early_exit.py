@@ -340,7 +340,6 @@ class EarlyExitRunner(Runner):
         self.governor = governor
         self.last_exits: Tensor | None = None
         self.exit_log: list[Tensor] = []
-        self.evaluating = True
 
     def __call__(self, batch: Batch) -> Tensor:
         threshold = self.threshold if self.governor is None else self.governor.knob
@@ -351,8 +350,3 @@ class EarlyExitRunner(Runner):
         if self.governor is not None:
             self.governor.observe((res.flops / self.fm.dense(batch["input_ids"].shape[1])).numpy())
         return res.logits
-
-    def end_evaluation(self) -> None:
-        self.evaluating = False
-        if self.governor is not None:
-            self.governor.freeze()
